@@ -1,0 +1,138 @@
+"""The algorithm interface: error feedback as five small steps around one exchange.
+
+Every bidirectional method in hvdcomp is written as the same round, which the exchange
+(:mod:`hvdcomp.exchange`) drives for each bucket ``key`` (a flat gradient buffer):
+
+    worker i                              server (rank j owns chunk j of every bucket)
+    ---------                             ------------------------------------------
+    p_i  = worker_message(key, g_i)
+    C(p_i) travels up (compressor ``up``)
+    worker_sent(key, p_i, C(p_i))
+                                          m   = mean_i C(p_i)[chunk j]
+                                          v   = server_message(key, m)
+                                          C(v) travels down (compressor ``down``)
+                                          server_sent(key, v, C(v))
+    u_i  = worker_update(key, C(v))       (C(v) of every chunk, concatenated)
+
+The exchange never looks inside these steps, and the steps never communicate: that is what lets
+the same algorithm run on the in-process simulator, on real Horovod ranks and against the plain
+single-server oracle. Worker state covers the whole bucket; server state covers only the chunk
+this rank owns (``server_message`` receives that chunk and nothing else).
+
+Subclasses keep their state in dicts keyed by bucket so one object serves a whole model, and
+return it from :meth:`state_dict` so checkpoints carry every rank's error-feedback state.
+
+Periodic exact steps (LIEC-SGD's synchronisation every ``period`` rounds): when
+:meth:`is_sync_step` is true the exchange skips the five steps for every bucket and instead
+averages the gradients exactly (dense allreduce), gathers each bucket's server state from
+:meth:`server_flush` (which also resets it), and applies ``sync_update(key, mean, flushed)``.
+
+A subclass that sets a class attribute ``name`` registers itself under that name (see
+:func:`hvdcomp.algorithms.make_algorithm`).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Type
+
+import torch
+
+from ..compressors import Compressor, from_spec
+
+
+#: every Algorithm subclass that sets ``name``, by name (filled by ``Algorithm.__init_subclass__``)
+ALGORITHMS: Dict[str, Type["Algorithm"]] = {}
+
+
+class Algorithm:
+    #: registry name, e.g. ``"liec"``
+    name: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            ALGORITHMS[cls.name] = cls
+    #: Whether the downlink is compressed at all; when False the exchange sends the server
+    #: message dense (``none``) whatever ``down`` says.
+    compresses_downlink: bool = True
+
+    def __init__(self, up: "Compressor | str" = "none", down: "Compressor | str | None" = None):
+        self.up = from_spec(up)
+        self.down = from_spec(down) if down is not None else self.up
+        if not self.compresses_downlink:
+            self.down = from_spec("none")
+        self.step = 0  # rounds completed; algorithms with periods read it
+
+    # --- the five steps (defaults: plain averaging, no error feedback) -------------------------
+    def worker_message(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """The vector worker i compresses and sends, from its gradient for this bucket."""
+        return grad
+
+    def worker_sent(self, key: str, message: torch.Tensor, sent: torch.Tensor) -> None:
+        """Called with C(message) as the server will decode it; update worker errors here."""
+
+    def server_message(self, key: str, mean_received: torch.Tensor) -> torch.Tensor:
+        """On the server's chunk: the vector to compress and send down."""
+        return mean_received
+
+    def server_sent(self, key: str, message: torch.Tensor, sent: torch.Tensor) -> None:
+        """Called with C(message) as the workers will decode it; update server errors here."""
+
+    def worker_update(self, key: str, received: torch.Tensor) -> torch.Tensor:
+        """The update direction worker i applies (its optimizer adds weight decay, momentum)."""
+        return received
+
+    # --- periodic exact steps (defaults: never) -------------------------------------------------
+    def is_sync_step(self) -> bool:
+        """True when this round is an exact, uncompressed step (LIEC-SGD every ``period`` rounds);
+        the optimizer also averages the parameters exactly in such a round."""
+        return False
+
+    def server_flush(self, key: str) -> Optional[torch.Tensor]:
+        """At a sync step: this rank's server state for ``key`` (its chunk), to be folded into the
+        exact step, and reset it. ``None`` means zero."""
+        return None
+
+    def sync_update(self, key: str, mean_grad: torch.Tensor,
+                    flushed: torch.Tensor) -> torch.Tensor:
+        """At a sync step: the update from the exact gradient average and the flushed server
+        state of the whole bucket (zeros where :meth:`server_flush` returned ``None``)."""
+        return mean_grad + flushed
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def end_round(self) -> None:
+        """Called by the exchange once every bucket of a step has been exchanged."""
+        self.step += 1
+
+    def config(self) -> Dict[str, Any]:
+        """Everything ranks must agree on; compared across ranks before the first exchange."""
+        return {"algorithm": self.name, "up": self.up.spec(), "down": self.down.spec(),
+                **self.hyperparameters()}
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's error-feedback state, with tensors cloned to CPU-independent copies."""
+        state = {"step": self.step, "config": self.config()}
+        for attr, value in vars(self).items():
+            if isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
+                state[attr] = {k: v.detach().clone() for k, v in value.items()}
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("config") != self.config():
+            raise ValueError(
+                f"checkpoint was written by {state.get('config')}, this run is {self.config()}: "
+                "resume with the same algorithm and compressors")
+        self.step = state["step"]
+        for attr, value in state.items():
+            if attr in ("step", "config"):
+                continue
+            current: Optional[dict] = getattr(self, attr, None)
+            if not isinstance(current, dict):
+                raise ValueError(f"checkpoint holds unknown state {attr!r} for {self.name}")
+            current.clear()
+            current.update({k: v.clone() for k, v in value.items()})
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} up={self.up.spec()} down={self.down.spec()}>"

@@ -1,0 +1,43 @@
+"""DoubleSqueeze: error feedback on the workers and on the server; both directions compressed.
+
+Tang, Yu, Lian, Zhang, Liu, "DoubleSqueeze: Parallel Stochastic Gradient Descent with
+Double-Pass Error-Compensated Compression", ICML 2019, Algorithm 1 (worker error δ_i, server
+error δ; here ``worker_error`` and ``server_error``). Round t:
+
+    worker i:  p_i = g_i + δ_i ;  send C(p_i) ;  δ_i ← p_i − C(p_i)
+    server:    v = (1/n) Σ_j C(p_j) + δ ;  send C(v) ;  δ ← v − C(v)
+    worker i:  u = C(v)
+
+On the sharded server each rank holds δ for the chunk of each bucket it owns.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .base import Algorithm
+
+
+class DoubleSqueeze(Algorithm):
+    """DoubleSqueeze; see the module docstring."""
+    name = "doublesqueeze"
+
+    def __init__(self, up="none", down=None):
+        super().__init__(up, down)
+        self.worker_error: Dict[str, torch.Tensor] = {}  # δ_i, whole bucket
+        self.server_error: Dict[str, torch.Tensor] = {}  # δ, this rank's chunk
+
+    def worker_message(self, key, grad):
+        error = self.worker_error.get(key)
+        return grad.clone() if error is None else grad + error          # p_i = g_i + δ_i
+
+    def worker_sent(self, key, message, sent):
+        self.worker_error[key] = message - sent                         # δ_i ← p_i − C(p_i)
+
+    def server_message(self, key, mean_received):
+        error = self.server_error.get(key)
+        return mean_received.clone() if error is None else mean_received + error  # v = m + δ
+
+    def server_sent(self, key, message, sent):
+        self.server_error[key] = message - sent                         # δ ← v − C(v)

@@ -1,0 +1,62 @@
+"""LIEC-SGD: local immediate error compensation, one persistent error on the server.
+
+Cheng, Shen, Xu, Qian, Wu, Zhou, Zhang, Tao, Chen, "Communication-Efficient Distributed Learning
+with Local Immediate Error Compensation", arXiv 2402.11857 (2024); update rules as in the
+authors' code (github.com/chengyif/LIEC-SGD, ``main.py``, method ``liec``; research notes §1.2).
+Round t, unless (t+1) mod p = 0:
+
+    worker i:  send C(g_i) ;  r_i = g_i − C(g_i)        (local immediate error, this round only)
+    server:    v = (1/n) Σ_j C(g_j) + e ;  send C(v) ;  e ← v − C(v)
+    worker i:  d_i = C(v) + r_i                          (the error is compensated immediately)
+
+Synchronisation round, (t+1) mod p = 0 (``is_sync_step()``): the optimizer first averages the
+parameters exactly (:meth:`hvdcomp.exchange.Exchange.average_parameters`), then the exchange
+returns d = (1/n) Σ_j g_j + e for every bucket and sets e ← 0; nothing is compressed.
+
+Averaging over workers gives the "virtual average" view x̄⁺ = x̄ − η(ḡ + eᵗ − eᵗ⁺¹): error
+feedback with the error kept only on the server. Weight decay stays out of g (the optimizer adds
+it after the exchange), as in the authors' code.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .base import Algorithm
+
+
+class LIEC(Algorithm):
+    """LIEC-SGD with averaging period ``period`` (the paper's p; 32 and 100 in its README)."""
+    name = "liec"
+
+    def __init__(self, up="none", down=None, period: int = 32):
+        super().__init__(up, down)
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"liec: period must be a positive integer (rounds between exact "
+                             f"averagings), not {period!r}")
+        self.period = period
+        self.local_error: Dict[str, torch.Tensor] = {}   # r_i, whole bucket, this round only
+        self.server_error: Dict[str, torch.Tensor] = {}  # e, this rank's chunk, persistent
+
+    def hyperparameters(self):
+        return {"period": self.period}
+
+    def is_sync_step(self) -> bool:
+        return (self.step + 1) % self.period == 0
+
+    def worker_sent(self, key, message, sent):
+        self.local_error[key] = message - sent                          # r_i = g_i − C(g_i)
+
+    def server_message(self, key, mean_received):
+        error = self.server_error.get(key)
+        return mean_received.clone() if error is None else mean_received + error  # v = m + e
+
+    def server_sent(self, key, message, sent):
+        self.server_error[key] = message - sent                         # e ← v − C(v)
+
+    def worker_update(self, key, received):
+        return received + self.local_error.pop(key)                     # d_i = C(v) + r_i
+
+    def server_flush(self, key):
+        return self.server_error.pop(key, None)                         # e folded in, e ← 0

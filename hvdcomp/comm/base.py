@@ -1,0 +1,115 @@
+"""The communicator interface: exactly the collectives hvdcomp's exchange needs, and no more.
+
+Every collective is asynchronous: it returns a :class:`Handle` whose :meth:`Handle.wait` returns
+the result, so the exchange can launch a bucket's uplink during backward and collect it later.
+Every collective carries a ``name``; ranks pair collectives by name (as Horovod does), never by
+call order, so ranks whose gradient hooks fire in different orders still pair the right tensors.
+Names must be identical across ranks and unique among the collectives in flight.
+
+Semantics (identical for :class:`~hvdcomp.comm.horovod.HorovodCommunicator` and
+:class:`~hvdcomp.comm.simulator.SimCommunicator`):
+
+``allreduce_async(t, name, op="average")``
+    elementwise sum over ranks (``op="sum"``), or that sum times ``1/size`` (``"average"``, like
+    Horovod's ``Average``). Float tensors only.
+``allgather_async(t, name)``
+    concatenation along dim 0 of every rank's tensor, in rank order; first dimensions may differ.
+``alltoall_async(t, splits, name)``
+    rank r sends ``t[offset_j : offset_j + splits[j]]`` to rank j (dim 0) and receives the
+    concatenation, in rank order, of what every rank sent to it. ``wait()`` returns
+    ``(received, received_splits)``.
+``broadcast_async(t, root, name)``
+    rank ``root``'s tensor, on every rank.
+
+Inputs are never modified; results are new tensors.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Sequence
+
+import torch
+
+#: the reduction operations ``allreduce`` accepts
+REDUCE_OPS = ("average", "sum")
+
+
+class Handle:
+    """A collective in flight; :meth:`wait` blocks until it completes and returns its result.
+
+    ``wait()`` may be called more than once; the result is computed once."""
+
+    _UNSET = object()
+
+    def __init__(self, wait_fn: Callable[[], Any]):
+        self._wait_fn = wait_fn
+        self._result: Any = Handle._UNSET
+
+    def wait(self) -> Any:
+        if self._result is Handle._UNSET:
+            self._result = self._wait_fn()
+            self._wait_fn = None  # drop references to inputs once done
+        return self._result
+
+    @classmethod
+    def done(cls, result: Any) -> "Handle":
+        """A handle that is already complete (collectives on a single rank)."""
+        handle = cls(lambda: result)
+        handle.wait()
+        return handle
+
+
+class Communicator(abc.ABC):
+    """``rank`` and ``size`` plus four asynchronous collectives (see the module docstring)."""
+
+    rank: int
+    size: int
+
+    @abc.abstractmethod
+    def allreduce_async(self, tensor: torch.Tensor, name: str, op: str = "average") -> Handle:
+        """Sum or average of ``tensor`` over ranks; ``wait()`` returns a new tensor."""
+
+    @abc.abstractmethod
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> Handle:
+        """Concatenation along dim 0 in rank order; ``wait()`` returns a new tensor."""
+
+    @abc.abstractmethod
+    def alltoall_async(self, tensor: torch.Tensor, splits: Sequence[int], name: str) -> Handle:
+        """Scatter ``tensor`` by ``splits`` (dim 0); ``wait()`` returns
+        ``(received, received_splits)`` with ``received_splits`` a list of ints."""
+
+    @abc.abstractmethod
+    def broadcast_async(self, tensor: torch.Tensor, root: int, name: str) -> Handle:
+        """Rank ``root``'s ``tensor`` on every rank; ``wait()`` returns a new tensor."""
+
+    # --- blocking conveniences -----------------------------------------------------------------
+    def allreduce(self, tensor: torch.Tensor, name: str, op: str = "average") -> torch.Tensor:
+        return self.allreduce_async(tensor, name, op).wait()
+
+    def allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return self.allgather_async(tensor, name).wait()
+
+    def alltoall(self, tensor: torch.Tensor, splits: Sequence[int], name: str):
+        return self.alltoall_async(tensor, splits, name).wait()
+
+    def broadcast(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
+        return self.broadcast_async(tensor, root, name).wait()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} rank {self.rank} of {self.size}>"
+
+
+def check_op(op: str) -> None:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"allreduce op must be one of {REDUCE_OPS}, not {op!r}")
+
+
+def check_splits(tensor: torch.Tensor, splits: Sequence[int], size: int) -> list:
+    """Validate alltoall splits: one non-negative int per rank, summing to ``tensor.shape[0]``."""
+    splits = [int(s) for s in splits]
+    if len(splits) != size:
+        raise ValueError(f"alltoall needs one split per rank ({size}), got {len(splits)}")
+    if any(s < 0 for s in splits) or sum(splits) != tensor.shape[0]:
+        raise ValueError(f"alltoall splits {splits} must be non-negative and sum to the first "
+                         f"dimension of the tensor ({tensor.shape[0]})")
+    return splits

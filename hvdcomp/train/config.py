@@ -1,0 +1,246 @@
+"""The resolved training configuration, its validation, and launcher detection.
+
+Everything here runs *before* ``hvd.init()``: bad input must end the job with one line and exit
+code 2 on every rank before any rank starts training (a rank that died in ``hvd.init`` or in the
+first collective would leave the others hanging or print pages of MPI noise).
+
+``TrainConfig`` is what ``config.json`` holds (plus ``world_size`` and ``launcher``) and what a
+checkpoint is compared against on ``--resume``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+#: Algorithms ``hvdcomp train`` knows; every name but psgd goes through hvdcomp.DistributedOptimizer.
+ALGORITHMS = ("psgd", "memsgd", "doublesqueeze", "liec", "ef21", "ef21w", "ef21sgdm", "ef21bc",
+              "dgc", "monna")
+#: Algorithms whose update direction already carries a momentum of their own (DGC's momentum
+#: correction, EF21-SGDM's v_i, MoNNA's Polyak momentum): the wrapped SGD then defaults to
+#: momentum 0 so that momentum is not applied twice.
+MOMENTUM_INSIDE = ("dgc", "ef21sgdm", "monna")
+#: Algorithms train cannot run yet, with the reason shown to the user.
+UNSUPPORTED = {
+    "monna": "MoNNA mixes models between peers with nearest-neighbour averaging and needs "
+             "Byzantine-worker simulation; `hvdcomp train` does not drive it yet",
+}
+SCHEDULES = ("constant", "step", "cosine")
+
+
+class ConfigError(ValueError):
+    """Bad user input; the CLI turns it into a one-line error with exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    non_iid_alpha: Optional[float] = None  # Dirichlet α of the label split; None = IID shards
+    augment: Optional[bool] = None  # None: on for CIFAR / Tiny ImageNet, off otherwise
+    # algorithm
+    algorithm: str = "liec"
+    up: Optional[str] = None  # uplink compressor spec; None: "none" for psgd, else "sign"
+    down: Optional[str] = None  # downlink compressor spec; None: same as up
+    period: int = 32  # LIEC-SGD's exact-averaging period p
+    algorithm_options: Dict[str, Any] = field(default_factory=dict)
+    bucket_bytes: int = 64 << 20
+    # optimisation
+    epochs: int = 5
+    steps: Optional[int] = None  # when set, overrides epochs
+    batch_size: int = 32  # per worker
+    lr: float = 0.05
+    momentum: Optional[float] = None  # None: 0.9, or 0 for MOMENTUM_INSIDE
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    milestones: Tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training (×0.1 each)
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    # bookkeeping
+    out: Optional[str] = None
+    log_every: int = 10  # steps between "step" records in metrics.jsonl
+    checkpoint_every: Optional[str] = None  # "3" / "3epochs" / "100steps"
+    keep_checkpoints: int = 2
+    device: str = "cpu"
+
+    # ------------------------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """Fill the defaults that depend on other options; validate everything. Raises ConfigError."""
+        cfg = dataclasses.replace(self, algorithm_options=dict(self.algorithm_options))
+        cfg.model = cfg.model.strip().lower()
+        cfg.algorithm = cfg.algorithm.strip().lower()
+        if cfg.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm {cfg.algorithm!r}; choose one of: "
+                              f"{', '.join(ALGORITHMS)}")
+        if cfg.algorithm in UNSUPPORTED:
+            raise ConfigError(f"algorithm {cfg.algorithm!r} is not supported by `hvdcomp train` "
+                              f"yet: {UNSUPPORTED[cfg.algorithm]}")
+        if cfg.up is None:
+            cfg.up = "none" if cfg.algorithm == "psgd" else "sign"
+        if cfg.down is None:
+            cfg.down = cfg.up
+        cfg.up = _canonical_compressor(cfg.up, "--up/--compressor")
+        cfg.down = _canonical_compressor(cfg.down, "--down")
+        if cfg.momentum is None:
+            cfg.momentum = 0.0 if cfg.algorithm in MOMENTUM_INSIDE else 0.9
+        if cfg.augment is None:
+            cfg.augment = dataset_name(cfg.dataset) in ("cifar10", "cifar100", "tinyimagenet")
+        _check_range("--epochs", cfg.epochs, 1)
+        if cfg.steps is not None:
+            _check_range("--steps", cfg.steps, 1)
+        _check_range("--batch-size", cfg.batch_size, 1)
+        _check_range("--period", cfg.period, 1)
+        _check_range("--log-every", cfg.log_every, 1)
+        _check_range("--keep-checkpoints", cfg.keep_checkpoints, 1)
+        _check_range("--bucket-bytes", cfg.bucket_bytes, 1)
+        if not cfg.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+        if not 0 <= cfg.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+        if cfg.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+        if cfg.warmup_epochs < 0:
+            raise ConfigError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
+        if cfg.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of: "
+                              f"{', '.join(SCHEDULES)}")
+        if any(not 0 < m < 1 for m in cfg.milestones):
+            raise ConfigError(f"--milestones are fractions of training in (0, 1), got "
+                              f"{list(cfg.milestones)}")
+        if cfg.non_iid_alpha is not None and not cfg.non_iid_alpha > 0:
+            raise ConfigError(f"--non-iid must be a positive Dirichlet alpha, got {cfg.non_iid_alpha}")
+        if cfg.checkpoint_every is not None:
+            parse_checkpoint_every(cfg.checkpoint_every)
+        if cfg.device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {cfg.device!r}")
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "milestones" in kwargs:
+            kwargs["milestones"] = tuple(kwargs["milestones"])
+        return cls(**kwargs)
+
+
+#: Options that may differ between an interrupted run and its --resume (they do not change the
+#: trajectory of the parameters).
+RESUME_MAY_DIFFER = ("out", "log_every", "checkpoint_every", "keep_checkpoints", "device",
+                     "data_dir")
+
+
+def resume_mismatch(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Names of options whose values differ between a checkpoint's config and this run's."""
+    keys = (set(saved) | set(current)) - set(RESUME_MAY_DIFFER)
+    return sorted(k for k in keys if _jsonish(saved.get(k)) != _jsonish(current.get(k)))
+
+
+def _jsonish(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_range(option: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{option} must be >= {low}, got {value}")
+
+
+def _canonical_compressor(spec: str, option: str) -> str:
+    """Validate a compressor spec with hvdcomp.compressors.from_spec; return its canonical spec."""
+    from hvdcomp.compressors import from_spec
+    try:
+        return from_spec(spec).spec()
+    except ValueError as exc:
+        raise ConfigError(f"{option} {spec!r}: {exc}") from None
+
+
+def dataset_name(spec: str) -> str:
+    return spec.strip().lower().partition(":")[0]
+
+
+_CKPT_RE = re.compile(r"^\s*(\d+)\s*(steps?|epochs?)?\s*$")
+
+
+def parse_checkpoint_every(text: str) -> Tuple[int, str]:
+    """``"3"`` or ``"3epochs"`` -> (3, "epoch"); ``"100steps"`` -> (100, "step")."""
+    match = _CKPT_RE.match(str(text))
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError(f"--checkpoint-every {text!r}: expected a positive count of epochs "
+                          "('2' or '2epochs') or steps ('100steps')")
+    unit = "step" if (match.group(2) or "epoch").startswith("step") else "epoch"
+    return int(match.group(1)), unit
+
+
+def parse_key_values(items) -> Dict[str, Any]:
+    """``["beta=0.9", "warmup=4"]`` -> {"beta": 0.9, "warmup": 4} (ints, floats, bools, strings)."""
+    from hvdcomp.compressors.registry import _parse_value
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--algorithm-option {item!r}: expected key=value")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def default_out_dir(cfg: TrainConfig, world_size: int) -> str:
+    """``runs/<dataset>-<model>-<algorithm>-<up>[-<down>]-n<N>-s<seed>``, the same on every rank."""
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
+    comp = clean(cfg.up) if cfg.down == cfg.up else f"{clean(cfg.up)}-{clean(cfg.down)}"
+    return str(Path("runs") / f"{clean(cfg.dataset)}-{clean(cfg.model)}-{cfg.algorithm}-{comp}"
+                               f"-n{world_size}-s{cfg.seed}")
+
+
+# --- launcher ---------------------------------------------------------------------------------
+def detect_launcher(env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Which launcher started this process, and the rank / world size it announced.
+
+    Order matters: ``horovodrun`` (Gloo) sets HOROVOD_RANK; ``horovodrun`` with MPI runs
+    ``mpirun`` and passes HOROVOD_* variables through; Open MPI's ``mpirun`` sets
+    OMPI_COMM_WORLD_* and points its children at itself (OMPI_MCA_orte_hnp_uri, or PMIX_SERVER_URI
+    from mpirun's PMIx server); ``srun`` sets SLURM_STEP_ID and SLURM_PROCID for each task (with
+    --mpi=pmix Open MPI's OMPI_COMM_WORLD_* may be set too, but without mpirun's head-node URI);
+    MPICH/Hydra sets PMI_RANK. Without any of them this is a single process (N = 1).
+    """
+    env = dict(os.environ if env is None else env)
+
+    def as_int(*names: str) -> Optional[int]:
+        for name in names:
+            if env.get(name, "").strip().isdigit():
+                return int(env[name])
+        return None
+
+    horovod_vars = [k for k in env if k.startswith("HOROVOD_")]
+    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env or (
+            "OMPI_COMM_WORLD_SIZE" in env and "HOROVOD_HOSTNAME" in env):
+        name = "horovodrun"
+    elif "OMPI_COMM_WORLD_SIZE" in env and "SLURM_STEP_ID" in env and not (
+            "OMPI_MCA_orte_hnp_uri" in env or "OMPI_MCA_orte_local_daemon_uri" in env):
+        name = "srun"
+    elif "OMPI_COMM_WORLD_SIZE" in env or "PMI_RANK" in env:
+        name = "mpirun"
+    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        name = "srun"
+    else:
+        name = "single"
+    rank = as_int("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+    size = as_int("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS",
+                  "SLURM_NPROCS")
+    if name == "single":
+        rank, size = 0, 1
+    return {"name": name, "rank": rank if rank is not None else 0,
+            "world_size": size if size is not None else 1,
+            "slurm_job_id": env.get("SLURM_JOB_ID"),
+            "horovod_env": sorted(horovod_vars)}

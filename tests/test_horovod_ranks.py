@@ -1,0 +1,83 @@
+"""Real Horovod ranks under mpirun (MPI controller) and horovodrun --gloo: the collectives that
+hvdcomp's exchange is built on, checked against values each rank can compute on its own."""
+import pytest
+import torch
+
+from multirank import run_ranks
+
+LAUNCHES = [pytest.param(np, ctl, marks=getattr(pytest.mark, ctl), id=f"{ctl}-{np}")
+            for ctl in ("mpi", "gloo") for np in (2, 4)]
+
+
+def _collectives():
+    import horovod.torch as hvd
+
+    rank, size = hvd.rank(), hvd.size()
+    out = {"rank": rank, "size": size}
+    # allreduce (float64 Sum and Average)
+    x = torch.arange(5, dtype=torch.float64) + 10 * rank
+    out["sum"] = hvd.allreduce(x, op=hvd.Sum, name="t.sum")
+    out["avg"] = hvd.allreduce(x, op=hvd.Average, name="t.avg")
+    # allgather of uint8 with a different first dimension on each rank
+    mine = torch.full((rank + 1,), rank, dtype=torch.uint8)
+    out["gathered"] = hvd.allgather(mine, name="t.gather")
+    # alltoall of packed uint8 bytes with int32 splits: rank r sends (j + 1) bytes of value
+    # 16*r + j to rank j.
+    splits = torch.tensor([j + 1 for j in range(size)], dtype=torch.int32)
+    send = torch.cat([torch.full((j + 1,), 16 * rank + j, dtype=torch.uint8) for j in range(size)])
+    received, received_splits = hvd.alltoall(send, splits=splits, name="t.alltoall")
+    out["alltoall"] = received
+    out["alltoall_splits"] = received_splits
+    # async ops with names complete in any order
+    handles = [hvd.allreduce_async(torch.ones(3) * (i + 1), op=hvd.Sum, name=f"t.async.{i}")
+               for i in (range(3) if rank % 2 == 0 else reversed(range(3)))]
+    out["async"] = sorted(hvd.synchronize(h)[0].item() for h in handles)
+    return out
+
+
+@pytest.mark.parametrize("np,controller", LAUNCHES)
+def test_collectives(np, controller):
+    results = run_ranks(_collectives, np=np, controller=controller, timeout=180)
+    assert [r["rank"] for r in results] == list(range(np))
+    assert all(r["size"] == np for r in results)
+    base = torch.arange(5, dtype=torch.float64)
+    expected_sum = np * base + 10 * sum(range(np))
+    for r in results:
+        assert torch.equal(r["sum"], expected_sum)
+        assert torch.allclose(r["avg"], expected_sum / np, rtol=0, atol=1e-12)
+        assert r["gathered"].tolist() == [k for k in range(np) for _ in range(k + 1)]
+        j = r["rank"]
+        assert r["alltoall"].tolist() == [16 * src + j for src in range(np) for _ in range(j + 1)]
+        assert r["alltoall_splits"].tolist() == [j + 1] * np
+        assert r["async"] == [np * 1.0, np * 2.0, np * 3.0]
+
+
+def _raise_on_rank1():
+    import horovod.torch as hvd
+
+    if hvd.rank() == 1:
+        raise RuntimeError("deliberate failure on rank 1")
+    hvd.allreduce(torch.ones(1), name="t.never")  # rank 0 would wait here for ever
+    return "unreachable"
+
+
+@pytest.mark.mpi
+def test_failing_rank_fails_the_test_with_its_output():
+    with pytest.raises(pytest.fail.Exception, match="deliberate failure on rank 1"):
+        run_ranks(_raise_on_rank1, np=2, controller="mpi", timeout=60)
+
+
+def _hang():
+    import horovod.torch as hvd
+
+    if hvd.rank() == 0:
+        hvd.allreduce(torch.ones(1), name="t.lonely")  # rank 1 never joins
+    else:
+        import time
+        time.sleep(600)
+
+
+@pytest.mark.mpi
+def test_hang_is_killed_and_reported():
+    with pytest.raises(pytest.fail.Exception, match="ranks hung: killed after 15 s"):
+        run_ranks(_hang, np=2, controller="mpi", timeout=15)
