@@ -5,6 +5,38 @@ Layers (each testable alone; see docs/design.md):
   algorithms   error feedback as five steps per round      hvdcomp.algorithms
   exchange     the collective pattern (sharded server...)  hvdcomp.exchange
   comm         collectives: Horovod, in-process simulator  hvdcomp.comm
-  integration  Horovod Compression / DistributedOptimizer  hvdcomp.optimizer
+  integration  Horovod Compression / DistributedOptimizer  hvdcomp.optimizer, hvdcomp.compression
+
+The integration names are imported on first use, so ``import hvdcomp`` (and ``hvdcomp --help``)
+does not pay for torch and Horovod.
 """
 __version__ = "0.1.0"
+
+_LAZY = {
+    "DistributedOptimizer": ("hvdcomp.optimizer", "DistributedOptimizer"),
+    "Compression": ("hvdcomp.compression", "Compression"),
+    "allreduce": ("hvdcomp.tensor_allreduce", "allreduce"),
+    "allreduce_async": ("hvdcomp.tensor_allreduce", "allreduce_async"),
+    "synchronize": ("hvdcomp.tensor_allreduce", "synchronize"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hvdcomp' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)
+
+import sys as _sys
+
+if "horovod.torch" in _sys.modules:
+    # Horovod is already loaded (the usual `import horovod.torch as hvd; import hvdcomp`): guard
+    # hvd.DistributedOptimizer against stateful compressions now, before user code can look it
+    # up. Otherwise the guard goes in when hvdcomp.Compression is first used.
+    from . import compression as _compression  # noqa: F401

@@ -57,6 +57,8 @@ def launcher_env() -> dict:
                OMPI_MCA_btl="self,tcp", OMPI_MCA_btl_tcp_if_include="lo",
                OMPI_MCA_oob_tcp_if_include="lo", OMPI_MCA_pml="ob1",
                OMPI_MCA_btl_base_warn_component_unused="0",
+               # ranks share 2 cores: one intra-op thread each avoids oversubscription stalls
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONUNBUFFERED="1", HOROVOD_LOG_LEVEL=os.environ.get("HOROVOD_LOG_LEVEL", "warning"))
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))

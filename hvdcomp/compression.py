@@ -1,0 +1,177 @@
+"""``hvdcomp.Compression``: compression objects that plug into Horovod's ``compression=`` slot.
+
+Two kinds, and the difference matters:
+
+* **Stateless, allreduce-compatible** (``Compression.none``, ``Compression.fp16``,
+  ``Compression.randomk(ratio)``): subclasses of Horovod's ``Compressor`` that turn a gradient into
+  a tensor an allreduce may sum. They work with Horovod's own ``hvd.DistributedOptimizer``.
+* **Stateful, bidirectional** (``Compression.liec(...)``, ``.doublesqueeze``, ``.memsgd``,
+  ``.ef21``, ``.dgc``, or ``Compression.algorithm(name, ...)``): an algorithm with error-feedback
+  state and a two-phase exchange. An allreduce cannot carry them, so they only work through
+  :func:`hvdcomp.DistributedOptimizer`. Handing one to Horovod's optimizer fails at construction
+  (importing hvdcomp wraps ``horovod.torch.DistributedOptimizer`` with that one check), and, should
+  the check be bypassed, their ``compress`` raises at the first step: never a silently wrong
+  gradient.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Any, Dict, Optional
+
+import torch
+
+try:  # Horovod's base class when Horovod is installed, so isinstance checks in user code hold.
+    from horovod.torch.compression import Compressor as _HorovodCompressor
+    from horovod.torch.compression import FP16Compressor as _HorovodFP16
+    from horovod.torch.compression import NoneCompressor as _HorovodNone
+except Exception:  # pragma: no cover - hvdcomp's simulator and compressors work without Horovod
+    class _HorovodCompressor:  # type: ignore[no-redef]
+        @staticmethod
+        def compress(tensor):
+            return tensor, None
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            return tensor
+
+    _HorovodNone = _HorovodCompressor  # type: ignore[misc]
+    _HorovodFP16 = None  # type: ignore[assignment]
+
+USE_HVDCOMP_OPTIMIZER = (
+    "{what} keeps error-feedback state and needs a two-phase exchange, which Horovod's "
+    "DistributedOptimizer cannot do: use hvdcomp.DistributedOptimizer(optimizer, "
+    "named_parameters=..., compression=...) instead of hvd.DistributedOptimizer")
+
+
+class RandomKCompressor(_HorovodCompressor):
+    """Random-k for Horovod's allreduce: k = ceil(ratio·numel) values at indices every rank draws
+    from the same seed, so the values can be summed by an allreduce and only they travel.
+
+    The indices come from ``(seed, numel, n-th call for this numel)``: ranks must compress their
+    tensors in the same order (true when every rank runs the same model; Horovod's hooks fire in
+    autograd order). Unscaled (contractive, δ = k/d); without error feedback it is biased — with
+    error feedback use ``Compression.memsgd("randomk:ratio=...")`` instead.
+    """
+
+    def __init__(self, ratio: float, seed: int = 0):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"randomk ratio must be in (0, 1], got {ratio}")
+        self.ratio = float(ratio)
+        self.seed = int(seed)
+        self._calls: Dict[int, int] = {}
+
+    def _indices(self, numel: int, device) -> torch.Tensor:
+        call = self._calls.get(numel, 0)
+        self._calls[numel] = call + 1
+        k = max(1, int(-(-self.ratio * numel // 1)))
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}.{numel}.{call}".encode()))
+        return torch.randperm(numel, generator=gen)[:k].to(device)
+
+    def compress(self, tensor):
+        flat = tensor.reshape(-1)
+        indices = self._indices(flat.numel(), flat.device)
+        return flat[indices], (indices, tensor.shape)
+
+    def decompress(self, tensor, ctx):
+        indices, shape = ctx
+        out = torch.zeros(shape.numel(), dtype=tensor.dtype, device=tensor.device)
+        out[indices] = tensor
+        return out.reshape(shape)
+
+
+class AlgorithmCompression(_HorovodCompressor):
+    """A recipe for a stateful algorithm: name, compressors and hyperparameters. Each
+    :func:`hvdcomp.DistributedOptimizer` builds its own algorithm object from it."""
+
+    stateful = True
+
+    def __init__(self, name: str, up: Any = "none", down: Optional[Any] = None, **hyper: Any):
+        from .algorithms import make_algorithm
+
+        self.name, self.up, self.down, self.hyper = name, up, down, hyper
+        make_algorithm(name, up=up, down=down, **hyper)  # validate now, where the user wrote it
+
+    def build(self):
+        from .algorithms import make_algorithm
+        return make_algorithm(self.name, up=self.up, down=self.down, **self.hyper)
+
+    def compress(self, tensor):
+        raise TypeError(USE_HVDCOMP_OPTIMIZER.format(what=repr(self)))
+
+    def decompress(self, tensor, ctx):
+        raise TypeError(USE_HVDCOMP_OPTIMIZER.format(what=repr(self)))
+
+    def __repr__(self) -> str:
+        args = [repr(self.name), f"up={self.up!r}"] + ([f"down={self.down!r}"] if self.down else [])
+        args += [f"{k}={v!r}" for k, v in self.hyper.items()]
+        return f"Compression.algorithm({', '.join(args)})"
+
+
+class Compression:
+    """Namespace in the style of ``horovod.torch.Compression``."""
+
+    none = _HorovodNone
+    fp16 = _HorovodFP16
+
+    @staticmethod
+    def randomk(ratio: float, seed: int = 0) -> RandomKCompressor:
+        return RandomKCompressor(ratio, seed)
+
+    @staticmethod
+    def algorithm(name: str, up: Any = "none", down: Optional[Any] = None,
+                  **hyper: Any) -> AlgorithmCompression:
+        """Any registered algorithm (``hvdcomp.algorithms.ALGORITHMS``) with its compressors."""
+        return AlgorithmCompression(name, up=up, down=down, **hyper)
+
+    @staticmethod
+    def psgd() -> AlgorithmCompression:
+        return AlgorithmCompression("psgd")
+
+    @staticmethod
+    def memsgd(up: Any = "sign") -> AlgorithmCompression:
+        return AlgorithmCompression("memsgd", up=up)
+
+    @staticmethod
+    def doublesqueeze(up: Any = "sign", down: Optional[Any] = None) -> AlgorithmCompression:
+        return AlgorithmCompression("doublesqueeze", up=up, down=down)
+
+    @staticmethod
+    def liec(up: Any = "sign", down: Optional[Any] = None, period: int = 32) -> AlgorithmCompression:
+        return AlgorithmCompression("liec", up=up, down=down, period=period)
+
+    @staticmethod
+    def ef21(up: Any = "topk:ratio=0.01", down: Optional[Any] = None, **hyper) -> AlgorithmCompression:
+        return AlgorithmCompression("ef21", up=up, down=down, **hyper)
+
+    @staticmethod
+    def dgc(up: Any = "dgc:ratio=0.001", **hyper) -> AlgorithmCompression:
+        return AlgorithmCompression("dgc", up=up, **hyper)
+
+
+def is_stateful(compression: Any) -> bool:
+    return bool(getattr(compression, "stateful", False))
+
+
+def _guard_horovod_optimizer() -> None:
+    """Make ``hvd.DistributedOptimizer(..., compression=<stateful>)`` fail at construction."""
+    try:
+        import horovod.torch as hvd
+    except Exception:
+        return
+    original = hvd.DistributedOptimizer
+    if getattr(original, "_hvdcomp_guarded", False):
+        return
+
+    @functools.wraps(original)
+    def DistributedOptimizer(optimizer, *args, **kwargs):
+        compression = kwargs.get("compression", args[1] if len(args) > 1 else None)
+        if is_stateful(compression):
+            raise TypeError(USE_HVDCOMP_OPTIMIZER.format(what=repr(compression)))
+        return original(optimizer, *args, **kwargs)
+
+    DistributedOptimizer._hvdcomp_guarded = True
+    hvd.DistributedOptimizer = DistributedOptimizer
+
+
+_guard_horovod_optimizer()

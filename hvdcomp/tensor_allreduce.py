@@ -1,0 +1,66 @@
+"""``hvdcomp.allreduce``: the compressed exchange for one tensor, for custom training loops.
+
+    avg = hvdcomp.allreduce(grad, name="layer1.weight", compression=hvdcomp.Compression.liec("sign"))
+    handle = hvdcomp.allreduce_async(grad, name="layer1.weight", compression=...)
+    avg = hvdcomp.synchronize(handle)
+
+Error feedback is state, so each ``name`` keeps its own algorithm object (built from the first
+``compression`` given for it) for the life of the process; call :func:`reset` to drop them. Every
+call with a name is one round of that name's algorithm.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .compression import AlgorithmCompression, is_stateful
+from .exchange import Exchange
+
+_exchanges: Dict[str, Tuple[Any, Exchange]] = {}
+
+
+def _exchange_for(name: str, compression: Any, comm) -> Exchange:
+    if not is_stateful(compression):
+        compression = AlgorithmCompression("psgd")
+    known = _exchanges.get(name)
+    if known is not None:
+        if known[0] is not compression:
+            raise ValueError(f"hvdcomp.allreduce: {name!r} was first used with {known[0]!r}; a "
+                             "name's error-feedback state belongs to one compression; use "
+                             "another name or hvdcomp.tensor_allreduce.reset()")
+        return known[1]
+    if comm is None:
+        from .comm import HorovodCommunicator
+        comm = HorovodCommunicator()
+    exchange = Exchange(compression.build(), comm)
+    _exchanges[name] = (compression, exchange)
+    return exchange
+
+
+class AllreduceHandle:
+    def __init__(self, exchange: Exchange, inner):
+        self.exchange, self.inner = exchange, inner
+
+
+def allreduce_async(tensor: torch.Tensor, name: str, compression: Any = None,
+                    comm=None) -> AllreduceHandle:
+    """Start the compressed average of ``tensor`` over ranks; :func:`synchronize` finishes it."""
+    exchange = _exchange_for(name, compression, comm)
+    return AllreduceHandle(exchange, exchange.start(name, tensor))
+
+
+def synchronize(handle: AllreduceHandle) -> torch.Tensor:
+    update = handle.exchange.finish(handle.inner)
+    handle.exchange.end_round()
+    return update
+
+
+def allreduce(tensor: torch.Tensor, name: str, compression: Any = None, comm=None) -> torch.Tensor:
+    """The compressed average of ``tensor`` over ranks (the algorithm's update direction)."""
+    return synchronize(allreduce_async(tensor, name, compression, comm))
+
+
+def reset() -> None:
+    """Forget every name's algorithm state."""
+    _exchanges.clear()
