@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .sweep import SweepPoint, SweepSpec, TrainOptions, train_arguments
 
@@ -119,6 +119,12 @@ def _resume_arguments(options: TrainOptions) -> str:
     return f'{flag} "$RUN_DIR/checkpoints/latest.pt"'
 
 
+def _overwrite_arguments(options: TrainOptions) -> str:
+    """The switch that lets train replace an earlier attempt's files, when train has one."""
+    option = options.lookup("overwrite")
+    return option.flag if option is not None and option.is_flag else ""
+
+
 def _template():
     try:
         import jinja2
@@ -164,6 +170,7 @@ def render_point(spec: SweepSpec, point: SweepPoint, paths: SweepPaths,
         modules=[q(m) for m in cluster.modules], setup=cluster.setup,
         env=[(name, q(value)) for name, value in cluster.env],
         resume_args=_resume_arguments(spec.train_options),
+        overwrite_args=_overwrite_arguments(spec.train_options),
         launcher=cluster.launcher, srun_mpi=cluster.srun_mpi,
         launcher_args=[q(a) for a in cluster.launcher_args],
         hvdcomp=cluster.hvdcomp, train_args=train_args,
@@ -461,6 +468,3 @@ def wait(spec: SweepSpec, paths: SweepPaths, timeout: float, poll: float = 1.0) 
             raise SlurmError(f"jobs still not finished after {timeout:.0f} s: {', '.join(pending)}")
         time.sleep(poll)
 
-
-def scripts_for(paths: SweepPaths, points: Iterable[SweepPoint]) -> List[Path]:
-    return [paths.script(p.name) for p in points]

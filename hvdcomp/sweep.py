@@ -43,17 +43,27 @@ class SpecError(ValueError):
 # Train options: the real Click command when it imports, else this list
 # ----------------------------------------------------------------------------------------------
 
-#: ``hvdcomp train`` options a spec may set when ``hvdcomp.cli.train`` cannot be imported,
-#: with the Python type their values must have.
-FALLBACK_TRAIN_OPTIONS: Dict[str, type] = {
-    "model": str, "dataset": str, "data-dir": str, "algorithm": str, "compressor": str,
-    "down-compressor": str, "epochs": int, "steps": int, "batch-size": int, "lr": float,
-    "momentum": float, "weight-decay": float, "seed": int, "checkpoint-every": int, "quiet": bool,
+#: ``hvdcomp train`` options when ``hvdcomp.cli.train`` cannot be imported (the login node of a
+#: cluster may lack torch): name -> accepted Python types. Mirrors cli/train.py; ``bool`` marks a
+#: switch, a ``list`` a repeatable option.
+FALLBACK_TRAIN_OPTIONS: Dict[str, Tuple[type, ...]] = {
+    "model": (str,), "dataset": (str,), "data-dir": (str,), "non-iid": (float,),
+    "augment": (bool,), "algorithm": (str,), "compressor": (str,), "up": (str,), "down": (str,),
+    "down-compressor": (str,), "period": (int,), "algorithm-option": (list,),
+    "bucket-bytes": (int,), "epochs": (int,), "steps": (int,), "batch-size": (int,),
+    "lr": (float,), "momentum": (float,), "weight-decay": (float,), "nesterov": (bool,),
+    "schedule": (str,), "milestones": (str,), "warmup-epochs": (float,), "seed": (int,),
+    "out": (str,), "overwrite": (bool,), "resume": (bool,), "log-every": (int,),
+    "checkpoint-every": (int, str), "keep-checkpoints": (int,), "device": (str,), "quiet": (bool,),
 }
 
-#: Options the sweep sets itself in every script: the run directory and the resume checkpoint.
-RESERVED_TRAIN_OPTIONS = {"out": "the run directory is <output>/runs/<point name>",
-                          "resume": "scripts resume from the last checkpoint by themselves"}
+#: Options the sweep sets itself in every script: the run directory and what to do with an
+#: earlier attempt's files.
+RESERVED_TRAIN_OPTIONS = {
+    "out": "the run directory is <output>/runs/<point name>",
+    "resume": "scripts resume from the last checkpoint by themselves",
+    "overwrite": "scripts start over by themselves when an earlier attempt left no checkpoint",
+}
 
 #: ``ranks`` is not a train option: it is the number of processes the launcher starts.
 RANKS_KEY = "ranks"
@@ -93,13 +103,14 @@ def _convert_with_click(param) -> Callable[[Any], Any]:
     return convert
 
 
-def _convert_python(kind: type) -> Callable[[Any], Any]:
+def _convert_python(kinds: Tuple[type, ...]) -> Callable[[Any], Any]:
     def convert(value):
         # TOML already typed the value; only check it (an int is a fine float).
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
-            raise ValueError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"expected {names}, got {type(value).__name__} {value!r}")
         return value
     return convert
 
@@ -110,9 +121,10 @@ def train_options() -> TrainOptions:
         from hvdcomp.cli.train import command
     except Exception as exc:  # noqa: BLE001 - any import failure means: validate against the list
         reason = f"hvdcomp.cli.train not importable: {type(exc).__name__}: {exc}"
-        options = {name: TrainOption(name, f"--{name}", is_flag=kind is bool,
-                                     false_flag=None, convert=_convert_python(kind))
-                   for name, kind in FALLBACK_TRAIN_OPTIONS.items()}
+        options = {name: TrainOption(name, f"--{name}", is_flag=kinds == (bool,),
+                                     multiple=kinds == (list,),
+                                     convert=_convert_python((str,) if kinds == (list,) else kinds))
+                   for name, kinds in FALLBACK_TRAIN_OPTIONS.items()}
         return TrainOptions(options, f"fallback list ({reason})")
     import click
 
@@ -158,6 +170,8 @@ def find_line(text: str, table: Sequence[str], key: Optional[str] = None) -> int
             current = _normalise_header(header.group(1))
             if current == table and not header_line:
                 header_line = lineno
+            if key is not None and current[:len(table) + 1] == table + (key,):
+                return lineno  # the key is itself a table: [cluster] or [cluster.env]
             continue
         if key is None:
             continue
@@ -413,7 +427,9 @@ def load_spec(path: "str | Path", options: Optional[TrainOptions] = None) -> Swe
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+        where = re.search(r"at line (\d+)", str(exc))
+        line = f":{where.group(1)}" if where else ""
+        raise SpecError(f"{path}{line}: not valid TOML: {exc}") from None
     return parse_spec(data, path, text, options)
 
 

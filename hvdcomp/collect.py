@@ -1,0 +1,510 @@
+"""Comparison tables and figures from run directories (``hvdcomp collect``).
+
+Reads the run directories of docs/design.md ("Run directories"): every folder under the given
+roots that holds a ``config.json``. A run enters the table only when its ``summary.json`` says
+``"status": "completed"``; runs still going or stopped early (no summary), and corrupt ones
+(unparsable JSON, a damaged line inside ``metrics.jsonl``, missing summary fields) are listed as
+skipped with the reason, never a crash.
+
+Per run the table shows the options that differ between the runs, then:
+
+- final and best test accuracy (``summary.json``; fractions, shown in percent);
+- time to a target accuracy: ``wall_time`` of the first epoch record whose ``test_accuracy``
+  reaches ``--target`` (LIEC-SGD paper, Table "time to accuracy");
+- wall-clock seconds, bytes sent per rank up and down (cumulative, per rank);
+- compression ratio against P-SGD: bytes the P-SGD run with otherwise the same settings sent
+  (up + down) divided by this run's bytes; without such a run, against what dense 32-bit P-SGD
+  sends, ``2 (N-1)/N × gradient bytes`` per step (a ring allreduce, as
+  :func:`hvdcomp.train.results.psgd_bytes_per_step`), when the run recorded its model size;
+- throughput (``samples_per_s``).
+
+Figures (``--plot``) follow the LIEC-SGD paper's: test accuracy against epochs, against
+wall-clock time and against bytes communicated, one line per run.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+#: summary.json fields a completed run must have (docs/design.md).
+SUMMARY_FIELDS = ("final_accuracy", "best_accuracy", "wall_time", "bytes_up", "bytes_down")
+
+#: Config keys that say how a run was *compressed* (or are bookkeeping): a P-SGD baseline may
+#: differ from a run in these and still be "the psgd run with otherwise the same settings".
+#: Momentum is here because train resolves it per algorithm (0 for DGC/EF21-SGDM/MoNNA).
+NOT_SETTINGS_FOR_BASELINE = {
+    "algorithm", "up", "down", "compressor", "down_compressor", "period", "algorithm_options",
+    "bucket_bytes", "momentum", "nesterov",
+    "out", "resume", "quiet", "log_every", "checkpoint_every", "keep_checkpoints", "device",
+    "data_dir", "launcher",
+}
+#: Config keys never shown as option columns (they differ between runs without meaning a
+#: different experiment).
+NOT_OPTION_COLUMNS = {"out", "resume", "quiet", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "data_dir", "launcher"}
+#: Where a run may record its model size: dense fp32 gradient bytes, or parameter counts.
+GRADIENT_BYTES_KEYS = ("gradient_bytes_per_step", "gradient_bytes")
+PARAMETER_COUNT_KEYS = ("num_parameters", "parameters", "model_parameters", "n_parameters")
+
+METRIC_COLUMNS = ("final_accuracy", "best_accuracy", "time_to_target", "epochs_to_target",
+                  "wall_time", "bytes_up", "bytes_down", "compression_ratio", "ratio_up",
+                  "ratio_down", "baseline", "samples_per_s")
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot enter the table; ``kind`` is "partial" or "corrupt"."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass
+class Run:
+    path: Path
+    config: Dict[str, Any]
+    summary: Dict[str, Any]
+    epochs: List[Dict[str, Any]] = field(default_factory=list)  # "epoch" records, in order
+    steps: List[Dict[str, Any]] = field(default_factory=list)   # "step" records, in order
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.config.get("algorithm", ""))
+
+    @property
+    def world_size(self) -> Optional[int]:
+        for source in (self.config, self.summary):
+            value = source.get("world_size")
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
+
+@dataclass
+class Skipped:
+    path: Path
+    kind: str     # "partial" (running or stopped early) or "corrupt"
+    reason: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+def find_run_dirs(roots: Iterable["str | Path"]) -> List[Path]:
+    """Every folder under ``roots`` (the roots included) that holds a config.json, sorted."""
+    found = set()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such directory")
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d != "checkpoints"]  # nothing to find in there
+            if "config.json" in files:
+                found.add(Path(folder))
+    return sorted(found)
+
+
+def _read_json_object(path: Path, what: str) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise RunDirError("corrupt", f"{what} unreadable: {exc.strerror}") from None
+    except ValueError as exc:
+        raise RunDirError("corrupt", f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunDirError("corrupt", f"{what} holds {type(data).__name__}, not an object")
+    return data
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """Records of a metrics.jsonl. A damaged *last* line is what a killed writer leaves and is
+    dropped; a damaged line before it means the file is corrupt."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            if number == len(lines):
+                break
+            raise RunDirError("corrupt", f"metrics.jsonl line {number} is damaged ({exc})") from None
+        records.append(record)
+    return records
+
+
+def read_run(path: "str | Path") -> Run:
+    """One run directory; raises :class:`RunDirError` when it cannot enter the table."""
+    path = Path(path)
+    config = _read_json_object(path / "config.json", "config.json")
+    records = read_metrics(path / "metrics.jsonl")
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    steps = [r for r in records if r.get("event") == "step"]
+    if not (path / "summary.json").exists():
+        last = f", last epoch {epochs[-1].get('epoch')}" if epochs else ""
+        raise RunDirError("partial", f"no summary.json: running or stopped early "
+                                     f"({len(records)} metric records{last})")
+    summary = _read_json_object(path / "summary.json", "summary.json")
+    if summary.get("status") != "completed":
+        raise RunDirError("partial", f"summary.json status is {summary.get('status')!r}, not 'completed'")
+    missing = [k for k in SUMMARY_FIELDS if not _is_number(summary.get(k))]
+    if missing:
+        raise RunDirError("corrupt", f"summary.json lacks numeric {', '.join(missing)}")
+    return Run(path, config, summary, epochs, steps)
+
+
+def load_runs(roots: Iterable["str | Path"]) -> Tuple[List[Run], List[Skipped]]:
+    runs, skipped = [], []
+    for folder in find_run_dirs(roots):
+        try:
+            runs.append(read_run(folder))
+        except RunDirError as exc:
+            skipped.append(Skipped(folder, exc.kind, str(exc)))
+    return runs, skipped
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison rows
+# ----------------------------------------------------------------------------------------------
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def normalise_key(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def option_columns(runs: Sequence[Run], always: Sequence[str] = ("algorithm", "up", "down")) -> List[str]:
+    """Config keys whose values differ between runs (plus ``always`` when present), in config
+    order of the first run; bookkeeping keys are left out."""
+    order: List[str] = []
+    for run in runs:
+        for key in run.config:
+            if key not in order:
+                order.append(key)
+    order = [k for k in always if k in order] + [k for k in order if k not in always]
+    columns = []
+    for key in order:
+        if key in NOT_OPTION_COLUMNS:
+            continue
+        values = {_canonical(run.config.get(key)) for run in runs}
+        if len(values) > 1 or (key in always and any(key in r.config for r in runs)):
+            columns.append(key)
+    return columns
+
+
+def _baseline_key(run: Run) -> str:
+    return _canonical({k: v for k, v in run.config.items() if k not in NOT_SETTINGS_FOR_BASELINE})
+
+
+def _dense_bytes_per_step(run: Run) -> Optional[float]:
+    """P-SGD's bytes per step per rank (up + down) from the recorded model size, or None."""
+    from hvdcomp.train.results import psgd_bytes_per_step
+    gradient_bytes = None
+    for source in (run.summary, run.config):
+        for key in GRADIENT_BYTES_KEYS:
+            if gradient_bytes is None and _is_number(source.get(key)):
+                gradient_bytes = float(source[key])
+        for key in PARAMETER_COUNT_KEYS:
+            if gradient_bytes is None and _is_number(source.get(key)):
+                gradient_bytes = 4.0 * float(source[key])  # 32-bit floats
+    if gradient_bytes is None or not run.world_size or run.world_size < 2:
+        return None
+    return psgd_bytes_per_step(gradient_bytes, run.world_size)
+
+
+def time_to_target(run: Run, target: float) -> Tuple[Optional[float], Optional[float]]:
+    """(wall_time, epoch) of the first epoch record with test_accuracy >= target."""
+    for record in run.epochs:
+        accuracy = record.get("test_accuracy")
+        if _is_number(accuracy) and accuracy >= target:
+            return record.get("wall_time"), record.get("epoch")
+    return None, None
+
+
+def normalise_target(target: Optional[float]) -> Optional[float]:
+    """Accuracies are fractions; a target above 1 is read as percent (90 -> 0.9)."""
+    if target is None:
+        return None
+    if target < 0 or target > 100:
+        raise ValueError(f"--target {target}: give an accuracy as a fraction (0.9) or percent (90)")
+    return target / 100.0 if target > 1 else target
+
+
+def compare(runs: Sequence[Run], target: Optional[float] = None,
+            columns: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """One row per run: ``run`` (path), the option columns, then :data:`METRIC_COLUMNS`."""
+    columns = list(columns if columns is not None else option_columns(runs))
+    psgd_by_settings: Dict[str, Run] = {}
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        if run.algorithm == "psgd":
+            psgd_by_settings.setdefault(_baseline_key(run), run)
+    rows = []
+    for run in runs:
+        s = run.summary
+        row: Dict[str, Any] = {"run": str(run.path)}
+        for key in columns:
+            row[key] = run.config.get(key)
+        row["final_accuracy"] = s["final_accuracy"]
+        row["best_accuracy"] = s["best_accuracy"]
+        if target is not None:
+            row["time_to_target"], row["epochs_to_target"] = time_to_target(run, target)
+        row["wall_time"] = s["wall_time"]
+        row["bytes_up"], row["bytes_down"] = s["bytes_up"], s["bytes_down"]
+        sent_up, sent_down = float(s["bytes_up"]), float(s["bytes_down"])
+        baseline = psgd_by_settings.get(_baseline_key(run))
+        ratio = ratio_up = ratio_down = None
+        baseline_name = None
+        if baseline is not None:
+            base_up, base_down = float(baseline.summary["bytes_up"]), float(baseline.summary["bytes_down"])
+            baseline_name = "self" if baseline is run else f"psgd run {baseline.path}"
+            ratio = _ratio(base_up + base_down, sent_up + sent_down)
+            ratio_up, ratio_down = _ratio(base_up, sent_up), _ratio(base_down, sent_down)
+        else:
+            per_step = _dense_bytes_per_step(run)
+            steps = s.get("steps")
+            if per_step is not None and _is_number(steps):
+                baseline_name = "dense fp32 from model size"
+                ratio = _ratio(per_step * steps, sent_up + sent_down)
+                ratio_up = _ratio(per_step * steps / 2, sent_up)
+                ratio_down = _ratio(per_step * steps / 2, sent_down)
+        row.update(compression_ratio=ratio, ratio_up=ratio_up, ratio_down=ratio_down,
+                   baseline=baseline_name, samples_per_s=s.get("samples_per_s"))
+        rows.append(row)
+    return rows
+
+
+def _ratio(baseline: float, sent: float) -> Optional[float]:
+    return baseline / sent if sent > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouping, sorting, formatting
+# ----------------------------------------------------------------------------------------------
+
+def _sort_value(value: Any):
+    # None last; numbers before strings; everything comparable.
+    if value is None:
+        return (2, 0, "")
+    if _is_number(value):
+        return (0, float(value), "")
+    return (1, 0, _canonical(value) if not isinstance(value, str) else value)
+
+
+def sort_rows(rows: List[Dict[str, Any]], keys: Sequence[str]) -> List[Dict[str, Any]]:
+    """Stable sort by ``keys`` in order; ``-key`` sorts descending (None stays last)."""
+    rows = list(rows)
+    for key in reversed(list(keys)):
+        descending = key.startswith("-")
+        name = normalise_key(key.lstrip("-"))
+        present = [r for r in rows if r.get(name) is not None]
+        absent = [r for r in rows if r.get(name) is None]
+        present.sort(key=lambda r: _sort_value(r.get(name)), reverse=descending)
+        rows = present + absent
+    return rows
+
+
+def group_rows(rows: List[Dict[str, Any]], keys: Sequence[str]) -> List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+    """[(group values, rows)], groups in order of their values."""
+    keys = [normalise_key(k) for k in keys]
+    groups: Dict[str, Tuple[Dict[str, Any], List[Dict[str, Any]]]] = {}
+    for row in rows:
+        values = {k: row.get(k) for k in keys}
+        groups.setdefault(_canonical(values), (values, []))[1].append(row)
+    return sorted(groups.values(), key=lambda g: [_sort_value(g[0][k]) for k in keys])
+
+
+def _display(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if column in ("final_accuracy", "best_accuracy") and _is_number(value):
+        return f"{100 * value:.2f}%"
+    if column in ("bytes_up", "bytes_down") and _is_number(value):
+        return _human_bytes(value)
+    if column in ("compression_ratio", "ratio_up", "ratio_down") and _is_number(value):
+        return f"{value:.1f}x"
+    if column in ("wall_time", "time_to_target") and _is_number(value):
+        return f"{value:.1f} s"
+    if column == "samples_per_s" and _is_number(value):
+        return f"{value:.0f}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list)):
+        return _canonical(value)
+    return str(value)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+#: Columns of the human-readable formats (the machine formats keep every column).
+DISPLAY_METRICS = ("final_accuracy", "best_accuracy", "time_to_target", "wall_time", "bytes_up",
+                   "bytes_down", "compression_ratio", "samples_per_s")
+HEADERS = {"final_accuracy": "final acc", "best_accuracy": "best acc",
+           "time_to_target": "time to target", "epochs_to_target": "epochs to target",
+           "wall_time": "wall-clock", "bytes_up": "sent up/rank", "bytes_down": "sent down/rank",
+           "compression_ratio": "vs P-SGD", "samples_per_s": "samples/s"}
+
+
+def display_columns(rows: Sequence[Dict[str, Any]], option_cols: Sequence[str]) -> List[str]:
+    cols = ["run"] + list(option_cols)
+    return cols + [c for c in DISPLAY_METRICS if rows and c in rows[0]]
+
+
+def _relative_runs(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Rows whose ``run`` is shortened to the path below the runs' common folder."""
+    paths = [r["run"] for r in rows]
+    if len(paths) < 2:
+        common = str(Path(paths[0]).parent) if paths else ""
+    else:
+        common = os.path.commonpath(paths)
+    out = []
+    for row in rows:
+        relative = os.path.relpath(row["run"], common) if common else row["run"]
+        out.append({**row, "run": relative if relative != "." else Path(row["run"]).name})
+    return out
+
+
+def to_markdown(groups, columns: Sequence[str]) -> str:
+    parts = []
+    for values, rows in groups:
+        if values:
+            parts.append("### " + ", ".join(f"{k} = {_display(k, v)}" for k, v in values.items()))
+            parts.append("")
+        header = [HEADERS.get(c, c) for c in columns]
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("|" + "|".join("---:" if c in DISPLAY_METRICS else "---" for c in columns) + "|")
+        for row in _relative_runs(rows):
+            cells = [_display(c, row.get(c)).replace("|", "\\|") for c in columns]
+            parts.append("| " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def to_csv(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: (_canonical(row.get(c)) if isinstance(row.get(c), (dict, list))
+                             else row.get(c)) for c in columns})
+    return buffer.getvalue()
+
+
+def to_json(rows: Sequence[Dict[str, Any]], skipped: Sequence[Skipped]) -> str:
+    return json.dumps({"runs": list(rows),
+                       "skipped": [{"path": str(s.path), "kind": s.kind, "reason": s.reason}
+                                   for s in skipped]}, indent=2, default=str)
+
+
+def rich_tables(groups, columns: Sequence[str]):
+    from rich.table import Table
+    tables = []
+    for values, rows in groups:
+        title = ", ".join(f"{k} = {_display(k, v)}" for k, v in values.items()) or None
+        table = Table(title=title)
+        for c in columns:
+            table.add_column(HEADERS.get(c, c), justify="right" if c in DISPLAY_METRICS else "left",
+                             overflow="fold", no_wrap=(c == "run"))
+        for row in _relative_runs(rows):
+            table.add_row(*[_display(c, row.get(c)) for c in columns])
+        tables.append(table)
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+FIGURES = (  # (file stem, x key in epoch records, x label)
+    ("accuracy-vs-epoch", "epoch", "epoch"),
+    ("accuracy-vs-time", "wall_time", "wall-clock time (s)"),
+    ("accuracy-vs-bytes", "bytes", "bytes sent per rank, up + down (MiB)"),
+)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib, which is not installed: "
+                           "pip install 'hvdcomp[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _label(run: Run, keys: Sequence[str]) -> str:
+    parts = [f"{k}={_display(k, run.config.get(k))}" for k in keys if k in run.config]
+    return ", ".join(parts) or run.path.name
+
+
+def plot(runs: Sequence[Run], outdir: "str | Path", group_by: Sequence[str] = (),
+         formats: Sequence[str] = ("png",)) -> List[Path]:
+    """Write accuracy-vs-{epoch,time,bytes} figures, one set per group; returns the files."""
+    plt = _pyplot()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    group_keys = [normalise_key(k) for k in group_by]
+    label_keys = [k for k in option_columns(runs) if k not in group_keys]
+    groups: Dict[str, Tuple[Dict[str, Any], List[Run]]] = {}
+    for run in runs:
+        values = {k: run.config.get(k) for k in group_keys}
+        groups.setdefault(_canonical(values), (values, []))[1].append(run)
+    written = []
+    for values, members in sorted(groups.values(), key=lambda g: [_sort_value(g[0][k]) for k in group_keys]):
+        suffix = "".join(f"_{k}-{_display(k, v)}" for k, v in values.items())
+        suffix = "".join(ch if ch.isalnum() or ch in "._-=" else "-" for ch in suffix)
+        title = ", ".join(f"{k} = {_display(k, v)}" for k, v in values.items())
+        for stem, x_key, x_label in FIGURES:
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            for run in sorted(members, key=lambda r: _label(r, label_keys)):
+                points = []
+                for record in run.epochs:
+                    y = record.get("test_accuracy")
+                    if x_key == "bytes":
+                        up, down = record.get("bytes_up"), record.get("bytes_down")
+                        x = (up + down) / 2**20 if _is_number(up) and _is_number(down) else None
+                    else:
+                        x = record.get(x_key)
+                    if _is_number(x) and _is_number(y):
+                        points.append((x, 100 * y))
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, marker="o", markersize=3, label=_label(run, label_keys))
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("test accuracy (%)")
+            if title:
+                ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
+            fig.tight_layout()
+            for fmt in formats:
+                path = outdir / f"{stem}{suffix}.{fmt}"
+                fig.savefig(path)
+                written.append(path)
+            plt.close(fig)
+    return written

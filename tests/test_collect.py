@@ -1,0 +1,209 @@
+"""hvdcomp collect on run directories written here in the documented format (docs/design.md,
+"Run directories"): expected values are computed from the fixture's numbers, not copied from
+the code's output."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hvdcomp import collect
+from hvdcomp.cli.main import cli
+
+BASE = {"model": "mlp", "dataset": "digits", "epochs": 3, "batch_size": 32, "lr": 0.05,
+        "seed": 0, "world_size": 2, "launcher": {"name": "srun", "slurm_job_id": "7"}}
+
+
+def write_run(root: Path, name: str, config: dict, accuracies, bytes_per_epoch, seconds_per_epoch=1.0,
+              summary_extra=None, complete=True) -> Path:
+    """A run directory as `hvdcomp train` writes it: epoch records with cumulative counters."""
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({**BASE, **config}))
+    lines = []
+    up = down = 0
+    for epoch, accuracy in enumerate(accuracies, start=1):
+        up += bytes_per_epoch[0]
+        down += bytes_per_epoch[1]
+        lines.append({"event": "step", "step": 10 * epoch, "epoch": epoch - 0.5, "loss": 1.0 / epoch,
+                      "wall_time": seconds_per_epoch * (epoch - 0.5), "bytes_up": up, "bytes_down": down})
+        lines.append({"event": "epoch", "step": 10 * epoch, "epoch": epoch,
+                      "wall_time": seconds_per_epoch * epoch, "test_accuracy": accuracy,
+                      "test_loss": 1.0 - accuracy, "bytes_up": up, "bytes_down": down,
+                      "samples": 320 * epoch})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if complete:
+        summary = {"status": "completed", "final_accuracy": accuracies[-1],
+                   "best_accuracy": max(accuracies), "wall_time": seconds_per_epoch * len(accuracies),
+                   "bytes_up": up, "bytes_down": down, "steps": 10 * len(accuracies),
+                   "epochs": len(accuracies), "samples_per_s": 320 / seconds_per_epoch,
+                   **(summary_extra or {})}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    return make_runs(tmp_path / "runs")
+
+
+def make_runs(root: Path) -> Path:
+    """Four completed runs, one still running, three corrupt."""
+    write_run(root, "psgd", {"algorithm": "psgd", "up": "none", "down": "none"},
+              [0.50, 0.80, 0.90], (1000, 1000))
+    write_run(root, "liec-sign", {"algorithm": "liec", "up": "sign", "down": "sign"},
+              [0.40, 0.85, 0.88], (40, 40), seconds_per_epoch=0.5)
+    # No P-SGD run with seed 1: the ratio falls back to dense fp32 bytes from the model size.
+    write_run(root, "nested/memsgd-seed1", {"algorithm": "memsgd", "up": "sign", "down": "none", "seed": 1},
+              [0.30, 0.60, 0.70], (100, 400), summary_extra={"gradient_bytes_per_step": 4000})
+    # ... or from a parameter count (fp32: 4 bytes each).
+    write_run(root, "randomk-seed5", {"algorithm": "memsgd", "up": "randomk", "down": "none", "seed": 5},
+              [0.1, 0.2, 0.3], (10, 10), summary_extra={"num_parameters": 500})
+    # Neither a baseline nor a model size: no ratio.
+    write_run(root, "ef21-seed2", {"algorithm": "ef21", "up": "topk", "down": "topk", "seed": 2},
+              [0.2, 0.3, 0.4], (10, 10))
+    # Running (no summary.json yet) and corrupt directories.
+    write_run(root, "running", {"algorithm": "dgc", "up": "dgc", "down": "none"}, [0.1], (5, 5),
+              complete=False)
+    bad_config = root / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text('{"algorithm": "psgd", ')
+    bad_metrics = write_run(root, "bad-metrics", {"algorithm": "liec", "up": "sign", "down": "sign", "seed": 3},
+                            [0.1, 0.2], (1, 1))
+    lines = (bad_metrics / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]  # a damaged line that is not the last one
+    (bad_metrics / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    bad_summary = write_run(root, "bad-summary", {"algorithm": "liec", "up": "sign", "down": "sign", "seed": 4},
+                            [0.1], (1, 1))
+    (bad_summary / "summary.json").write_text(json.dumps({"status": "completed", "final_accuracy": 0.1}))
+    return root
+
+
+def test_load_runs_skips_partial_and_corrupt(runs_root: Path):
+    runs, skipped = collect.load_runs([runs_root])
+    assert sorted(r.path.name for r in runs) == ["ef21-seed2", "liec-sign", "memsgd-seed1", "psgd",
+                                                 "randomk-seed5"]
+    kinds = {s.path.name: s.kind for s in skipped}
+    assert kinds == {"running": "partial", "bad-config": "corrupt", "bad-metrics": "corrupt",
+                     "bad-summary": "corrupt"}
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert "metrics.jsonl line 2" in reasons["bad-metrics"]
+    assert "bytes_up" in reasons["bad-summary"]
+
+
+def test_a_cut_last_metrics_line_is_dropped(tmp_path: Path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "epoch", "epoch": 1}\n{"event": "epo')
+    assert collect.read_metrics(path) == [{"event": "epoch", "epoch": 1}]
+
+
+def test_compare_values(runs_root: Path):
+    runs, _ = collect.load_runs([runs_root])
+    rows = {Path(r["run"]).name: r for r in collect.compare(runs, target=0.85)}
+
+    psgd, liec, memsgd, ef21 = rows["psgd"], rows["liec-sign"], rows["memsgd-seed1"], rows["ef21-seed2"]
+    assert (liec["final_accuracy"], liec["best_accuracy"]) == (0.88, 0.88)
+    # liec reaches 0.85 at epoch 2 (0.5 s per epoch); psgd at epoch 3 (0.90 >= 0.85, 1 s per epoch).
+    assert (liec["time_to_target"], liec["epochs_to_target"]) == (1.0, 2)
+    assert (psgd["time_to_target"], psgd["epochs_to_target"]) == (3.0, 3)
+    assert memsgd["time_to_target"] is None
+    assert liec["bytes_up"] == 3 * 40 and liec["bytes_down"] == 3 * 40
+
+    # Against the P-SGD run with the same settings: 3*(1000+1000) bytes vs 3*(40+40).
+    assert liec["compression_ratio"] == pytest.approx(6000 / 240)
+    assert liec["ratio_up"] == pytest.approx(3000 / 120)
+    assert psgd["compression_ratio"] == pytest.approx(1.0)
+    assert liec["baseline"].startswith("psgd run")
+    # Fallback: dense fp32 P-SGD over a ring allreduce, 2 (N-1)/N * 4000 gradient bytes per step,
+    # 30 steps, against 3*(100+400) bytes sent; from 500 parameters: 2 (N-1)/N * 4 * 500 per step.
+    dense_total = 2 * (2 - 1) / 2 * 4000 * 30
+    assert memsgd["compression_ratio"] == pytest.approx(dense_total / 1500)
+    assert memsgd["baseline"] == "dense fp32 from model size"
+    assert rows["randomk-seed5"]["compression_ratio"] == pytest.approx(2 * (2 - 1) / 2 * 4 * 500 * 30 / 60)
+    assert ef21["compression_ratio"] is None and ef21["baseline"] is None
+    assert liec["samples_per_s"] == pytest.approx(640)
+
+
+def test_option_columns_are_those_that_vary(runs_root: Path):
+    runs, _ = collect.load_runs([runs_root])
+    columns = collect.option_columns(runs)
+    assert {"algorithm", "up", "down", "seed"} <= set(columns)
+    assert "model" not in columns and "launcher" not in columns
+
+
+def test_sort_and_group(runs_root: Path):
+    runs, _ = collect.load_runs([runs_root])
+    rows = collect.compare(runs)
+    by_accuracy = collect.sort_rows(rows, ["-final_accuracy"])
+    assert [r["final_accuracy"] for r in by_accuracy] == [0.90, 0.88, 0.70, 0.4, 0.3]
+    groups = collect.group_rows(rows, ["seed"])
+    assert [g[0]["seed"] for g in groups] == [0, 1, 2, 5]
+    assert sorted(Path(r["run"]).name for r in groups[0][1]) == ["liec-sign", "psgd"]
+
+
+def test_cli_json_csv_markdown(runs_root: Path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "json", "--target", "85"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["runs"]) == 5 and len(data["skipped"]) == 4
+    liec = next(r for r in data["runs"] if r["run"].endswith("liec-sign"))
+    assert liec["time_to_target"] == 1.0
+    assert "skipped (corrupt)" in result.stderr and "bad-config" in result.stderr
+
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv", "--sort-by", "-best_accuracy"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [float(r["best_accuracy"]) for r in rows] == [0.90, 0.88, 0.70, 0.4, 0.3]
+    assert float(rows[1]["compression_ratio"]) == pytest.approx(25.0)
+
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "markdown", "--group-by", "seed"])
+    assert result.exit_code == 0, result.output
+    assert "### seed = 0" in result.stdout and "### seed = 2" in result.stdout
+    assert "| liec-sign | liec | sign | sign |" in result.stdout.replace("  ", " ")
+    assert "25.0x" in result.stdout and "88.00%" in result.stdout
+
+    result = runner.invoke(cli, ["collect", str(runs_root)])  # rich table
+    assert result.exit_code == 0, result.output
+    assert "liec-sign" in result.stdout
+
+
+def test_cli_bad_input(runs_root: Path, tmp_path: Path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["collect", str(runs_root), "--sort-by", "colour"])
+    assert result.exit_code == 2 and "colour" in result.output
+    result = runner.invoke(cli, ["collect", str(runs_root), "--target", "150"])
+    assert result.exit_code == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(cli, ["collect", str(empty)])
+    assert result.exit_code == 1 and "no completed runs" in result.output
+
+
+def test_plots_are_written(runs_root: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figures"
+    result = CliRunner().invoke(cli, ["collect", str(runs_root), "--format", "csv", "--plot", str(out),
+                                      "--plot-format", "png", "--plot-format", "svg"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"accuracy-vs-{x}.{fmt}" for x in ("epoch", "time", "bytes")
+                           for fmt in ("png", "svg"))
+    png = (out / "accuracy-vs-bytes.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    svg = (out / "accuracy-vs-epoch.svg").read_text()
+    # one line per completed run: the legend names each algorithm
+    for algorithm in ("psgd", "liec", "memsgd", "ef21"):
+        assert f"algorithm={algorithm}" in svg
+
+
+def test_plots_grouped(runs_root: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    runs, _ = collect.load_runs([runs_root])
+    written = collect.plot(runs, tmp_path / "g", group_by=["seed"])
+    assert len(written) == 4 * 3  # four seeds, three figures each
+    assert all(p.exists() and p.stat().st_size > 0 for p in written)

@@ -1,0 +1,250 @@
+"""hvdcomp slurm against a real single-node Slurm cluster (slurmctld + slurmd on this machine).
+
+The session fixture starts the cluster with slurm/cluster/start.sh (installing the Debian packages
+when root and missing) and stops, by PID, only the daemons it started. A cluster that already
+answers ``scontrol ping`` is used as it is and left running.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hvdcomp import slurmjobs
+from hvdcomp.cli.main import cli
+from hvdcomp.sweep import load_spec
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "jobs" / "smoke-digits.toml"
+SHIPPED_SPECS = sorted((REPO / "jobs").glob("*.toml"))
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def _controller_up() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return False
+    return "UP" in out.stdout
+
+
+def _node_takes_jobs() -> bool:
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    return any(state in out.stdout for state in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A Slurm cluster that takes jobs; yields the name of its default partition."""
+    started = []  # (daemon, pid) this fixture started
+    if not (_controller_up() and _node_takes_jobs()):
+        daemons_present = shutil.which("slurmctld") and shutil.which("slurmd")
+        if os.geteuid() != 0:
+            pytest.skip("no Slurm cluster answers, and starting one needs root "
+                        + ("" if daemons_present else "(slurmctld/slurmd are not installed either)"))
+        out = subprocess.run(["bash", str(REPO / "slurm" / "cluster" / "start.sh")],
+                             capture_output=True, text=True, timeout=600)
+        started = [(m.group(1), int(m.group(2)))
+                   for m in re.finditer(r"^started: (\S+) (\d+)$", out.stdout, re.M)]
+        if out.returncode != 0:
+            _stop(started)
+            pytest.fail(f"slurm/cluster/start.sh failed:\n{out.stdout}\n{out.stderr}")
+    partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True,
+                               timeout=20).stdout.split()[0].rstrip("*")
+    try:
+        yield partition
+    finally:
+        _stop(started)
+
+
+PID_FILES = {"slurmctld": Path("/run/slurmctld.pid"), "slurmd": Path("/run/slurmd.pid"),
+             "munged": Path("/run/munge/munged.pid")}
+
+
+def _stop(started):
+    """SIGTERM each daemon we started, by PID, once its /proc entry still names that daemon,
+    and remove its PID file when that file still names it."""
+    for name, pid in reversed(started):
+        pid_file = PID_FILES.get(name)
+        if pid_file is not None and pid_file.exists() and pid_file.read_text().strip() == str(pid):
+            pid_file.unlink()
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm != name:
+            continue
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def job_env(monkeypatch):
+    """sbatch passes the submitter's environment to the job: put the project's venv first so the
+    job's `hvdcomp` is this checkout's."""
+    if VENV_BIN.is_dir():
+        monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(REPO)  # the spec's jobs run where they are rendered
+
+
+def _needs_train():
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"hvdcomp train needs Horovod: {exc}")
+
+
+def _cancel_all(spec, paths):
+    try:
+        slurmjobs.cancel(spec, paths)
+    except slurmjobs.SlurmError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_path: Path):
+    _needs_train()
+    out = tmp_path / "sweep"
+    runner = CliRunner()
+    spec = load_spec(SMOKE)
+    paths = slurmjobs.SweepPaths(out)
+    try:
+        result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.count("submitted job") == len(spec.points)
+        rows = slurmjobs.wait(spec, paths, timeout=480)
+    finally:
+        _cancel_all(spec, paths)
+    logs = {r.point: Path(r.log).read_text() if r.log and Path(r.log).exists() else "" for r in rows}
+    for row in rows:
+        assert (row.state, row.exit_code) == ("COMPLETED", "0:0"), f"{row}\n{logs[row.point]}"
+        assert row.run == "completed"
+        record = json.loads(paths.record(row.point).read_text())
+        assert record["job_id"] == row.job_id and record["previous_job_ids"] == []
+
+    status = runner.invoke(cli, ["slurm", "status", str(SMOKE), "--out", str(out)])
+    assert status.exit_code == 0 and status.stdout.count("COMPLETED") == len(spec.points)
+
+    # Submitting again skips finished points and submits nothing.
+    again = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.count("skipped: finished") == len(spec.points)
+
+    # collect: the liec run's ratio against the psgd run, from the two summaries.
+    result = runner.invoke(cli, ["collect", str(out), "--format", "json", "--plot", str(tmp_path / "fig")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["skipped"] == []
+    rows = {r["algorithm"]: r for r in data["runs"]}
+    assert set(rows) == {"psgd", "liec"}
+    summaries = {a: json.loads((Path(rows[a]["run"]) / "summary.json").read_text()) for a in rows}
+    sent = {a: summaries[a]["bytes_up"] + summaries[a]["bytes_down"] for a in rows}
+    assert rows["liec"]["compression_ratio"] == pytest.approx(sent["psgd"] / sent["liec"])
+    assert rows["liec"]["compression_ratio"] > 1
+    assert rows["psgd"]["compression_ratio"] == pytest.approx(1.0)
+    for algorithm, row in rows.items():
+        assert 0 <= row["final_accuracy"] <= 1 and row["final_accuracy"] == summaries[algorithm]["final_accuracy"]
+    assert len(list((tmp_path / "fig").glob("*.png"))) == 3
+
+
+def test_failing_job_shows_failed_with_exit_code(slurm_cluster, job_env, tmp_path: Path):
+    """A run train refuses (CIFAR-10 from a folder that does not exist) ends FAILED, and status
+    shows the exit code train gave (2, a usage error)."""
+    _needs_train()
+    spec_path = tmp_path / "fail.toml"
+    spec_path.write_text(f"""
+[sweep]
+name = "fail"
+[train]
+model = "mlp"
+dataset = "cifar10"
+data-dir = "{tmp_path / 'no-such-folder'}"
+epochs = 1
+algorithm = "psgd"
+ranks = 1
+[cluster]
+time = "00:05:00"
+setup = ["if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi"]
+""")
+    out = tmp_path / "sweep"
+    spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
+    try:
+        result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        slurmjobs.wait(spec, paths, timeout=240)
+    finally:
+        _cancel_all(spec, paths)
+    result = CliRunner().invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    log = Path(row["log"]).read_text()
+    assert row["state"] == "FAILED", log
+    assert row["exit_code"] == "2:0", log
+    assert "exited with 2" in log
+    table = CliRunner().invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out)])
+    assert "FAILED" in table.stdout and "2:0" in table.stdout
+
+
+def test_held_jobs_are_skipped_then_cancelled(slurm_cluster, job_env, tmp_path: Path):
+    out = tmp_path / "sweep"
+    spec, paths = load_spec(SMOKE), slurmjobs.SweepPaths(out)
+    runner = CliRunner()
+    try:
+        result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out), "--sbatch-arg=--hold"])
+        assert result.exit_code == 0, result.output
+        states = {r.point: r.state for r in slurmjobs.status(spec, paths)}
+        assert set(states.values()) == {"PENDING"}
+
+        again = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out)])
+        assert again.exit_code == 0 and again.stdout.count("skipped: pending") == len(spec.points)
+
+        cancel = runner.invoke(cli, ["slurm", "cancel", str(SMOKE), "--out", str(out)])
+        assert cancel.exit_code == 0 and f"cancelled {len(spec.points)} job(s)" in cancel.stdout
+        rows = slurmjobs.wait(spec, paths, timeout=60)
+        assert {r.state for r in rows} == {"CANCELLED"}
+    finally:
+        _cancel_all(spec, paths)
+
+
+def test_rejected_submission_records_nothing(slurm_cluster, job_env, tmp_path: Path):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out),
+                                      "--sbatch-arg=--partition=no-such-partition"])
+    assert result.exit_code == 1
+    assert "sbatch refused" in result.output
+    assert "invalid partition" in result.output.lower()  # Slurm's own words
+    assert list((out / "jobs").iterdir()) == []
+
+
+@pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[p.name for p in SHIPPED_SPECS])
+def test_shipped_scripts_pass_sbatch_test_only(slurm_cluster, job_env, spec_path: Path, tmp_path: Path):
+    """Every rendered script is valid bash and Slurm accepts its directives. The paper specs ask
+    for GPU nodes this machine does not have, so the size of the request is overridden on the
+    command line (which takes precedence over #SBATCH lines); everything else is as rendered."""
+    spec = load_spec(spec_path)
+    scripts = slurmjobs.render(spec, slurmjobs.SweepPaths(tmp_path), write=True, workdir=REPO)
+    fit_here = [f"--partition={slurm_cluster}", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
+                "--cpus-per-task=1", "--gpus-per-node=0", "--mem=0"]
+    for script in scripts:
+        bash_n = subprocess.run(["bash", "-n", str(script.path)], capture_output=True, text=True)
+        assert bash_n.returncode == 0, bash_n.stderr
+        test_only = subprocess.run(["sbatch", "--test-only", *fit_here, str(script.path)],
+                                   capture_output=True, text=True, timeout=60)
+        assert test_only.returncode == 0, f"{script.path}: {test_only.stderr}"
+        assert "to start at" in test_only.stderr

@@ -1,0 +1,270 @@
+"""Sweep specs: validation errors name file, line and key; expansion; rendered scripts.
+
+Everything here runs without Slurm; tests/test_slurm.py submits to a real cluster."""
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from hvdcomp import slurmjobs
+from hvdcomp.cli.main import cli
+from hvdcomp.sweep import (FALLBACK_TRAIN_OPTIONS, SpecError, find_line, load_spec, point_name,
+                           train_arguments, train_options)
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_SPECS = sorted((REPO / "jobs").glob("*.toml"))
+
+MINIMAL = """\
+[sweep]
+name = "t"
+
+[train]
+model = "mlp"
+dataset = "digits"
+epochs = 1
+
+[matrix]
+algorithm = ["psgd", "liec", "memsgd"]
+compressor = ["none", "sign"]
+ranks = [2, 4]
+exclude = [{ algorithm = "psgd", compressor = "sign" }]
+
+[cluster]
+time = "00:05:00"
+tasks-per-node = 2
+"""
+
+
+def write_spec(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based line of the first line containing ``needle`` (the test's own oracle)."""
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_expansion_is_the_product_minus_excludes(tmp_path: Path):
+    spec = load_spec(write_spec(tmp_path, MINIMAL))
+    expected = [(a, c, r) for a, c, r in itertools.product(["psgd", "liec", "memsgd"], ["none", "sign"], [2, 4])
+                if not (a == "psgd" and c == "sign")]
+    got = [(p.options["algorithm"], p.options["compressor"], p.ranks) for p in spec.points]
+    assert got == expected
+    for point in spec.points:
+        assert point.options["model"] == "mlp" and point.options["epochs"] == 1
+        assert "ranks" not in point.options
+    names = [p.name for p in spec.points]
+    assert len(set(names)) == len(names)
+    assert names[0] == "algorithm-psgd_compressor-none_ranks-2"
+
+
+def test_ranks_layout(tmp_path: Path):
+    spec = load_spec(write_spec(tmp_path, MINIMAL))
+    # tasks-per-node = 2: 2 ranks on one node, 4 ranks on two nodes
+    assert spec.cluster.layout(2) == (1, 2)
+    assert spec.cluster.layout(4) == (2, 2)
+
+
+def test_include_adds_points(tmp_path: Path):
+    text = MINIMAL.replace('exclude = [{ algorithm = "psgd", compressor = "sign" }]',
+                           'include = [{ algorithm = "liec", compressor = "sign", ranks = 2, period = 100 }]')
+    spec = load_spec(write_spec(tmp_path, text))
+    assert len(spec.points) == 3 * 2 * 2 + 1
+    extra = spec.points[-1]
+    assert extra.options["period"] == 100 and extra.ranks == 2
+    assert "period-100" in extra.name
+
+
+def test_names_are_deterministic_and_safe():
+    name = point_name({"compressor": "topk:ratio=0.01", "algorithm": "dgc"}, ["algorithm", "compressor"])
+    assert name == point_name({"algorithm": "dgc", "compressor": "topk:ratio=0.01"}, ["algorithm", "compressor"])
+    assert re.fullmatch(r"[A-Za-z0-9._+-]+", name)
+    # values that sanitise alike stay distinct
+    assert point_name({"c": "a:b"}, ["c"]) != point_name({"c": "a-b"}, ["c"])
+
+
+@pytest.mark.parametrize("mutation, needle, message", [
+    (('time = "00:05:00"', 'time = "00:05:00"\npartitoin = "gpu"'), "partitoin", "did you mean 'partition'"),
+    (('tasks-per-node = 2', 'tasks-per-node = "two"'), "tasks-per-node", "positive integer"),
+    (('time = "00:05:00"', 'time = "five minutes"'), "time =", "Slurm time"),
+    (('epochs = 1', 'epochs = 1\nbatchsize = 3'), "batchsize", "did you mean 'batch-size'"),
+    (('epochs = 1', 'epochs = "one"'), "epochs =", "epochs"),
+    (('epochs = 1', 'epochs = 1\nout = "x"'), "out =", "run directory"),
+    (('ranks = [2, 4]', 'ranks = [0]'), "ranks =", "positive integer"),
+    (('[cluster]', '[clusters]'), "[clusters]", "unknown key 'clusters'"),
+    (('tasks-per-node = 2', 'tasks-per-node = 2\nlauncher = "mpiexec"'), "launcher", "srun"),
+    (('tasks-per-node = 2', 'tasks-per-node = 2\n[cluster.env]\n"NCCL-X" = 1'), "NCCL-X", "shell variable"),
+    (('exclude = [{ algorithm = "psgd", compressor = "sign" }]', 'exclude = [{ algoritm = "psgd" }]'),
+     "exclude", "algoritm"),
+])
+def test_errors_name_file_line_and_key(tmp_path: Path, mutation, needle, message):
+    text = MINIMAL.replace(*mutation)
+    assert text != MINIMAL
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    error = str(info.value)
+    assert error.startswith(f"{path}:{line_of(text, needle)}:"), error
+    assert message in error
+
+
+def test_toml_syntax_error_names_the_line(tmp_path: Path):
+    text = MINIMAL.replace("epochs = 1", "epochs = = 1")
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}:{line_of(text, 'epochs = = 1')}: not valid TOML")
+
+
+def test_every_point_excluded_is_an_error(tmp_path: Path):
+    text = MINIMAL.replace('exclude = [{ algorithm = "psgd", compressor = "sign" }]',
+                           'exclude = [{ ranks = 2 }, { ranks = 4 }]')
+    with pytest.raises(SpecError, match="empty"):
+        load_spec(write_spec(tmp_path, text))
+
+
+def test_find_line_handles_headers_dotted_and_quoted_keys():
+    text = '[a]\nx = 1\n[b.env]\n"Y" = 2\n[c]\nb.env.Z = 3\n'
+    assert find_line(text, ("a",), "x") == 2
+    assert find_line(text, ("b", "env"), "Y") == 4
+    assert find_line(text, ("c", "b", "env"), "Z") == 6
+    assert find_line(text, ("b", "env"), None) == 3
+
+
+def test_fallback_list_names_the_options_of_the_brief():
+    for name in ("model", "dataset", "data-dir", "algorithm", "compressor", "down-compressor",
+                 "epochs", "steps", "batch-size", "lr", "momentum", "weight-decay", "seed",
+                 "checkpoint-every", "quiet"):
+        assert name in FALLBACK_TRAIN_OPTIONS
+
+
+def test_train_options_follow_the_real_command_when_it_imports():
+    options = train_options()
+    try:
+        from hvdcomp.cli.train import command
+    except ImportError:
+        assert options.source.startswith("fallback")
+        return
+    assert options.source == "hvdcomp.cli.train"
+    longs = {o[2:] for p in command.params for o in getattr(p, "opts", []) if o.startswith("--")}
+    assert set(options.options) == longs
+
+
+def test_train_arguments_are_sorted_and_flags_have_no_value(tmp_path: Path):
+    text = MINIMAL.replace("epochs = 1", "epochs = 1\nquiet = true\nlr = 0.1")
+    spec = load_spec(write_spec(tmp_path, text))
+    args = train_arguments(spec.points[0], spec.train_options)
+    flags = [a for a in args if a.startswith("--")]
+    assert flags == sorted(flags)
+    assert "--quiet" in args and args[args.index("--lr") + 1] == "0.1"
+    assert "--out" not in args
+
+
+def render_text(tmp_path: Path, text: str, point: int = 0) -> str:
+    spec = load_spec(write_spec(tmp_path, text))
+    paths = slurmjobs.SweepPaths(tmp_path / "sweep")
+    return slurmjobs.render(spec, paths, write=False, workdir=tmp_path)[point].text
+
+
+def test_rendered_script_for_srun(tmp_path: Path):
+    text = render_text(tmp_path, MINIMAL)
+    assert text.startswith("#!/bin/bash\n")
+    assert "#SBATCH --ntasks=2\n" in text and "#SBATCH --time=00:05:00\n" in text
+    assert "srun --mpi=pmix --ntasks=2" in text
+    assert f"RUN_DIR={tmp_path / 'sweep' / 'runs' / 'algorithm-psgd_compressor-none_ranks-2'}" in text
+    assert "#SBATCH --requeue" in text and "#SBATCH --overcommit" not in text
+    assert "--algorithm psgd" in text and "--compressor none" in text
+    bash_n = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
+    assert bash_n.returncode == 0, bash_n.stderr
+
+
+def test_rendered_script_for_mpirun_overcommit_gpus_env(tmp_path: Path):
+    text = MINIMAL.replace('tasks-per-node = 2', '''tasks-per-node = 4
+cpus-per-node = 2
+launcher = "mpirun"
+gpus-per-node = 4
+modules = ["openmpi/4.1"]
+
+[cluster.env]
+NCCL_DEBUG = "WARN"
+HOROVOD_FUSION_THRESHOLD = 67108864''')
+    script = render_text(tmp_path, text, point=1)  # ranks = 4 on one node of 2 CPUs
+    assert "#SBATCH --overcommit" in script
+    assert "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1" in script
+    assert "mpirun -np 4" in script and "--oversubscribe" in script
+    assert "-x NCCL_DEBUG" in script and "export HOROVOD_FUSION_THRESHOLD=67108864" in script
+    assert "#SBATCH --gpus-per-node=4" in script and "CUDA_VISIBLE_DEVICES" in script
+    assert "module load openmpi/4.1" in script
+    bash_n = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert bash_n.returncode == 0, bash_n.stderr
+
+
+def test_gpu_binding_picks_one_gpu_per_local_rank(tmp_path: Path):
+    """Run the rendered binding wrapper: local rank 1 of GPUs "4,5" must see GPU 5 only."""
+    text = MINIMAL.replace('tasks-per-node = 2', 'tasks-per-node = 2\ngpus-per-node = 2')
+    script = render_text(tmp_path, text)
+    start = script.index("BIND=(bash -c")
+    bind = script[start:script.index("bind-gpu)", start) + len("bind-gpu)")]
+    probe = bind + '\n"${BIND[@]}" bash -c \'echo "$CUDA_VISIBLE_DEVICES"\'\n'
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "4,5"})
+    assert out.stdout.strip() == "5", out.stderr
+
+
+def test_rendering_is_deterministic(tmp_path: Path):
+    assert render_text(tmp_path, MINIMAL) == render_text(tmp_path, MINIMAL)
+
+
+@pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[p.name for p in SHIPPED_SPECS])
+def test_shipped_specs_load_and_render(spec_path: Path, tmp_path: Path):
+    spec = load_spec(spec_path)
+    assert spec.points
+    scripts = slurmjobs.render(spec, slurmjobs.SweepPaths(tmp_path), write=True, workdir=REPO)
+    assert sorted(p.name for p in (tmp_path / "scripts").iterdir()) == sorted(
+        f"{p.name}.sbatch" for p in spec.points)
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script.path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.path}: {result.stderr}"
+
+
+def test_smoke_spec_is_small():
+    spec = load_spec(REPO / "jobs" / "smoke-digits.toml")
+    assert {p.ranks for p in spec.points} == {2}
+    assert {(p.options["algorithm"], p.options["compressor"]) for p in spec.points} == {
+        ("psgd", "none"), ("liec", "sign")}
+    assert all(p.options["dataset"] == "digits" and p.options["model"] == "mlp"
+               and p.options["epochs"] == 1 for p in spec.points)
+
+
+def test_cli_render_and_bad_spec(tmp_path: Path):
+    runner = CliRunner()
+    spec = write_spec(tmp_path, MINIMAL)
+    result = runner.invoke(cli, ["slurm", "render", str(spec), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("#!/bin/bash") == 10
+    assert not (tmp_path / "o").exists()
+    result = runner.invoke(cli, ["slurm", "render", str(spec), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "o" / "scripts").glob("*.sbatch"))) == 10
+
+    bad = write_spec(tmp_path, MINIMAL.replace("epochs = 1", "epoch = 1"), "bad.toml")
+    result = runner.invoke(cli, ["slurm", "render", str(bad)])
+    assert result.exit_code == 2
+    assert f"{bad}:{line_of(MINIMAL, 'epochs = 1')}:" in result.output and "'epoch'" in result.output
+
+
+def test_submit_without_sbatch_leaves_no_record(tmp_path: Path, monkeypatch):
+    """No sbatch on PATH: one clear message, no job record (a real missing binary, not a mock)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    spec = write_spec(tmp_path, MINIMAL)
+    result = CliRunner().invoke(cli, ["slurm", "submit", str(spec), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "sbatch not found on PATH" in result.output
+    assert list((tmp_path / "o" / "jobs").iterdir()) == []
