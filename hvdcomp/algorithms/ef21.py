@@ -114,8 +114,8 @@ class EF21W(EF21):
         self.smoothness = [float(v) for v in smoothness]
         self.weights = ef21w_weights(self.smoothness)
         if rank is None or not 0 <= int(rank) < len(self.smoothness):
-            raise ValueError(f"ef21w needs rank=<this worker's index> in [0, {len(self.smoothness)}), "
-                             f"got {rank!r}")
+            raise ValueError(f"ef21w needs rank=<this worker's index> in "
+                             f"[0, {len(self.smoothness)}), got {rank!r}")
         self.rank = int(rank)
         # n·w_i: the factor between the paper's g_i and what the uniform mean needs.
         self.scale = len(self.weights) * self.weights[self.rank]
@@ -165,12 +165,13 @@ class EF21SGDM(EF21):
 
 
 class EF21BC(Algorithm):
-    """EF21-BC (EF21 with Bells & Whistles, §"bidirectional compression"): both directions compressed.
+    """EF21-BC (EF21 with Bells & Whistles, bidirectional compression): both directions compressed.
 
     Paper::
 
         workers: c_i^t = C_w(∇f_i(x^{t+1}) − g̃_i^t);  g̃_i^{t+1} = g̃_i^t + c_i^t
-        master:  g̃^{t+1} = (1/n) Σ_i g̃_i^{t+1};  b^{t+1} = C_M(g̃^{t+1} − g^t);  g^{t+1} = g^t + b^{t+1}
+        master:  g̃^{t+1} = (1/n) Σ_i g̃_i^{t+1};  b^{t+1} = C_M(g̃^{t+1} − g^t);
+                 g^{t+1} = g^t + b^{t+1}  (broadcast b^{t+1})
         all:     x^{t+1} = x^t − γ g^t
 
     On the sharded server, rank j plays the master for chunk j: it keeps g̃ and g of that chunk

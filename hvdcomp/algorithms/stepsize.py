@@ -124,6 +124,7 @@ def logistic_smoothness(features, regulariser: float = 0.0) -> float:
 
     a = torch.as_tensor(features, dtype=torch.float64)
     if a.dim() != 2 or a.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty (samples, dim) matrix, got {tuple(a.shape)}")
+        raise ValueError(f"features must be a non-empty (samples, dim) matrix, got "
+                         f"{tuple(a.shape)}")
     top = torch.linalg.eigvalsh(a.T @ a)[-1].item()
     return top / (4.0 * a.shape[0]) + 2.0 * float(regulariser)
