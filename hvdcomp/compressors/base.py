@@ -55,6 +55,11 @@ class Compressor(abc.ABC):
         payload = self.compress(x, seed)
         return payload, self.decompress(payload, x.numel(), x.dtype, seed)
 
+    def wire_dtype(self, dtype: torch.dtype = torch.float32) -> torch.dtype:
+        """For a linear compressor: the dtype to view its payload as when an allreduce sums
+        payloads (``payload.view(wire_dtype)``).  Non-linear compressors raise."""
+        raise TypeError(f"{self.name} is not linear: its payloads cannot be summed")
+
     def config(self) -> Dict[str, Any]:
         """Name and parameters; ranks compare these before the first exchange."""
         params = {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -71,12 +76,92 @@ class Compressor(abc.ABC):
         return f"<{type(self).__name__} {self.spec()}>"
 
 
-def check_finite(x: torch.Tensor, what: str = "gradient") -> None:
-    """Refuse NaN/Inf instead of spreading them through every rank's error buffers."""
-    if x.numel() and not bool(torch.isfinite(x).all()):
+# --- finiteness -------------------------------------------------------------------------------
+#
+# A NaN or Inf that enters a compressor ends up in every rank's error-feedback buffers and never
+# leaves, so compressors refuse it.  Reading a verdict back from a CUDA tensor synchronises the host
+# with the device, which stalls the backward pass; the mode below lets a run choose:
+#
+#   "always"   (default) check every compressed tensor at once; on CUDA this costs one sync per
+#              call (on CPU nothing: there is no device to wait for).
+#   "deferred" CUDA tensors add their count of non-finite elements to a device-side counter
+#              (no sync); call :func:`raise_if_nonfinite` once per step, where the caller syncs
+#              anyway (after the optimizer step).  CPU tensors are still checked at once.
+#   "off"      no check; a NaN spreads.  For benchmarks only.
+#
+# Compressors pass a ``summary``: a reduction they compute anyway (an L1 or L2 norm) that is
+# non-finite whenever ``x`` has a non-finite element, so the check reads one number instead of
+# making another pass over ``x``.
+FINITE_CHECK_MODES = ("always", "deferred", "off")
+_finite_check_mode = "always"
+_deferred_nonfinite: Dict[torch.device, torch.Tensor] = {}
+
+
+def set_finite_check(mode: str) -> str:
+    """Select how compressors check for NaN/Inf (see the comment above); returns the old mode."""
+    global _finite_check_mode
+    if mode not in FINITE_CHECK_MODES:
+        raise ValueError(f"finite check mode must be one of {', '.join(FINITE_CHECK_MODES)}, "
+                         f"got {mode!r}")
+    old, _finite_check_mode = _finite_check_mode, mode
+    return old
+
+
+def finite_check_mode() -> str:
+    return _finite_check_mode
+
+
+def raise_if_nonfinite(what: str = "gradient") -> None:
+    """In ``"deferred"`` mode: raise CompressionError if any tensor checked since the last call
+    had a NaN/Inf.  Reads one number per device (one sync); resets the counters."""
+    pending = list(_deferred_nonfinite.items())
+    _deferred_nonfinite.clear()
+    bad = sum(int(count) for _, count in pending)
+    if bad:
         raise CompressionError(
-            f"{what} contains NaN or Inf ({int((~torch.isfinite(x)).sum())} of {x.numel()} "
-            "elements); lower the learning rate or enable gradient clipping")
+            f"{what} contained NaN or Inf ({bad} elements since the last check); lower the "
+            "learning rate or enable gradient clipping")
+
+
+def check_finite(x: torch.Tensor, what: str = "gradient",
+                 summary: "torch.Tensor | None" = None) -> None:
+    """Refuse NaN/Inf instead of spreading them through every rank's error buffers.
+
+    ``summary``: optional tensor computed from ``x`` (a norm, a sum) that is non-finite whenever
+    ``x`` is; the check then reads ``summary`` instead of scanning ``x``.  A summary can also be
+    non-finite when a finite ``x`` overflows it (|x| beyond ~1e19 for an fp32 L2 norm): such a
+    tensor could not travel either, because its scale would be Inf on the wire."""
+    if not x.numel() or _finite_check_mode == "off":
+        return
+    probe = summary if summary is not None else x
+    if _finite_check_mode == "deferred" and probe.device.type != "cpu":
+        count = (~torch.isfinite(probe)).sum()
+        previous = _deferred_nonfinite.get(probe.device)
+        _deferred_nonfinite[probe.device] = count if previous is None else previous + count
+        return
+    if not bool(torch.isfinite(probe).all()):
+        nonfinite = int((~torch.isfinite(x)).sum())
+        detail = (f"{nonfinite} of {x.numel()} elements" if nonfinite
+                  else "finite values too large for the wire format")
+        raise CompressionError(
+            f"{what} contains NaN or Inf ({detail}); lower the learning rate or enable "
+            "gradient clipping")
+
+
+# --- payload bytes -------------------------------------------------------------------------------
+def read_field(payload: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` elements of ``dtype`` stored at byte ``offset`` of the ``uint8`` ``payload``.
+
+    A payload may start at any byte of a packed buffer, and ``Tensor.view(dtype)`` needs the
+    storage offset to be a multiple of the item size; misaligned fields are copied (a few bytes
+    for scales, the whole field otherwise), aligned ones are viewed without a copy."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = payload[offset:offset + count * itemsize]
+    if raw.numel() != count * itemsize:
+        raise CompressionError(f"payload too short: field of {count} x {dtype} at byte {offset}")
+    if itemsize > 1 and (raw.storage_offset() % itemsize or raw.data_ptr() % itemsize):
+        raw = raw.clone()
+    return raw.view(dtype)
 
 
 def pack_payloads(payloads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""Scaled sign compressors: ``sign`` (SignSGD with a scale) and ``blocksign`` (Blockwise-SignSGD).
+
+C(x) = (‖x‖₁ / d) · sign(x)  (Karimireddy et al., "Error Feedback Fixes SignSGD and other Gradient
+Compression Schemes", ICML 2019, eq. (4) with the scale of their Lemma 8); LIEC-SGD's released code
+applies it per block of parameters (research notes §1.3).
+
+Contraction.  With s = ‖x‖₁/d and sign(x)ᵢ ∈ {±1}:
+    ‖C(x) − x‖² = ‖x‖² − 2s·⟨sign(x), x⟩ + s²·d = ‖x‖² − ‖x‖₁²/d,
+so δ(x) = ‖x‖₁² / (d·‖x‖²) ∈ [1/d, 1] (exactly, up to the fp32 rounding of s).  Per block b of
+d_b elements the same holds block by block: ‖C(x) − x‖² = Σ_b (‖x_b‖² − ‖x_b‖₁²/d_b), hence
+δ(x) = Σ_b ‖x_b‖₁²/d_b / ‖x‖² ≥ min_b δ(x_b) ≥ 1/block.
+
+Zeros.  An element equal to 0 (or −0.0) is sent with sign +1: the bit is ``x >= 0``.  Any choice
+gives the same ⟨sign(x), x⟩ = ‖x‖₁ and so the same error; what matters for error feedback is
+that the sender uses the decoded C(x) (``roundtrip``), which it does.  A zero scale (an all-zero
+tensor or block) decodes to exact zeros, so the error of an all-zero input is exactly zero.
+
+Wire format (little-endian), all fields of a payload back to back:
+    sign:      [scale: fp32][bits: ceil(d/8) bytes]            -> 4 + ceil(d/8) bytes
+    blocksign: [scales: fp32 × ceil(d/block)][bits]            -> 4·ceil(d/block) + ceil(d/8)
+Bit 7−i of byte q (MSB first, as numpy.packbits) is the sign of element 8q+i (1 = non-negative).  Empty chunks send 0 bytes.
+
+Cost: compress is an L1 norm (one read of x), one comparison (read x, write d bytes) and the bit
+packing; decompress unpacks the bits and writes ±scale once per element (blocksign adds one
+in-place multiply by the block scales).  All passes are memory passes; on CPU the packing and
+unpacking go through numpy (see :mod:`.bitpack`), on CUDA through torch ops.  Measured in
+docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import bitpack
+from ._wire import (Layout, check_int, check_out_dtype, check_payload, compute_dtype,
+                    flat_input)
+from .base import Compressor, check_finite
+from .registry import register
+
+
+@register("sign")
+class Sign(Compressor):
+    """Scaled sign over the whole chunk: C(x) = (‖x‖₁/d)·sign(x), sign(0) = +1.
+
+    Bytes: 4 + ceil(d/8) (one fp32 scale, 1 bit per element); 0 when d = 0.
+    δ(x) = ‖x‖₁²/(d‖x‖²) ≥ 1/d, with equality of the error formula (not just a bound).
+    Not linear (the sum of two payloads is not a payload of the sum)."""
+
+    def _layout(self, numel: int) -> Layout:
+        return Layout([("scale", torch.float32, 1),
+                       ("bits", torch.uint8, bitpack.packed_nbytes(numel))])
+
+    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
+        return self._layout(numel).nbytes if numel else 0
+
+    def compress(self, x, seed=0):
+        x = flat_input(x, self.name)
+        numel = x.numel()
+        if not numel:
+            return torch.empty(0, dtype=torch.uint8, device=x.device)
+        layout = self._layout(numel)
+        payload = layout.allocate(x.device)
+        l1 = torch.linalg.vector_norm(x, 1, dtype=compute_dtype(x.dtype))
+        check_finite(x, summary=l1)
+        layout.view(payload, "scale").copy_(l1 / numel)
+        bitpack.pack_signs(x, layout.view(payload, "bits"))
+        return payload
+
+    def decompress(self, payload, numel, dtype=torch.float32, seed=0):
+        check_out_dtype(dtype, self.name)
+        check_payload(payload, self.payload_nbytes(numel), self.name, numel)
+        if not numel:
+            return torch.empty(0, dtype=dtype, device=payload.device)
+        layout = self._layout(numel)
+        scale = layout.read(payload, "scale")[0]
+        return bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype, scale)
+
+
+@register("blocksign")
+class BlockSign(Compressor):
+    """Scaled sign per block of ``block`` elements (Blockwise-SignSGD, LIEC-SGD §1.3): block b
+    gets its own scale ‖x_b‖₁/d_b; the last block may be shorter (d_b = d mod block).
+
+    Bytes: 4·ceil(d/block) + ceil(d/8); 0 when d = 0.
+    δ(x) = Σ_b ‖x_b‖₁²/d_b / ‖x‖² ≥ 1/block (exact error formula as for ``sign``).
+    ``block`` in [1, 2^31).  With the exchange's 64-element chunk alignment, a block that divides
+    64 (or a multiple of 64) never straddles two ranks' chunks."""
+
+    def __init__(self, block: int = 1024):
+        self.block = check_int("blocksign", "block", block, 1, (1 << 31) - 1)
+
+    def _layout(self, numel: int) -> Layout:
+        return Layout([("scales", torch.float32, -(-numel // self.block)),
+                       ("bits", torch.uint8, bitpack.packed_nbytes(numel))])
+
+    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
+        return self._layout(numel).nbytes if numel else 0
+
+    def compress(self, x, seed=0):
+        x = flat_input(x, self.name)
+        numel = x.numel()
+        if not numel:
+            return torch.empty(0, dtype=torch.uint8, device=x.device)
+        layout = self._layout(numel)
+        payload = layout.allocate(x.device)
+        scales = layout.view(payload, "scales")
+        full_blocks, tail = divmod(numel, self.block)
+        acc = compute_dtype(x.dtype)
+        if full_blocks:
+            body = x[:full_blocks * self.block].view(full_blocks, self.block)
+            l1 = torch.linalg.vector_norm(body, 1, dim=1, dtype=acc)
+            scales[:full_blocks].copy_(l1 / self.block)
+        if tail:
+            l1_tail = torch.linalg.vector_norm(x[full_blocks * self.block:], 1, dtype=acc)
+            scales[full_blocks].copy_(l1_tail / tail)
+        # The fp32 scales are non-finite whenever a block holds NaN/Inf: check them, not x.
+        check_finite(x, summary=scales)
+        bitpack.pack_signs(x, layout.view(payload, "bits"))
+        return payload
+
+    def decompress(self, payload, numel, dtype=torch.float32, seed=0):
+        check_out_dtype(dtype, self.name)
+        check_payload(payload, self.payload_nbytes(numel), self.name, numel)
+        if not numel:
+            return torch.empty(0, dtype=dtype, device=payload.device)
+        layout = self._layout(numel)
+        scales = layout.read(payload, "scales").to(dtype)
+        out = bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype)
+        full_blocks, tail = divmod(numel, self.block)
+        if full_blocks:
+            out[:full_blocks * self.block].view(full_blocks, self.block).mul_(
+                scales[:full_blocks].unsqueeze(1))
+        if tail:
+            out[full_blocks * self.block:].mul_(scales[full_blocks])
+        return out
