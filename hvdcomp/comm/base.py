@@ -113,3 +113,10 @@ def check_splits(tensor: torch.Tensor, splits: Sequence[int], size: int) -> list
         raise ValueError(f"alltoall splits {splits} must be non-negative and sum to the first "
                          f"dimension of the tensor ({tensor.shape[0]})")
     return splits
+
+
+def scale_like_horovod(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """``tensor · factor`` in place, in the tensor's own dtype, as Horovod applies its post-scale
+    factor (``Average`` = sum, then · 1/size; checked on 3 MPI ranks: float64 and float32 results
+    equal ``sum * (1/3)`` computed this way, and differ from ``sum / 3``)."""
+    return tensor.mul_(factor)

@@ -13,11 +13,12 @@ tensor arithmetic, runs are deterministic and fast, and a test can look at every
 Determinism: a collective completes when all N workers have posted it (pairing is by name, then by
 how many times each worker has used that name, as Horovod pairs by name); its result is computed
 once, from the contributions in rank order: ``allreduce`` sums rank 0 + rank 1 + ... and, for
-``"average"``, multiplies by ``1/N`` in float64 and rounds back, which is what Horovod's ``Average``
-does (its post-scale factor is a double). Nothing depends on thread timing.
+``"average"``, multiplies by ``1/N`` in the tensor's dtype, which is how Horovod's ``Average``
+scales. (MPI may sum in another order; results agree bit for bit only where the sum is exact or
+the order happens to match.) Nothing depends on thread timing.
 
 No hangs: a worker that raises aborts the world, and every worker waiting on (or later posting) a
-collective raises :class:`WorkerFailed`; :func:`simulate` then re-raises the first original
+collective raises :class:`WorkerFailed`; :func:`simulate` then re-raises the lowest rank's own
 exception. A worker that returns while others wait on a collective it never posted, a collective
 posted with different shapes or kinds on different ranks, and a wait longer than ``timeout`` raise
 a clear error on every worker too.
@@ -26,11 +27,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .base import Communicator, Handle, check_op, check_splits
+from .base import Communicator, Handle, check_op, check_splits, scale_like_horovod
 
 #: dtypes ``allreduce`` accepts, on the simulator and on Horovod alike
 REDUCIBLE_DTYPES = (torch.float16, torch.float32, torch.float64)
@@ -145,7 +146,7 @@ class SimWorld:
             for t in tensors[1:]:  # rank order: the result never depends on thread timing
                 total.add_(t)
             if metas[0][1] == "average":
-                total = (total.to(torch.float64) * (1.0 / n)).to(total.dtype)
+                total = scale_like_horovod(total, 1.0 / n)
             return [total.clone() for _ in range(n)]
         if kind == "allgather":
             if len({tuple(t.shape[1:]) for t in tensors}) != 1:
@@ -204,7 +205,8 @@ def simulate(n: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0,
     in its own thread; return the results in rank order.
 
     If any worker raises, every other worker raises :class:`WorkerFailed` at its next collective
-    and ``simulate`` re-raises the first failing worker's exception (with its rank in a note)."""
+    and ``simulate`` re-raises the exception of the lowest rank that raised one of its own (with
+    its rank in a note), so the same failure is reported whatever the thread timing."""
     world = SimWorld(n, timeout)
     results: List[Any] = [None] * n
     errors: List[Optional[BaseException]] = [None] * n
@@ -224,8 +226,13 @@ def simulate(n: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0,
         thread.start()
     for thread in threads:
         thread.join()
-    if world.failure is not None:
-        rank, exc = world.failure
+    failed = [rank for rank in range(n) if errors[rank] is not None]
+    if failed:
+        # Deterministic choice: the lowest rank whose exception is its own (not a WorkerFailed
+        # caused by another worker), else the lowest rank that failed.
+        original = [rank for rank in failed if not isinstance(errors[rank], WorkerFailed)]
+        rank = (original or failed)[0]
+        exc = errors[rank]
         if hasattr(exc, "add_note"):
             exc.add_note(f"(raised by simulated worker {rank} of {n})")
         raise exc
