@@ -6,15 +6,12 @@ heavy imports (torch, horovod) happen inside the commands so ``hvdcomp --help`` 
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 import click
 
 from hvdcomp import __version__
-
-# (module, name) pairs; a module that is missing is simply not offered.
-SUBCOMMANDS = ["doctor", "train", "bench", "slurm", "collect"]
+from hvdcomp.cli import bench, collect, doctor, slurm, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,18 +20,14 @@ def cli() -> None:
     """Bidirectional gradient compression with error feedback for Horovod (PyTorch)."""
 
 
-for _name in SUBCOMMANDS:
-    try:
-        _module = importlib.import_module(f"hvdcomp.cli.{_name}")
-    except ModuleNotFoundError as exc:  # only our own module may be missing, never a dependency
-        if exc.name != f"hvdcomp.cli.{_name}":
-            raise
-        continue
+for _module in (doctor, train, bench, slurm, collect):
     cli.add_command(_module.command)
 
 
 def main() -> None:
     # Click's standalone mode turns UsageError into exit code 2 and a one-line message.
     sys.exit(cli.main(prog_name="hvdcomp"))
+
+
 if __name__ == "__main__":
     main()

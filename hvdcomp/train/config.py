@@ -51,7 +51,7 @@ class TrainConfig:
     algorithm_options: Dict[str, Any] = field(default_factory=dict)
     bucket_bytes: int = 64 << 20
     # optimisation
-    epochs: int = 5
+    epochs: int = 10
     steps: Optional[int] = None  # when set, overrides epochs
     batch_size: int = 32  # per worker
     lr: float = 0.05
@@ -183,14 +183,23 @@ def parse_checkpoint_every(text: str) -> Tuple[int, str]:
 
 
 def parse_key_values(items) -> Dict[str, Any]:
-    """``["beta=0.9", "warmup=4"]`` -> {"beta": 0.9, "warmup": 4} (ints, floats, bools, strings)."""
+    """``["eta=0.5", "smoothness=[1,2]"]`` -> {"eta": 0.5, "smoothness": [1, 2]}: ints, floats,
+    booleans, JSON lists, else strings."""
+    import json
     from hvdcomp.compressors.registry import _parse_value
     out: Dict[str, Any] = {}
     for item in items:
         key, eq, value = str(item).partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--algorithm-option {item!r}: expected key=value")
-        out[key.strip()] = _parse_value(value.strip())
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                out[key.strip()] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--algorithm-option {item!r}: not a JSON list ({exc})") from None
+        else:
+            out[key.strip()] = _parse_value(value)
     return out
 
 

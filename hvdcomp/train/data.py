@@ -30,7 +30,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -190,6 +190,9 @@ def _dataset_files(name: str, data_dir: Optional[str]) -> Path:
         raise DataError(f"dataset {name!r} needs --data-dir: a directory holding {expected} "
                         "(nothing is downloaded)")
     root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root} is not a directory; it must hold {expected} "
+                        "(nothing is downloaded)")
     candidates = [root, root / folder]
     for base in candidates:
         if all((base / item).exists() for item in required):

@@ -208,3 +208,9 @@ def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Modu
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def needs_images(name: str) -> bool:
+    """Whether the model takes (C, H, W) images rather than flat feature vectors."""
+    key = check_model_name(name)
+    return key not in ("mlp", "logreg")

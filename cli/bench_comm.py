@@ -1,0 +1,180 @@
+"""``hvdcomp bench comm``: time of one compressed exchange against Horovod's allreduces.
+
+Runs inside ranks (``mpirun -np 2 hvdcomp bench comm ...``); rank 0 prints. With ``--link RATE``
+it is a launcher instead: it builds a two-namespace emulated cluster (:mod:`hvdcomp.netns`), runs
+``mpirun ... hvdcomp bench comm <same options>`` across it and removes it afterwards. The
+measuring lives in :mod:`hvdcomp.bench.comm`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import click
+
+LINK_HELP = ("Launch 2 ranks across an emulated link of this rate (e.g. 1gbit, 100mbit, or "
+             "'unshaped'): two network namespaces joined by a veth shaped with tc tbf. Root only; "
+             "needs ip, tc, mpirun, unshare.")
+
+
+# --- shared with cli/bench_train.py ---------------------------------------------------------------
+def split_list(text: str) -> List[str]:
+    from hvdcomp.bench.compressors import parse_spec_list
+    return parse_spec_list(text)
+
+
+def parse_sizes_option(text: str) -> List[float]:
+    from hvdcomp.bench.compressors import parse_sizes
+    try:
+        return parse_sizes(text)
+    except ValueError as exc:
+        raise click.UsageError(f"--sizes: {exc}")
+
+
+def relaunch_over_link(link: str, subcommand: Sequence[str], options: Dict[str, object]) -> None:
+    """Run ``hvdcomp bench <subcommand> <options>`` in 2 ranks across an emulated link and exit
+    with mpirun's exit code; click.UsageError (exit 2) when the link cannot be built here."""
+    from hvdcomp import netns
+
+    try:
+        netns.parse_rate(link)
+        netns.check_can_emulate()
+    except (ValueError, netns.LinkError) as exc:
+        raise click.UsageError(f"--link: {exc}")
+    argv = [sys.executable, "-m", "hvdcomp.cli.main", "bench", *subcommand]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        argv += [flag] if value is True else [flag, str(value)]
+    env = dict(os.environ)
+    # one rank per "node" on a shared machine: do not let each rank take every core
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HOROVOD_LOG_LEVEL", "warning")
+    try:
+        code = netns.run_across_link(link, argv, env=env)
+    except netns.LinkError as exc:
+        raise click.ClickException(f"--link {link}: {exc}")
+    sys.exit(code)
+
+
+def init_horovod():
+    try:
+        import horovod.torch as hvd
+    except Exception as exc:  # noqa: BLE001 - a Horovod built against another torch raises anything
+        raise click.ClickException(f"horovod.torch does not import ({exc}); run scripts/setup.sh")
+    hvd.init()
+    return hvd
+
+
+def emit(payload: Dict[str, object], as_json: bool, out: Optional[str], table) -> None:
+    """Rank 0's output: JSON or a rich table on stdout, and the JSON in ``out`` if given."""
+    text = json.dumps(payload, indent=2)
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text + "\n")
+    if as_json:
+        click.echo(text)
+    else:
+        from rich.console import Console
+        console = Console()
+        if not os.environ.get("COLUMNS") and (not console.is_terminal
+                                              or "OMPI_COMM_WORLD_RANK" in os.environ):
+            # under mpirun stdout is a pipe or an 80-column pty: do not squeeze the table
+            console = Console(width=180)
+        console.print(table())
+
+
+# --- the command -------------------------------------------------------------------------------
+@click.command("comm")
+@click.option("--sizes", default="1,4,16,64,256", show_default=True,
+              help="Comma-separated fp32 buffer sizes in MiB.")
+@click.option("--algorithms", default="liec,doublesqueeze,memsgd", show_default=True,
+              help="Comma-separated algorithms (hvdcomp.algorithms), or 'none' for baselines only.")
+@click.option("--compressors", default="sign,topk:ratio=0.01", show_default=True,
+              help="Comma-separated uplink compressor specs (a key=value after a comma continues "
+                   "the previous spec); the downlink uses the same unless the algorithm sends it "
+                   "dense.")
+@click.option("--patterns", default="two_phase,allgather", show_default=True,
+              help="Comma-separated exchange patterns: two_phase, allgather, allreduce.")
+@click.option("--baselines", default="horovod,horovod-fp16", show_default=True,
+              help="Comma-separated Horovod baselines (horovod, horovod-fp16), or 'none'.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Untimed rounds per row.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed rounds per row (median, min, max reported).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the buffers.")
+@click.option("--iface", default="mpi0", show_default=True,
+              help="Network interface whose tx counter is reported, when it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the JSON to this file.")
+@click.option("--link", default=None, help=LINK_HELP)
+def command(sizes, algorithms, compressors, patterns, baselines, warmup, repeats, seed, iface,
+            as_json, out, link):
+    """Time, algbw/busbw and bytes per rank of one exchange per algorithm × compressor × pattern,
+    beside Horovod's allreduce and fp16 allreduce. Run under mpirun, or with --link."""
+    from hvdcomp.bench import comm as bench
+
+    size_list = parse_sizes_option(sizes)
+    none = lambda text: [] if text.strip().lower() == "none" else split_list(text)  # noqa: E731
+    try:
+        methods = bench.plan_methods(none(algorithms), none(compressors) or ["none"],
+                                     split_list(patterns), none(baselines))
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    if not methods:
+        raise click.UsageError("nothing to measure: give --algorithms or --baselines")
+    if link is not None:
+        relaunch_over_link(link, ["comm"], dict(
+            sizes=sizes, algorithms=algorithms, compressors=compressors, patterns=patterns,
+            baselines=baselines, warmup=warmup, repeats=repeats, seed=seed, iface=iface,
+            json=as_json, out=os.path.abspath(out) if out else None))
+
+    hvd = init_horovod()
+    if hvd.size() < 2 and hvd.rank() == 0:
+        click.echo("warning: 1 rank, nothing crosses a link; run under `mpirun -np 2` or with "
+                   "--link", err=True)
+    info = bench.run_info(hvd)
+    status = _progress(hvd.rank() == 0 and not as_json)
+    results = bench.bench_comm(hvd, size_list, methods, warmup=warmup, repeats=repeats,
+                               seed=seed, iface=iface, progress=status)
+    info["loadavg_end"] = list(os.getloadavg())
+    if hvd.rank() == 0:
+        payload = {**info, "warmup": warmup, "repeats": repeats,
+                   "results": [r.as_dict() for r in results]}
+        emit(payload, as_json, out, lambda: comm_table(payload))
+    hvd.shutdown()
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return lambda message: None
+    return lambda message: click.echo(f"  measuring {message}", err=True)
+
+
+def comm_table(payload: Dict[str, object]):
+    """The rich table of a ``bench comm`` JSON document (also used by the docs)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    link = payload.get("link") or "no emulated link"
+    table = Table(title=f"exchange of one buffer, {payload['world_size']} ranks, link: {link} "
+                        f"(median of {payload['repeats']}; bytes per rank per round)")
+    for name in ("method", "MiB", "time ms", "min–max ms", "algbw GB/s", "busbw GB/s",
+                 "vs horovod", "up B", "down B", "formula up/down B", "bytes"):
+        table.add_column(name, justify="left" if name in ("method", "bytes") else "right")
+    for r in payload["results"]:
+        speedup = r.get("speedup_vs_horovod")
+        table.add_row(
+            escape(r["method"]), f"{r['size_mib']:g}", f"{1e3 * r['time_median_s']:.2f}",
+            f"{1e3 * r['time_min_s']:.2f}–{1e3 * r['time_max_s']:.2f}",
+            f"{r['algbw_gbps']:.3f}", f"{r['busbw_gbps']:.3f}",
+            "" if speedup is None else f"{speedup:.1f}×",
+            f"{r['bytes_up']:,.0f}", f"{r['bytes_down']:,.0f}",
+            f"{r['formula_up']:,.0f}/{r['formula_down']:,.0f}",
+            "ok" if r["bytes_ok"] else "[red]MISS >2 %[/red]")
+    return table

@@ -1,0 +1,234 @@
+"""``hvdcomp train``: data-parallel training with any algorithm × compressor (docs/train.md).
+
+    mpirun -np 2 hvdcomp train                                   # MLP on digits, LIEC-SGD + sign
+    mpirun -np 8 hvdcomp train --model resnet18 --dataset cifar10 --data-dir /scratch/cifar \\
+           --algorithm liec --compressor sign --epochs 120 --lr 0.1 --schedule step --out runs/x
+
+Everything the user typed is validated here, on every rank, before ``hvd.init()``: a bad option
+ends every rank with exit code 2 and one line on rank 0 (the other ranks stay silent, so mpirun's
+output carries the message once).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (no usage banner), printed by rank 0 only."""
+
+    def show(self, file=None) -> None:
+        from hvdcomp.train.config import detect_launcher
+        if detect_launcher()["rank"] == 0:
+            click.echo(f"Error: {self.format_message()}", file=file, err=True)
+
+
+class TrainCommand(click.Command):
+    """Turns every usage error, Click's own (bad integer, unknown option) included, into one line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if isinstance(exc, OneLineUsageError):
+                raise
+            raise OneLineUsageError(_without_usage(exc)) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if isinstance(exc, OneLineUsageError):
+                raise
+            raise OneLineUsageError(_without_usage(exc)) from None
+
+
+def _without_usage(exc: click.UsageError) -> str:
+    return " ".join(exc.format_message().split())
+
+
+@click.command("train", cls=TrainCommand)
+@click.option("--model", default="mlp", show_default=True,
+              help="resnet18 | resnet34 (PreAct) | resnet20 | cnn | mlp | logreg | torchvision:NAME")
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits | cifar10 | cifar100 | tinyimagenet | "
+                   "synthetic[:samples=N,features=F,classes=K,seed=S]")
+@click.option("--data-dir", default=None, help="Folder holding the CIFAR / Tiny ImageNet files.")
+@click.option("--non-iid", "non_iid_alpha", type=float, default=None, metavar="ALPHA",
+              help="Non-IID shards: Dirichlet(ALPHA) label split (default: IID shards).")
+@click.option("--augment/--no-augment", default=None,
+              help="Random crop (pad 4) + flip; default on for CIFAR / Tiny ImageNet.")
+@click.option("--algorithm", default="liec", show_default=True,
+              help="psgd | memsgd | doublesqueeze | liec | ef21 | ef21w | ef21sgdm | ef21bc | dgc")
+@click.option("--compressor", default=None, metavar="SPEC",
+              help="Compressor both ways, e.g. sign, topk:ratio=0.01 (default: none for psgd, "
+                   "sign otherwise).")
+@click.option("--up", default=None, metavar="SPEC", help="Uplink compressor (overrides --compressor).")
+@click.option("--down", default=None, metavar="SPEC",
+              help="Downlink compressor (default: the uplink's).")
+@click.option("--period", type=int, default=32, show_default=True,
+              help="LIEC-SGD: exact model averaging every PERIOD steps.")
+@click.option("--algorithm-option", "algorithm_options", multiple=True, metavar="KEY=VALUE",
+              help="Extra algorithm hyperparameter (repeatable), e.g. beta=0.9.")
+@click.option("--bucket-bytes", type=int, default=64 << 20, show_default=True,
+              help="Gradient fusion bucket size.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--steps", type=int, default=None, help="Train this many steps (overrides --epochs).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker.")
+@click.option("--lr", type=float, default=0.05, show_default=True,
+              help="Peak learning rate (not scaled by the number of ranks).")
+@click.option("--momentum", type=float, default=None,
+              help="SGD momentum (default 0.9; 0 for dgc/ef21sgdm, which carry their own).")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--nesterov", is_flag=True)
+@click.option("--schedule", default="cosine", show_default=True, help="constant | step | cosine")
+@click.option("--milestones", default="0.5,0.75", show_default=True,
+              help="Step schedule: fractions of training where lr is multiplied by 0.1.")
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True,
+              help="Linear learning-rate warm-up.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default=None,
+              help="Run directory (default runs/<dataset>-<model>-<algorithm>-<compressor>-n<N>-s<seed>).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished or interrupted run in --out.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--log-every", type=int, default=10, show_default=True,
+              help="Steps between step records in metrics.jsonl.")
+@click.option("--checkpoint-every", default=None, metavar="N[epochs|steps]",
+              help="Checkpoint every N epochs ('2', '2epochs') or steps ('100steps').")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
+@click.option("--stop-after-steps", type=int, default=None, hidden=True,
+              help="Testing: exit like a crash after this many steps.")
+def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compressor, up, down,
+            period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr, momentum,
+            weight_decay, nesterov, schedule, milestones, warmup_epochs, seed, out, overwrite,
+            resume, log_every, checkpoint_every, keep_checkpoints, device, quiet,
+            stop_after_steps) -> None:
+    """Data-parallel training with compressed, error-compensated gradient exchange.
+
+    Launch with `mpirun -np N hvdcomp train ...`, `srun --mpi=pmix hvdcomp train ...`,
+    `horovodrun -np N hvdcomp train ...`, or as a single process. Writes a run directory
+    (config.json, env.json, metrics.jsonl, summary.json, checkpoints/) and prints a summary."""
+    from hvdcomp.train.config import ConfigError, TrainConfig, parse_key_values
+
+    try:
+        cfg = TrainConfig(
+            model=model, dataset=dataset, data_dir=data_dir, non_iid_alpha=non_iid_alpha,
+            augment=augment, algorithm=algorithm, up=up or compressor, down=down, period=period,
+            algorithm_options=parse_key_values(algorithm_options), bucket_bytes=bucket_bytes,
+            epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, nesterov=nesterov, schedule=schedule.strip().lower(),
+            milestones=_fractions(milestones), warmup_epochs=warmup_epochs, seed=seed, out=out,
+            log_every=log_every, checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints, device=device)
+        prepared = prepare(cfg, resume=resume, overwrite=overwrite)
+    except (ConfigError, ValueError, OSError) as exc:
+        raise OneLineUsageError(str(exc)) from None
+    if stop_after_steps is not None and stop_after_steps < 1:
+        raise OneLineUsageError("--stop-after-steps must be >= 1")
+
+    from hvdcomp.train.loop import run
+    try:
+        run(prepared.config, prepared.out_dir, prepared.launcher,
+            resume_state=prepared.resume_state, quiet=quiet, stop_after_steps=stop_after_steps)
+    except ConfigError as exc:  # found after hvd.init, identically on every rank
+        raise OneLineUsageError(str(exc)) from None
+
+
+def _fractions(text: str):
+    from hvdcomp.train.config import ConfigError
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--milestones {text!r}: expected comma-separated fractions like "
+                          "0.5,0.75") from None
+
+
+class Prepared:
+    def __init__(self, config, out_dir: Path, launcher, resume_state):
+        self.config, self.out_dir, self.launcher, self.resume_state = (config, out_dir, launcher,
+                                                                       resume_state)
+
+
+def prepare(cfg, resume: bool = False, overwrite: bool = False) -> Prepared:
+    """Validate ``cfg`` and the run directory before any rank starts (raises ConfigError,
+    ValueError or OSError with a message naming the problem and the fix)."""
+    from hvdcomp.train import checkpoint as ckpt
+    from hvdcomp.train.config import ConfigError, default_out_dir, detect_launcher, resume_mismatch
+    from hvdcomp.train.data import DataError, check_dataset, parse_dataset_spec
+    from hvdcomp.train.models import check_model_name, needs_images
+
+    cfg = cfg.resolved()
+    try:
+        cfg.model = check_model_name(cfg.model)
+        check_dataset(cfg.dataset, cfg.data_dir)
+    except (DataError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if needs_images(cfg.model) and parse_dataset_spec(cfg.dataset)[0] == "synthetic":
+        raise ConfigError(f"model {cfg.model!r} needs images; dataset 'synthetic' has feature "
+                          "vectors: use --model mlp or logreg")
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible to this process; "
+                              "use --device cpu")
+    launcher = detect_launcher()
+    from hvdcomp.train.loop import is_horovod_baseline, make_compression
+    if not is_horovod_baseline(cfg):
+        try:
+            # the algorithm checks its own hyperparameters
+            make_compression(cfg, launcher["world_size"], launcher["rank"], steps_per_epoch_=1)
+        except ImportError as exc:
+            raise ConfigError(f"algorithm {cfg.algorithm!r} needs hvdcomp's optimizer, which "
+                              f"does not import here ({exc})") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"algorithm {cfg.algorithm!r}: {exc}") from None
+
+    out_dir = Path(cfg.out or default_out_dir(cfg, launcher["world_size"]))
+    cfg.out = str(out_dir)
+    resume_state = None
+    has_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "summary.json").exists()
+    if resume:
+        latest = ckpt.latest_checkpoint(out_dir / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; the run "
+                              "must have been started with --checkpoint-every")
+        try:
+            resume_state = ckpt.load_checkpoint(latest)
+        except ckpt.CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        if resume_state["world_size"] != launcher["world_size"]:
+            raise ConfigError(f"--resume: {latest} was written by {resume_state['world_size']} "
+                              f"ranks, this run has {launcher['world_size']}; resume with "
+                              f"-np {resume_state['world_size']}")
+        differ = resume_mismatch(resume_state["config"], cfg.to_dict())
+        if differ:
+            raise ConfigError(f"--resume: options differ from the checkpointed run: "
+                              f"{', '.join(differ)}; resume with the same options")
+    elif has_run and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --out")
+    try:
+        from hvdcomp.train.results import check_writable
+        check_writable(out_dir)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to output directory {out_dir}: "
+                          f"{exc.strerror or exc}; choose another --out") from None
+    if overwrite and not resume and launcher["rank"] == 0:
+        # Old checkpoints would otherwise be taken for this run's by a later --resume
+        # (metrics.jsonl and summary.json are replaced by rank 0 when the run starts).
+        for old in ckpt.list_checkpoints(out_dir / "checkpoints"):
+            old.unlink(missing_ok=True)
+        (out_dir / "checkpoints" / "latest.pt").unlink(missing_ok=True)
+    return Prepared(cfg, out_dir, launcher, resume_state)
+
+
+def main() -> None:  # `python -m hvdcomp.cli.train` without the group
+    sys.exit(command.main(prog_name="hvdcomp train"))
+
+
+if __name__ == "__main__":
+    main()

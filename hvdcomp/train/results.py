@@ -1,0 +1,186 @@
+"""The run directory of docs/design.md ("Run directories"), written by rank 0 only.
+
+::
+
+    RUN_DIR/
+      config.json      resolved training configuration (every option, plus world_size, launcher)
+      env.json         doctor facts: versions, MPI, Horovod build, hostname, world size, launcher
+      metrics.jsonl    one JSON object per line, flushed per line
+      summary.json     written atomically at the end of a successful run
+      checkpoints/     ckpt-<step>.pt (see checkpoint.py), latest.pt -> newest
+
+Also here: the compression ratio against P-SGD and the end-of-run summary table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be written in it; OSError otherwise."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def environment_facts(world_size: int, launcher: Dict[str, Any]) -> Dict[str, Any]:
+    """hvdcomp.doctor.collect_facts() when that module exists, plus what this run knows itself."""
+    facts: Dict[str, Any] = {}
+    try:
+        from hvdcomp.doctor import collect_facts
+        facts = dict(collect_facts())
+    except Exception as exc:  # noqa: BLE001 - doctor is optional here; record why it is absent
+        facts["doctor_error"] = f"{type(exc).__name__}: {exc}"
+    import torch
+    facts.setdefault("hostname", socket.gethostname())
+    facts.setdefault("python", sys.version.split()[0])
+    facts.setdefault("platform", platform.platform())
+    facts.setdefault("torch", torch.__version__)
+    try:
+        import horovod
+        facts.setdefault("horovod", horovod.__version__)
+    except Exception:  # noqa: BLE001
+        pass
+    facts["world_size"] = world_size
+    facts["launcher"] = launcher
+    return facts
+
+
+class RunDirectory:
+    """Rank 0's writer for one run directory. Other ranks never construct one."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.checkpoints = self.root / "checkpoints"
+        self.metrics_path = self.root / "metrics.jsonl"
+        self._metrics = None
+
+    def start(self, config: Dict[str, Any], env: Dict[str, Any], resume_step: Optional[int]) -> None:
+        """Write config.json and env.json; open metrics.jsonl (fresh, or cut back to the resumed
+        checkpoint's step so that the steps replayed after a crash are not listed twice)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        atomic_write_json(self.root / "config.json", config)
+        atomic_write_json(self.root / "env.json", env)
+        if resume_step is None:
+            for stale in ("summary.json", "metrics.jsonl"):
+                (self.root / stale).unlink(missing_ok=True)
+        else:
+            (self.root / "summary.json").unlink(missing_ok=True)
+            kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._metrics = open(self.metrics_path, "a", buffering=1)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """Append one record and flush it to the OS, so a killed run keeps what it measured."""
+        self._metrics.write(json.dumps(record, default=float) + "\n")
+        self._metrics.flush()
+
+    def finish(self, summary: Dict[str, Any]) -> None:
+        atomic_write_json(self.root / "summary.json", summary)
+        self.close()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """Records of a metrics.jsonl; a last line cut short by a crash is skipped."""
+    records = []
+    if not Path(path).exists():
+        return records
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def psgd_bytes_per_step(gradient_bytes: int, world_size: int) -> float:
+    """Bytes one rank sends per step under P-SGD: a ring allreduce of the dense 32-bit gradient,
+    (N−1)/N of it in the reduce-scatter ("up") and as much again in the allgather ("down")."""
+    return 2.0 * (world_size - 1) / world_size * gradient_bytes
+
+
+def compression_ratio(gradient_bytes: int, world_size: int, steps: int, bytes_up: float,
+                      bytes_down: float) -> Optional[float]:
+    """How many times fewer bytes this run sent than P-SGD would have in the same steps:
+    ``psgd_bytes_per_step × steps / (bytes_up + bytes_down)``; None on a single process (nothing
+    is sent) or when nothing was sent."""
+    sent = bytes_up + bytes_down
+    if world_size < 2 or sent <= 0:
+        return None
+    return psgd_bytes_per_step(gradient_bytes, world_size) * steps / sent
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def print_summary(summary: Dict[str, Any], config: Dict[str, Any], file=None) -> None:
+    """The end-of-run table on rank 0 (rich; plain text when rich is missing)."""
+    ratio = summary.get("compression_ratio")
+    rows = [
+        ("algorithm", f"{config['algorithm']} (up {config['up']}, down {config['down']})"),
+        ("model / dataset", f"{config['model']} / {config['dataset']}"),
+        ("ranks (launcher)", f"{config['world_size']} ({config['launcher']})"),
+        ("final test accuracy", f"{100 * summary['final_accuracy']:.2f}%"),
+        ("best test accuracy", f"{100 * summary['best_accuracy']:.2f}%"),
+        ("steps / epochs", f"{summary['steps']} / {summary['epochs']:g}"),
+        ("wall time", f"{summary['wall_time']:.1f} s ({summary['samples_per_s']:.0f} samples/s)"),
+        ("time compute / compress / comm",
+         f"{summary['time_compute']:.1f} / {summary['time_compress']:.1f} / "
+         f"{summary['time_comm']:.1f} s"),
+        ("bytes sent up / down per rank",
+         f"{human_bytes(summary['bytes_up'])} / {human_bytes(summary['bytes_down'])}"),
+        ("compression vs P-SGD", "n/a (one rank)" if ratio is None else f"{ratio:.1f}x"),
+        ("run directory", str(summary.get("run_dir", ""))),
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for key, value in rows:
+            print(f"{key:32s} {value}", file=file or sys.stdout)
+        return
+    table = Table(title="hvdcomp train: summary", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    Console(file=file).print(table)
