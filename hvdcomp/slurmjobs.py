@@ -21,12 +21,12 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .atomic import atomic_write_text
 from .sweep import SweepPoint, SweepSpec, TrainOptions, train_arguments
 
 #: Where the sbatch templates live: the repository's slurm/ folder (override with an env var).
@@ -190,7 +190,7 @@ def render(spec: SweepSpec, paths: SweepPaths, write: bool = True,
         for folder in (paths.scripts, paths.logs, paths.jobs, paths.runs):
             folder.mkdir(parents=True, exist_ok=True)
         for script in scripts:
-            _write_atomically(script.path, script.text, mode=0o755)
+            atomic_write_text(script.path, script.text, mode=0o755)
     return scripts
 
 
@@ -217,22 +217,6 @@ class JobRecord:
             return None
         except (ValueError, TypeError) as exc:
             raise SlurmError(f"job record {path} is unreadable ({exc}); remove it to resubmit") from None
-
-
-def _write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_records(spec: SweepSpec, paths: SweepPaths) -> Dict[str, JobRecord]:
@@ -406,7 +390,7 @@ def submit(spec: SweepSpec, paths: SweepPaths, dry_run: bool = False,
             new_record = JobRecord(point=name, job_id=job_id, script=str(script.path),
                                    run_dir=str(paths.run_dir(name)), log=str(paths.log(name, job_id)),
                                    submitted_at=time.time(), previous_job_ids=previous)
-            _write_atomically(paths.record(name), json.dumps(asdict(new_record), indent=2) + "\n")
+            atomic_write_text(paths.record(name), json.dumps(asdict(new_record), indent=2) + "\n")
             outcome = SubmitOutcome(name, "submitted", job_id)
         outcomes.append(outcome)
         if on_outcome is not None:

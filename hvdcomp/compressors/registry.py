@@ -51,8 +51,4 @@ def from_spec(spec: "str | Compressor") -> Compressor:
 
 def _load_builtin() -> None:
     # Importing the modules registers their classes.
-    from . import cast  # noqa: F401
-    try:
-        from . import sparse, sign, quantize, lowrank  # noqa: F401
-    except ImportError:  # modules still being written
-        pass
+    from . import cast, lowrank, quantize, sign, sparse  # noqa: F401

@@ -28,11 +28,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from ..atomic import atomic_write
 
 FORMAT = "hvdcomp-train-checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
@@ -71,17 +72,7 @@ def save_checkpoint(directory: Path, state: Dict[str, Any], keep: int = 2) -> Pa
     directory.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, **state}
     path = checkpoint_path(directory, int(state["step"]))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f), binary=True)
     _point_latest(directory, path)
     for old in list_checkpoints(directory)[:-keep]:
         if old != path:
