@@ -68,6 +68,10 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--up", default=None, metavar="SPEC", help="Uplink compressor (overrides --compressor).")
 @click.option("--down", default=None, metavar="SPEC",
               help="Downlink compressor (default: the uplink's).")
+@click.option("--pattern", default=None,
+              type=click.Choice(["two_phase", "allgather", "allreduce"]),
+              help="Exchange pattern: two_phase (sharded server, default), allgather (GRACE/DGC), "
+                   "allreduce (linear compressors); default allgather for dgc.")
 @click.option("--period", type=int, default=32, show_default=True,
               help="LIEC-SGD: exact model averaging every PERIOD steps.")
 @click.option("--algorithm-option", "algorithm_options", multiple=True, metavar="KEY=VALUE",
@@ -103,7 +107,7 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--stop-after-steps", type=int, default=None, hidden=True,
               help="Testing: exit like a crash after this many steps.")
 def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compressor, up, down,
-            period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr, momentum,
+            pattern, period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr, momentum,
             weight_decay, nesterov, schedule, milestones, warmup_epochs, seed, out, overwrite,
             resume, log_every, checkpoint_every, keep_checkpoints, device, quiet,
             stop_after_steps) -> None:
@@ -117,7 +121,8 @@ def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compres
     try:
         cfg = TrainConfig(
             model=model, dataset=dataset, data_dir=data_dir, non_iid_alpha=non_iid_alpha,
-            augment=augment, algorithm=algorithm, up=up or compressor, down=down, period=period,
+            augment=augment, algorithm=algorithm, up=up or compressor, down=down, pattern=pattern,
+            period=period,
             algorithm_options=parse_key_values(algorithm_options), bucket_bytes=bucket_bytes,
             epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
             weight_decay=weight_decay, nesterov=nesterov, schedule=schedule.strip().lower(),

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..exchange import PATTERNS
+
 #: Algorithms ``hvdcomp train`` knows; every name but psgd goes through hvdcomp.DistributedOptimizer.
 ALGORITHMS = ("psgd", "memsgd", "doublesqueeze", "liec", "ef21", "ef21w", "ef21sgdm", "ef21bc",
               "dgc", "monna")
@@ -35,6 +37,15 @@ class ConfigError(ValueError):
     """Bad user input; the CLI turns it into a one-line error with exit code 2."""
 
 
+#: Per-algorithm defaults where "sign both ways" is not what the paper does: P-SGD is dense; DGC
+#: sparsifies the uplink with its sampled top-k (0.1 % density, the paper's final sparsity) and,
+#: as in the paper and its reference code, allgathers the sparse payloads with no downlink
+#: compression.
+DEFAULT_UP = {"psgd": "none", "dgc": "dgc:ratio=0.001"}
+DEFAULT_DOWN = {"dgc": "none"}
+DEFAULT_PATTERN = {"dgc": "allgather"}
+
+
 @dataclass
 class TrainConfig:
     # model and data
@@ -45,8 +56,9 @@ class TrainConfig:
     augment: Optional[bool] = None  # None: on for CIFAR / Tiny ImageNet, off otherwise
     # algorithm
     algorithm: str = "liec"
-    up: Optional[str] = None  # uplink compressor spec; None: "none" for psgd, else "sign"
-    down: Optional[str] = None  # downlink compressor spec; None: same as up
+    up: Optional[str] = None  # uplink compressor spec; None: DEFAULT_UP[algorithm] or "sign"
+    down: Optional[str] = None  # downlink compressor spec; None: DEFAULT_DOWN[algorithm] or up
+    pattern: Optional[str] = None  # exchange pattern; None: DEFAULT_PATTERN[algorithm] or the optimizer's
     period: int = 32  # LIEC-SGD's exact-averaging period p
     algorithm_options: Dict[str, Any] = field(default_factory=dict)
     bucket_bytes: int = 64 << 20
@@ -82,9 +94,13 @@ class TrainConfig:
             raise ConfigError(f"algorithm {cfg.algorithm!r} is not supported by `hvdcomp train` "
                               f"yet: {UNSUPPORTED[cfg.algorithm]}")
         if cfg.up is None:
-            cfg.up = "none" if cfg.algorithm == "psgd" else "sign"
+            cfg.up = DEFAULT_UP.get(cfg.algorithm, "sign")
         if cfg.down is None:
-            cfg.down = cfg.up
+            cfg.down = DEFAULT_DOWN.get(cfg.algorithm, cfg.up)
+        if cfg.pattern is None:
+            cfg.pattern = DEFAULT_PATTERN.get(cfg.algorithm)
+        if cfg.pattern is not None and cfg.pattern not in PATTERNS:
+            raise ConfigError(f"unknown --pattern {cfg.pattern!r}; choose one of: {', '.join(PATTERNS)}")
         cfg.up = _canonical_compressor(cfg.up, "--up/--compressor")
         cfg.down = _canonical_compressor(cfg.down, "--down")
         if cfg.momentum is None:

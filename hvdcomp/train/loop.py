@@ -69,7 +69,8 @@ def build_distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, hvd,
     from hvdcomp.optimizer import DistributedOptimizer
     compression = make_compression(cfg, hvd.size(), hvd.rank(), steps_per_epoch_)
     optimizer = DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                     compression=compression, bucket_bytes=cfg.bucket_bytes)
+                                     compression=compression, bucket_bytes=cfg.bucket_bytes,
+                                     pattern=cfg.pattern)
     return DistributedStep(optimizer, gradient_bytes, hvd.size(), horovod_baseline=False)
 
 
