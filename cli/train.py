@@ -182,7 +182,13 @@ def prepare(cfg, resume: bool = False, overwrite: bool = False) -> Prepared:
                               "use --device cpu")
     launcher = detect_launcher()
     from hvdcomp.train.loop import is_horovod_baseline, make_compression
-    if not is_horovod_baseline(cfg):
+    if cfg.algorithm == "monna":
+        from hvdcomp.train.robust_step import check_monna_options
+        try:
+            check_monna_options(cfg, launcher["world_size"], launcher["rank"])
+        except ValueError as exc:
+            raise ConfigError(f"algorithm 'monna': {exc}") from None
+    elif not is_horovod_baseline(cfg):
         try:
             # the algorithm checks its own hyperparameters
             make_compression(cfg, launcher["world_size"], launcher["rank"], steps_per_epoch_=1)

@@ -26,10 +26,7 @@ ALGORITHMS = ("psgd", "memsgd", "doublesqueeze", "liec", "ef21", "ef21w", "ef21s
 #: momentum 0 so that momentum is not applied twice.
 MOMENTUM_INSIDE = ("dgc", "ef21sgdm", "monna")
 #: Algorithms train cannot run yet, with the reason shown to the user.
-UNSUPPORTED = {
-    "monna": "MoNNA mixes models between peers with nearest-neighbour averaging and needs "
-             "Byzantine-worker simulation; `hvdcomp train` does not drive it yet",
-}
+UNSUPPORTED: Dict[str, str] = {}
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -40,8 +37,8 @@ class ConfigError(ValueError):
 #: Per-algorithm defaults where "sign both ways" is not what the paper does: P-SGD is dense; DGC
 #: sparsifies the uplink with its sampled top-k (0.1 % density, the paper's final sparsity) and,
 #: as in the paper and its reference code, allgathers the sparse payloads with no downlink
-#: compression.
-DEFAULT_UP = {"psgd": "none", "dgc": "dgc:ratio=0.001"}
+#: compression. MoNNA exchanges whole models, uncompressed.
+DEFAULT_UP = {"psgd": "none", "dgc": "dgc:ratio=0.001", "monna": "none"}
 DEFAULT_DOWN = {"dgc": "none"}
 DEFAULT_PATTERN = {"dgc": "allgather"}
 

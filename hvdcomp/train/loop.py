@@ -58,6 +58,10 @@ def build_distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, hvd,
       that instead exposes ``needs_parameter_averaging()`` / ``average_parameters()`` is served
       by :meth:`DistributedStep.step`.
     """
+    if cfg.algorithm == "monna":
+        from hvdcomp.comm import HorovodCommunicator
+        from .robust_step import MoNNAStep
+        return MoNNAStep(model, cfg, HorovodCommunicator())
     base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
@@ -117,6 +121,12 @@ class DistributedStep:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def training_labels(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        return labels
+
+    def describe(self) -> Dict[str, Any]:
+        return {}
 
     def step(self) -> None:
         start = time.perf_counter()
@@ -254,7 +264,7 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
 
     run_dir = None
     config_record = {**cfg.to_dict(), "out": str(out_dir), "world_size": world,
-                     "launcher": launcher["name"]}
+                     "launcher": launcher["name"], **dist.describe()}
     if rank == 0:
         run_dir = RunDirectory(out_dir)
         run_dir.start(config_record, environment_facts(world, launcher),
@@ -300,7 +310,7 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
             batch_idx = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
             aug = augment_generator(cfg.seed, rank, epoch, position) if cfg.augment else None
             x, y = dataset.batch("train", batch_idx, aug)
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device), dist.training_labels(y, dataset.num_classes).to(device)
             dist.set_lr(learning_rate(cfg, step, total_steps, spe))
 
             before = totals()
@@ -384,6 +394,7 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
                                                counted["bytes_up"], counted["bytes_down"]),
         "world_size": world,
         "run_dir": str(out_dir),
+        **dist.describe(),   # MoNNA: simulated faulty ranks, named in the results
         **counted,
     }
     if rank == 0:
