@@ -375,15 +375,16 @@ def display_columns(rows: Sequence[Dict[str, Any]], option_cols: Sequence[str]) 
 
 def _relative_runs(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Rows whose ``run`` is shortened to the path below the runs' common folder."""
-    paths = [r["run"] for r in rows]
+    # absolute, so that runs given as relative and absolute paths share a common folder
+    paths = [os.path.abspath(r["run"]) for r in rows]
     if len(paths) < 2:
         common = str(Path(paths[0]).parent) if paths else ""
     else:
         common = os.path.commonpath(paths)
     out = []
-    for row in rows:
-        relative = os.path.relpath(row["run"], common) if common else row["run"]
-        out.append({**row, "run": relative if relative != "." else Path(row["run"]).name})
+    for row, path in zip(rows, paths):
+        relative = os.path.relpath(path, common) if common else row["run"]
+        out.append({**row, "run": relative if relative != "." else Path(path).name})
     return out
 
 
