@@ -207,3 +207,13 @@ def test_plots_grouped(runs_root: Path, tmp_path: Path):
     written = collect.plot(runs, tmp_path / "g", group_by=["seed"])
     assert len(written) == 4 * 3  # four seeds, three figures each
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
+
+
+def test_cli_table_with_relative_and_absolute_run_paths(runs_root: Path, monkeypatch):
+    # `hvdcomp collect runs/ /abs/other-run`: the run names are shortened below a common folder
+    monkeypatch.chdir(runs_root.parent)
+    relative = str(runs_root.relative_to(runs_root.parent) / "psgd")
+    result = CliRunner().invoke(cli, ["collect", relative, str(runs_root / "liec-sign"),
+                                      "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    assert "| psgd " in result.stdout and "| liec-sign " in result.stdout
