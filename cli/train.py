@@ -135,12 +135,19 @@ def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compres
     if stop_after_steps is not None and stop_after_steps < 1:
         raise OneLineUsageError("--stop-after-steps must be >= 1")
 
+    from hvdcomp.compressors import CompressionError
+    from hvdcomp.train.config import TrainingFailed
     from hvdcomp.train.loop import run
     try:
         run(prepared.config, prepared.out_dir, prepared.launcher,
             resume_state=prepared.resume_state, quiet=quiet, stop_after_steps=stop_after_steps)
     except ConfigError as exc:  # found after hvd.init, identically on every rank
         raise OneLineUsageError(str(exc)) from None
+    except (TrainingFailed, CompressionError) as exc:
+        # A runtime failure on this rank (a NaN loss, non-finite gradients refused by a
+        # compressor): one line, exit 1; the launcher then stops the other ranks.
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
 
 
 def _fractions(text: str):

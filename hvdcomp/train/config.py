@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """Bad user input; the CLI turns it into a one-line error with exit code 2."""
 
 
+class TrainingFailed(RuntimeError):
+    """The run cannot go on (diverged, non-finite gradients); the CLI prints one line and exits 1.
+    The launcher (mpirun, srun --kill-on-bad-exit, horovodrun) then ends the other ranks."""
+
+
 #: Per-algorithm defaults where "sign both ways" is not what the paper does: P-SGD is dense; DGC
 #: sparsifies the uplink with its sampled top-k (0.1 % density, the paper's final sparsity) and,
 #: as in the paper and its reference code, allgathers the sparse payloads with no downlink

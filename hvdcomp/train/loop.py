@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, parse_checkpoint_every
+from .config import TrainConfig, TrainingFailed, parse_checkpoint_every
 from .data import (Dataset, augment_generator, epoch_order, eval_indices, load_dataset,
                    shard_indices, steps_per_epoch)
 from .models import build_model
@@ -318,6 +318,13 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
             dist.zero_grad()
             logits = model(x)
             loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                # Stop before a NaN reaches the exchange: every rank's error buffers would carry
+                # it for ever, and Horovod's own allreduce would spread it silently.
+                raise TrainingFailed(
+                    f"loss is {loss.item()} at step {step} on rank {rank}: training diverged; "
+                    f"lower --lr (now {cfg.lr}), add --warmup-epochs, or resume from an earlier "
+                    "checkpoint with a smaller learning rate")
             loss.backward()
             dist.step()
             elapsed = time.perf_counter() - started
