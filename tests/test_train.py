@@ -63,7 +63,7 @@ def test_defaults_resolve_compressor_and_momentum_from_the_algorithm():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"algorithm": "adam"}, "unknown algorithm 'adam'"),
-    ({"algorithm": "monna"}, "not supported"),
+    ({"algorithm": "monna", "up": "sign"}, "exchanges whole models, uncompressed"),
     ({"up": "topk:ratio=2"}, "ratio"),
     ({"up": "zip"}, "unknown compressor 'zip'"),
     ({"epochs": 0}, "--epochs must be >= 1"),
@@ -210,7 +210,8 @@ def _bad_input_cases(tmp_path):
         (["--out", finished], "already holds a run"),
         (["--out", tmp_path / "fresh", "--resume"], "no checkpoint"),
         (["--epochs", "many"], "'many' is not a valid integer"),
-        (["--algorithm", "monna"], "not supported"),
+        (["--algorithm", "monna", "--algorithm-option", "f=1"], "n > 2f"),
+        (["--algorithm", "monna", "--algorithm-option", "attack=sign_flip"], "needs f"),
         (["--model", "cnn", "--dataset", "synthetic"], "needs images"),
     ]
 

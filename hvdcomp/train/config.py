@@ -95,6 +95,9 @@ class TrainConfig:
         if cfg.algorithm in UNSUPPORTED:
             raise ConfigError(f"algorithm {cfg.algorithm!r} is not supported by `hvdcomp train` "
                               f"yet: {UNSUPPORTED[cfg.algorithm]}")
+        if cfg.algorithm == "monna" and (cfg.up or cfg.down) not in (None, "none"):
+            raise ConfigError("algorithm 'monna' exchanges whole models, uncompressed: drop "
+                              "--compressor/--up/--down (robustness comes from the aggregator)")
         if cfg.up is None:
             cfg.up = DEFAULT_UP.get(cfg.algorithm, "sign")
         if cfg.down is None:
