@@ -130,7 +130,7 @@ def train_options() -> TrainOptions:
 
     options: Dict[str, TrainOption] = {}
     for param in command.params:
-        if not isinstance(param, click.Option):
+        if not isinstance(param, click.Option) or param.hidden:  # hidden: test-only options
             continue
         longs = [opt for opt in param.opts if opt.startswith("--")]
         if not longs:

@@ -153,8 +153,10 @@ def test_train_options_follow_the_real_command_when_it_imports():
         assert options.source.startswith("fallback")
         return
     assert options.source == "hvdcomp.cli.train"
-    longs = {o[2:] for p in command.params for o in getattr(p, "opts", []) if o.startswith("--")}
+    longs = {o[2:] for p in command.params if not getattr(p, "hidden", False)
+             for o in getattr(p, "opts", []) if o.startswith("--")}
     assert set(options.options) == longs
+    assert "stop-after-steps" not in options.options   # hidden, for tests only
 
 
 def test_train_arguments_are_sorted_and_flags_have_no_value(tmp_path: Path):
