@@ -46,6 +46,19 @@ bucket. A block larger than ceil(d/N) therefore concentrates a bucket on few ran
 imbalance, bytes no longer flat in N): keep blocks well below bucket size / N, or pass
 ``alignment=64`` and accept that blocks restart at chunk boundaries.
 
+Buffers: a round on CPU costs memory passes, and writing a freshly allocated large tensor costs
+page faults worth several passes, so the two-phase round decodes chunks straight into slices of
+buffers (``Compressor.decompress_into``/``roundtrip_into``, no ``torch.cat``) that it keeps per
+bucket across rounds (:meth:`Exchange._scratch`): C(p_i) handed to ``worker_sent``, the mean
+handed to ``server_message`` (two-phase), C(v) handed to ``server_sent``, and the addend of the
+mean.  Algorithms therefore copy what they keep from these arguments (subtracting or adding them,
+as every in-tree algorithm does).  The exchange does not read the mean again after
+``server_message``, nor the received C(v) after ``worker_update`` (a fresh tensor, as it may be
+returned): the steps may add into them in place (LIEC-SGD, DoubleSqueeze do).  Large fresh CPU
+tensors are allocated through numpy (``compressors._wire.allocate``: transparent huge pages,
+fewer page faults).  The values are those of the plain formulas, bit for bit; only the number of
+passes changes.
+
 Names: every collective is called ``hvdcomp.<key>.<phase>.<round>``; ``start`` may be called in
 any order across ranks (collectives pair by name, the configuration check of a bucket first seen
 by ``start`` too), but ``finish`` must be called in the same
@@ -63,6 +76,7 @@ import torch
 from .algorithms.base import Algorithm
 from .comm.base import Communicator, Handle, scale_like_horovod
 from .compressors import Compressor
+from .compressors._wire import allocate
 
 PATTERNS = ("two_phase", "allgather", "allreduce")
 #: smallest chunk alignment in elements: 64 keeps 1-bit payloads whole bytes (and 2-, 4-bit ones)
@@ -166,6 +180,8 @@ class Exchange:
         self._checks = 0
         self._in_flight: Dict[str, ExchangeHandle] = {}
         self._done_this_round: set = set()
+        # per (bucket, role) buffers reused across rounds (see _scratch); not state
+        self._scratch_buffers: Dict[Tuple[str, str], torch.Tensor] = {}
 
     # --- public API ----------------------------------------------------------------------------
     @property
@@ -318,12 +334,12 @@ class Exchange:
         algo, up = self.algorithm, self.algorithm.up
         bounds = chunk_bounds(flat.numel(), self.size, self.alignment)
         message = algo.worker_message(key, flat)
-        payloads, sent = [], []
-        for j, (start, stop) in enumerate(bounds):
-            payload, decoded = self._roundtrip(up, message[start:stop], self._seed(key, "up", j))
-            payloads.append(payload)
-            sent.append(decoded)
-        algo.worker_sent(key, message, torch.cat(sent))
+        # C(p_i), chunk by chunk, decoded straight into one reused buffer (no torch.cat)
+        sent = self._scratch(key, "sent", flat.numel(), flat.dtype, flat.device)
+        payloads = [self._roundtrip_into(up, message[start:stop], sent[start:stop],
+                                         self._seed(key, "up", j))
+                    for j, (start, stop) in enumerate(bounds)]
+        algo.worker_sent(key, message, sent)
         splits = [p.numel() for p in payloads]
         self._count("uplink", up_bytes=sum(s for j, s in enumerate(splits) if j != self.rank))
         pending = {"uplink": self.comm.alltoall_async(
@@ -339,29 +355,30 @@ class Exchange:
         # server: decode the N payloads of the chunk this rank owns, average in rank order
         received, _ = handle.pending["uplink"].wait()
         sizes = [self._payload_nbytes(algo.up, own, dtype)] * self.size
-        seed = self._seed(key, "up", self.rank)
-        chunks = [self._decode(algo.up, p, own, dtype, seed, received.device)
-                  for p in _split(received, sizes, key)]
-        mean = _mean_in_rank_order(chunks)
+        mean = self._decode_mean(algo.up, key, _split(received, sizes, key), own, dtype,
+                                 self._seed(key, "up", self.rank), received.device, reuse=True)
         server_message = algo.server_message(key, mean)
-        payload, decoded = self._roundtrip(algo.down, server_message,
-                                           self._seed(key, "down", self.rank))
+        decoded = self._scratch(key, "server_sent", own, dtype, server_message.device)
+        payload = self._roundtrip_into(algo.down, server_message, decoded,
+                                       self._seed(key, "down", self.rank))
         algo.server_sent(key, server_message, decoded)
         self._count("downlink", down_bytes=(self.size - 1) * payload.numel())
-        # downlink: one allgather of the server payloads; decode the whole bucket
+        # downlink: one allgather of the server payloads; decode the whole bucket into one
+        # fresh tensor (it is returned, so it cannot be a reused buffer)
         gathered = self.comm.allgather(payload, self._name(key, "down"))
         sizes = [self._payload_nbytes(algo.down, b - a, dtype) for a, b in bounds]
-        received_update = torch.cat([
-            self._decode(algo.down, p, b - a, dtype, self._seed(key, "down", j), gathered.device)
-            for j, (p, (a, b)) in enumerate(zip(_split(gathered, sizes, key), bounds))])
+        received_update = allocate(bounds[-1][1], dtype, gathered.device)
+        for j, (p, (a, b)) in enumerate(zip(_split(gathered, sizes, key), bounds)):
+            self._decode_into(algo.down, p, received_update[a:b], self._seed(key, "down", j))
         return algo.worker_update(key, received_update)
 
     # --- allgather (GRACE/DGC) -----------------------------------------------------------------
     def _start_allgather(self, key: str, flat: torch.Tensor) -> ExchangeHandle:
         algo = self.algorithm
         message = algo.worker_message(key, flat)
-        payload, decoded = self._roundtrip(algo.up, message, self._seed(key, "up", 0))
-        algo.worker_sent(key, message, decoded)
+        sent = self._scratch(key, "sent", flat.numel(), flat.dtype, flat.device)
+        payload = self._roundtrip_into(algo.up, message, sent, self._seed(key, "up", 0))
+        algo.worker_sent(key, message, sent)
         self._count("uplink", up_bytes=(self.size - 1) * payload.numel())
         pending = {"uplink": self.comm.allgather_async(payload, self._name(key, "up"))}
         return ExchangeHandle(key, self.round, "allgather", flat.shape, flat.dtype, pending)
@@ -371,9 +388,8 @@ class Exchange:
         numel = handle.shape.numel()
         gathered = handle.pending["uplink"].wait()
         sizes = [self._payload_nbytes(algo.up, numel, dtype)] * self.size
-        seed = self._seed(key, "up", 0)
-        mean = _mean_in_rank_order([self._decode(algo.up, p, numel, dtype, seed, gathered.device)
-                                    for p in _split(gathered, sizes, key)])
+        mean = self._decode_mean(algo.up, key, _split(gathered, sizes, key), numel, dtype,
+                                 self._seed(key, "up", 0), gathered.device)
         return self._replicated_server(key, mean)
 
     # --- allreduce (linear compressors) --------------------------------------------------------
@@ -393,8 +409,11 @@ class Exchange:
     def _finish_allreduce(self, handle: ExchangeHandle) -> torch.Tensor:
         algo = self.algorithm
         averaged = handle.pending["allreduce"].wait()
-        mean = algo.up.decompress(averaged.view(torch.uint8), handle.shape.numel(), handle.dtype,
-                                  self._seed(handle.key, "up", 0))
+        # decoded into a fresh tensor: the server steps may add into the mean in place, and a
+        # linear compressor's decompress may return a view of its payload
+        mean = allocate(handle.shape.numel(), handle.dtype, averaged.device)
+        self._decode_into(algo.up, averaged.view(torch.uint8), mean,
+                          self._seed(handle.key, "up", 0))
         return self._replicated_server(handle.key, mean)
 
     def _replicated_server(self, key: str, mean: torch.Tensor) -> torch.Tensor:
@@ -459,11 +478,60 @@ class Exchange:
         return payload, decoded
 
     @staticmethod
-    def _decode(compressor: Compressor, payload: torch.Tensor, numel: int, dtype: torch.dtype,
-                seed: int, device) -> torch.Tensor:
-        if numel == 0:
-            return torch.empty(0, dtype=dtype, device=device)
-        return compressor.decompress(payload, numel, dtype, seed)
+    def _roundtrip_into(compressor: Compressor, x: torch.Tensor, out: torch.Tensor,
+                        seed: int) -> torch.Tensor:
+        """:meth:`_roundtrip` with C(x) written into ``out``; returns the payload."""
+        if x.numel() == 0:
+            return torch.empty(0, dtype=torch.uint8, device=x.device)
+        payload = compressor.roundtrip_into(x.contiguous(), out, seed)
+        expected = compressor.payload_nbytes(x.numel(), x.dtype)
+        if payload.dtype != torch.uint8 or payload.numel() != expected:
+            raise ValueError(f"compressor {compressor.spec()!r} returned {payload.numel()} "
+                             f"{payload.dtype} bytes for {x.numel()} elements; payload_nbytes "
+                             f"says {expected} uint8")
+        return payload
+
+    @staticmethod
+    def _decode_into(compressor: Compressor, payload: torch.Tensor, out: torch.Tensor,
+                     seed: int) -> torch.Tensor:
+        if out.numel():
+            compressor.decompress_into(payload, out, seed)
+        return out
+
+    def _decode_mean(self, compressor: Compressor, key: str, payloads: Sequence[torch.Tensor],
+                     numel: int, dtype: torch.dtype, seed: int, device,
+                     reuse: bool = False) -> torch.Tensor:
+        """(C_0 + C_1 + ... + C_{N−1}) · (1/N) of the decoded payloads: summed left to right so
+        that every rank, the simulator and the oracle add in the same order, and scaled as
+        Horovod's ``Average`` scales (times 1/N in the tensor's dtype, not divided by N), so that
+        with the identity compressor the two-phase average equals ``hvd.allreduce(op=Average)``
+        whenever the sum itself is exact.  No tensor per payload: the first is decoded into the
+        result, the others one after the other into a reused buffer that is added in.  The
+        result is fresh, or with ``reuse`` a buffer kept for the bucket (two-phase server: the
+        mean never leaves the round)."""
+        mean = (self._scratch(key, "mean", numel, dtype, device) if reuse
+                else allocate(numel, dtype, device))
+        if not numel:
+            return mean
+        self._decode_into(compressor, payloads[0], mean, seed)
+        if len(payloads) > 1:
+            addend = self._scratch(key, "addend", numel, dtype, device)
+            for payload in payloads[1:]:
+                mean.add_(self._decode_into(compressor, payload, addend, seed))
+        return scale_like_horovod(mean, 1.0 / len(payloads))
+
+    def _scratch(self, key: str, role: str, numel: int, dtype: torch.dtype,
+                 device) -> torch.Tensor:
+        """A buffer of ``numel`` elements kept for bucket ``key`` across rounds (its contents
+        are garbage).  What the exchange hands to ``worker_sent``/``server_sent`` as C(·) lives
+        in such buffers: an algorithm must copy what it keeps from them (all in-tree algorithms
+        do: they subtract or add them), because the next round overwrites them."""
+        buffer = self._scratch_buffers.get((key, role))
+        if (buffer is None or buffer.numel() != numel or buffer.dtype != dtype
+                or buffer.device != torch.device(device)):
+            buffer = allocate(numel, dtype, device)
+            self._scratch_buffers[(key, role)] = buffer
+        return buffer
 
     def _count(self, phase: str, up_bytes: int = 0, down_bytes: int = 0) -> None:
         self.bytes_up += up_bytes
@@ -522,17 +590,6 @@ def _split(buffer: torch.Tensor, sizes: Sequence[int], key: str) -> Tuple[torch.
         raise ValueError(f"bucket {key!r}: received {buffer.numel()} payload bytes, expected "
                          f"{sum(sizes)}; ranks disagree on the compressor or the bucket size")
     return torch.split(buffer, list(sizes))
-
-
-def _mean_in_rank_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(x_0 + x_1 + ... + x_{N-1}) · (1/N): summed left to right so that every rank, the
-    simulator and the oracle add in the same order, and scaled as Horovod's ``Average`` scales
-    (times 1/N in the tensor's dtype, not divided by N), so that with the identity compressor the
-    two-phase average equals ``hvd.allreduce(op=Average)`` whenever the sum itself is exact."""
-    total = tensors[0].clone()
-    for tensor in tensors[1:]:
-        total.add_(tensor)
-    return scale_like_horovod(total, 1.0 / len(tensors))
 
 
 def _flatten(document: Any, prefix: str = "") -> Dict[str, Any]:

@@ -17,27 +17,36 @@ from typing import Dict
 import torch
 
 from .base import Algorithm
+from .memsgd import ReusedBuffers, store_difference
 
 
 class DoubleSqueeze(Algorithm):
-    """DoubleSqueeze; see the module docstring."""
+    """DoubleSqueeze; see the module docstring.
+
+    The error updates run in place: δ_i and δ are overwritten, p_i lives in a buffer reused
+    across rounds, and v = m + δ is added into the mean the exchange hands over (a fresh tensor
+    it does not read again); the values are those of the formulas above."""
     name = "doublesqueeze"
 
     def __init__(self, up="none", down=None):
         super().__init__(up, down)
         self.worker_error: Dict[str, torch.Tensor] = {}  # δ_i, whole bucket
         self.server_error: Dict[str, torch.Tensor] = {}  # δ, this rank's chunk
+        self._buffers = ReusedBuffers()
 
     def worker_message(self, key, grad):
         error = self.worker_error.get(key)
-        return grad.clone() if error is None else grad + error          # p_i = g_i + δ_i
+        if error is None:
+            return grad.clone()
+        message = self._buffers.like(key, "message", grad)
+        return torch.add(grad, error, out=message)                      # p_i = g_i + δ_i
 
     def worker_sent(self, key, message, sent):
-        self.worker_error[key] = message - sent                         # δ_i ← p_i − C(p_i)
+        store_difference(self.worker_error, key, message, sent)         # δ_i ← p_i − C(p_i)
 
     def server_message(self, key, mean_received):
         error = self.server_error.get(key)
-        return mean_received.clone() if error is None else mean_received + error  # v = m + δ
+        return mean_received if error is None else mean_received.add_(error)  # v = m + δ
 
     def server_sent(self, key, message, sent):
-        self.server_error[key] = message - sent                         # δ ← v − C(v)
+        store_difference(self.server_error, key, message, sent)         # δ ← v − C(v)

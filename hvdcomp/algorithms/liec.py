@@ -24,6 +24,7 @@ from typing import Dict
 import torch
 
 from .base import Algorithm
+from .memsgd import ReusedBuffers, store_difference
 
 
 class LIEC(Algorithm):
@@ -38,6 +39,7 @@ class LIEC(Algorithm):
         self.period = period
         self.local_error: Dict[str, torch.Tensor] = {}   # r_i, whole bucket, this round only
         self.server_error: Dict[str, torch.Tensor] = {}  # e, this rank's chunk, persistent
+        self._buffers = ReusedBuffers()                   # r_i's storage, reused every round
 
     def hyperparameters(self):
         return {"period": self.period}
@@ -46,17 +48,18 @@ class LIEC(Algorithm):
         return (self.step + 1) % self.period == 0
 
     def worker_sent(self, key, message, sent):
-        self.local_error[key] = message - sent                          # r_i = g_i − C(g_i)
+        local_error = self._buffers.like(key, "local_error", message)
+        self.local_error[key] = torch.sub(message, sent, out=local_error)  # r_i = g_i − C(g_i)
 
     def server_message(self, key, mean_received):
         error = self.server_error.get(key)
-        return mean_received.clone() if error is None else mean_received + error  # v = m + e
+        return mean_received if error is None else mean_received.add_(error)  # v = m + e
 
     def server_sent(self, key, message, sent):
-        self.server_error[key] = message - sent                         # e ← v − C(v)
+        store_difference(self.server_error, key, message, sent)         # e ← v − C(v)
 
     def worker_update(self, key, received):
-        return received + self.local_error.pop(key)                     # d_i = C(v) + r_i
+        return received.add_(self.local_error.pop(key))                 # d_i = C(v) + r_i
 
     def server_flush(self, key):
         return self.server_error.pop(key, None)                         # e folded in, e ← 0

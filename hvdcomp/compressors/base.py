@@ -55,6 +55,31 @@ class Compressor(abc.ABC):
         payload = self.compress(x, seed)
         return payload, self.decompress(payload, x.numel(), x.dtype, seed)
 
+    # --- writing into the caller's buffer (optional; the defaults copy) -------------------------
+    # The exchange decodes the chunks of a bucket into slices of one buffer that it reuses across
+    # rounds: on CPU, writing a freshly allocated tensor costs page faults worth several copies,
+    # and concatenating decoded chunks costs one more pass.  Compressors that can write in place
+    # override ``decompress_into``; the results are the same values either way.
+    def decompress_into(self, payload: torch.Tensor, out: torch.Tensor,
+                        seed: int = 0) -> torch.Tensor:
+        """Decode ``payload`` into the existing 1-D tensor ``out`` (``out.numel()`` elements of
+        ``out.dtype``, e.g. a slice of a bucket) and return ``out``; the values are those
+        ``decompress(payload, out.numel(), out.dtype, seed)`` returns."""
+        return out.copy_(self.decompress(payload, out.numel(), out.dtype, seed).view_as(out))
+
+    def roundtrip_into(self, x: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Like :meth:`roundtrip`, with C(x) written into ``out`` (1-D, same numel and dtype as
+        ``x``); returns the payload.  A compressor that overrides :meth:`roundtrip` keeps its
+        shortcut (its C(x) is copied into ``out``); otherwise the payload is decoded straight
+        into ``out`` with :meth:`decompress_into`."""
+        if type(self).roundtrip is not Compressor.roundtrip:
+            payload, decoded = self.roundtrip(x, seed)
+            out.copy_(decoded.view_as(out))
+            return payload
+        payload = self.compress(x, seed)
+        self.decompress_into(payload, out, seed)
+        return payload
+
     def wire_dtype(self, dtype: torch.dtype = torch.float32) -> torch.dtype:
         """For a linear compressor: the dtype to view its payload as when an allreduce sums
         payloads (``payload.view(wire_dtype)``).  Non-linear compressors raise."""

@@ -13,13 +13,18 @@ j ≤ 7), so nothing carries into the top byte; terms with i + j > 7 overflow pa
 multiplication wraps on CPU and CUDA).  The top byte is then copied out with a strided view,
 instead of eight shift-and-or passes.
 
-Unpacking uses a 256-row table: row b holds the 8 decoded values of byte b, so decoding is one
-``index_select`` that writes each output element once.
+Unpacking uses a 256-row table: row b holds the 8 decoded values of byte b (±1, or ±scale when
+the scale is folded into the 2048-entry table), so decoding is one gather that reads d/8 bytes
+and writes each output element once: ``index_select`` on CUDA, numpy's ``take`` on CPU.  Given
+``out=`` it writes into the caller's buffer (a slice of a bucket): on CPU the write into a fresh
+torch tensor costs more than the gather itself (page faults; ~5x a copy for 64 MiB, against ~1x
+for the gather into an existing buffer, docs/benchmarks.md), so the exchange decodes into
+buffers it reuses, and fresh outputs are allocated through numpy (huge pages).
 
-CPU tensors take a faster road through numpy, whose ``packbits``/``unpackbits`` are SIMD loops
-with the same bit order; this torch build's CPU ``index_select``, ``where`` and int8->float
-conversions run far below memory bandwidth (measured in docs/benchmarks.md).  Both roads give the
-same bytes and values; ``NUMPY_ON_CPU = False`` forces the torch road (tests compare them).
+On CPU, packing and unpacking go through numpy (``packbits`` is a SIMD loop with the same bit
+order; ``take`` gathers the table rows on one thread at about copy speed, where torch's CPU
+``index_select`` needs both cores for that); ``NUMPY_ON_CPU = False`` forces the torch road
+(tests compare them).  Both roads give the same bytes and values.
 
 Multi-bit codes (QSGD) pack groups of 8 codes of ``b`` bits into ``b`` bytes through an int64
 word (8·b ≤ 64 bits), code i of a group at bits [b·i, b·(i+1)) of the little-endian word.
@@ -32,6 +37,8 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
+from ._wire import allocate
+
 if sys.byteorder != "little":  # the word views below read bytes in little-endian order
     raise ImportError("hvdcomp.compressors.bitpack assumes a little-endian machine")
 
@@ -39,6 +46,8 @@ _GATHER_MAGIC = 0x8040201008040201 - (1 << 64)  # as a signed int64
 #: take the numpy road for CPU tensors (see the module docstring)
 NUMPY_ON_CPU = True
 _TABLES: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+#: dtypes the CPU road gathers with numpy (numpy has no bfloat16)
+_NUMPY_GATHER = (torch.float16, torch.float32, torch.float64)
 
 
 def packed_nbytes(numel: int, bits: int = 1) -> int:
@@ -92,24 +101,51 @@ def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return table
 
 
+def _scaled_sign_table(device: torch.device, dtype: torch.dtype,
+                       scale: "torch.Tensor | None") -> torch.Tensor:
+    """The (256, 8) table of ±1, or of ±scale, in ``dtype``.
+
+    The product is formed in float32 for half dtypes and then rounded (float64 stays float64),
+    so every entry is round_dtype(±1 · scale) — the value an elementwise decode gives; since
+    ±1 · s is exact and rounding is symmetric, that is ±round_dtype(s)."""
+    if scale is None:
+        return _sign_table(device, dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    table = _sign_table(device, work) * scale.to(device=device, dtype=work)
+    return table if work == dtype else table.to(dtype)
+
+
 def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype,
-                 scale: "torch.Tensor | None" = None) -> torch.Tensor:
+                 scale: "torch.Tensor | None" = None,
+                 out: "torch.Tensor | None" = None) -> torch.Tensor:
     """Decode packed sign bits into ``numel`` values ±1 (or ±scale when ``scale`` is a 0-d
-    tensor) of ``dtype``.  Returns a contiguous 1-D tensor."""
-    if packed.device.type == "cpu" and NUMPY_ON_CPU:
-        bits = np.unpackbits(packed.numpy(), count=numel)   # 0/1 per element, MSB first
-        np.left_shift(bits, 1, out=bits)
-        bits -= 1                                            # 1 -> 1, 0 -> 255 = int8 −1
-        work = np.float64 if dtype == torch.float64 else np.float32
-        values = torch.from_numpy(bits.view(np.int8).astype(work))
-        if scale is not None:
-            values.mul_(scale.to(values.dtype))
-        return values if values.dtype == dtype else values.to(dtype)
-    table = _sign_table(packed.device, dtype)
-    if scale is not None:
-        table = table * scale.to(dtype)
-    values = torch.index_select(table, 0, packed.to(torch.int32))
-    return values.view(-1)[:numel]
+    tensor) of ``dtype``.  Returns a contiguous 1-D tensor: ``out`` when given (a 1-D tensor of
+    ``numel`` elements of ``dtype``, e.g. a slice of a bigger buffer), else a new one."""
+    if out is None:
+        out = allocate(numel, dtype, packed.device)
+    elif out.dim() != 1 or out.numel() != numel or out.dtype != dtype:
+        raise ValueError(f"unpack_signs: out must be a 1-D {dtype} tensor of {numel} elements, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    if not numel:
+        return out
+    if not out.is_contiguous():   # the gather writes whole rows: decode aside, then copy
+        out.copy_(unpack_signs(packed, numel, dtype, scale))
+        return out
+    table = _scaled_sign_table(packed.device, dtype, scale)
+    whole, tail = divmod(numel, 8)
+    if whole and packed.device.type == "cpu" and NUMPY_ON_CPU and dtype in _NUMPY_GATHER:
+        # numpy's take (mode="clip": no bounds check, so no buffered copy of the output) runs
+        # on one thread at ~1x a copy; torch's index_select needs several threads for that,
+        # and several threads writing a freshly mapped output stall on page faults for the
+        # first calls of a process (55-120 ms against ~10 ms for 64 MiB, docs/benchmarks.md)
+        np.take(table.numpy(), packed[:whole].numpy(), axis=0, mode="clip",
+                out=out[:whole * 8].view(whole, 8).numpy())
+    elif whole:
+        index = packed[:whole].to(torch.int32)
+        torch.index_select(table, 0, index, out=out[:whole * 8].view(whole, 8))
+    if tail:   # the last, partial byte: its first ``tail`` columns
+        out[whole * 8:].copy_(table[packed[whole].to(torch.int64)][:tail])
+    return out
 
 
 def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:

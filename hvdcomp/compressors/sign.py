@@ -21,9 +21,10 @@ Wire format (little-endian), all fields of a payload back to back:
 Bit 7−i of byte q (MSB first, as numpy.packbits) is the sign of element 8q+i (1 = non-negative).  Empty chunks send 0 bytes.
 
 Cost: compress is an L1 norm (one read of x), one comparison (read x, write d bytes) and the bit
-packing; decompress unpacks the bits and writes ±scale once per element (blocksign adds one
-in-place multiply by the block scales).  All passes are memory passes; on CPU the packing and
-unpacking go through numpy (see :mod:`.bitpack`), on CUDA through torch ops.  Measured in
+packing; decompress unpacks the bits and writes ±scale once per element with one table gather
+(blocksign adds one in-place multiply by the block scales).  ``decompress_into`` writes into the
+caller's buffer, which is how the exchange (and ``roundtrip_into``) avoid a fresh allocation per
+chunk.  All passes are memory passes; on CPU the packing goes through numpy (see :mod:`.bitpack`).  Measured in
 docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import bitpack
-from ._wire import (Layout, check_int, check_out_dtype, check_payload, compute_dtype,
+from ._wire import (Layout, allocate, check_int, check_out_dtype, check_payload, compute_dtype,
                     flat_input)
 from .base import Compressor, check_finite
 from .registry import register
@@ -67,12 +68,18 @@ class Sign(Compressor):
 
     def decompress(self, payload, numel, dtype=torch.float32, seed=0):
         check_out_dtype(dtype, self.name)
+        return self.decompress_into(payload, allocate(numel, dtype, payload.device), seed)
+
+    def decompress_into(self, payload, out, seed=0):
+        """Decode into ``out`` (one 2048-entry ±scale table gather, no intermediate)."""
+        numel, dtype = out.numel(), out.dtype
+        check_out_dtype(dtype, self.name)
         check_payload(payload, self.payload_nbytes(numel), self.name, numel)
         if not numel:
-            return torch.empty(0, dtype=dtype, device=payload.device)
+            return out
         layout = self._layout(numel)
         scale = layout.read(payload, "scale")[0]
-        return bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype, scale)
+        return bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype, scale, out=out)
 
 
 @register("blocksign")
@@ -119,12 +126,21 @@ class BlockSign(Compressor):
 
     def decompress(self, payload, numel, dtype=torch.float32, seed=0):
         check_out_dtype(dtype, self.name)
+        return self.decompress_into(payload, allocate(numel, dtype, payload.device), seed)
+
+    def decompress_into(self, payload, out, seed=0):
+        """Decode into ``out``: ±1 from the bits, then one in-place multiply by the block
+        scales."""
+        numel, dtype = out.numel(), out.dtype
+        check_out_dtype(dtype, self.name)
         check_payload(payload, self.payload_nbytes(numel), self.name, numel)
         if not numel:
-            return torch.empty(0, dtype=dtype, device=payload.device)
+            return out
         layout = self._layout(numel)
         scales = layout.read(payload, "scales").to(dtype)
-        out = bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype)
+        if out.dim() != 1 or not out.is_contiguous():   # the block views need contiguous rows
+            return out.copy_(self.decompress(payload, numel, dtype, seed).view_as(out))
+        bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype, out=out)
         full_blocks, tail = divmod(numel, self.block)
         if full_blocks:
             out[:full_blocks * self.block].view(full_blocks, self.block).mul_(
