@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -61,7 +61,6 @@ class ExchangeStats:
     time_compress: float = 0.0   # seconds spent in start() (compress + launch)
     time_comm: float = 0.0       # seconds spent in finish() (wait + decode + server step)
     rounds: int = 0
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):

@@ -166,7 +166,8 @@ def test_gradient_accumulation_sums_local_passes_then_averages():
 
 def _too_many_backwards(comm):
     model = make_model()
-    opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+    # never stepped: its gradient hooks are what must refuse the second backward pass
+    _optimizer = hvdcomp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                        model.named_parameters(), comm=comm)
     x, y = batches(comm.rank, 1)[0]
     for _ in range(2):

@@ -1,13 +1,11 @@
 """hvdcomp.DistributedOptimizer on real Horovod ranks (mpirun and Gloo)."""
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from multirank import launch_command, launcher_env, require, run_command, run_ranks
+from multirank import launch_command, require, run_command, run_ranks
 
 LAUNCHES = [pytest.param(np, ctl, marks=getattr(pytest.mark, ctl), id=f"{ctl}-{np}")
             for ctl in ("mpi", "gloo") for np in (2, 4)]

@@ -40,7 +40,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..compressors import Compressor, from_spec
+from ..compressors import Compressor
 from .base import Algorithm
 
 __all__ = ["DGC", "DGCSGD", "dgc_density", "clip_local_gradient"]

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Tuple
 import numpy as np
 import torch
 
-from .base import CompressionError, read_field
+from .base import CompressionError, Compressor, read_field
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,6 +70,17 @@ class Layout:
         """Typed field of a received payload (copied only when misaligned)."""
         offset, dtype, count = self.fields[name]
         return read_field(payload, offset, count, dtype)
+
+
+class LayoutCompressor(Compressor):
+    """A compressor whose payload for ``numel`` elements is the fixed :class:`Layout` that
+    ``_layout(numel)`` returns; its size is the layout's, and an empty chunk sends nothing."""
+
+    def _layout(self, numel: int) -> Layout:
+        raise NotImplementedError
+
+    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
+        return self._layout(numel).nbytes if numel else 0
 
 
 def flat_input(x: torch.Tensor, who: str) -> torch.Tensor:

@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from ._wire import (Layout, check_int, check_out_dtype, check_payload, compute_dtype, flat_input,
+from ._wire import (Layout, LayoutCompressor, check_int, check_out_dtype, check_payload, compute_dtype, flat_input,
                     generator, mix_seeds)
-from .base import Compressor, check_finite
+from .base import check_finite
 from .registry import register
 
 
@@ -59,7 +59,7 @@ def orthonormalize(columns: torch.Tensor) -> torch.Tensor:
 
 
 @register("powersgd")
-class PowerSGD(Compressor):
+class PowerSGD(LayoutCompressor):
     """Rank-``rank`` PowerSGD, one power iteration from a shared-seed Gaussian Q (rank ≥ 1).
 
     Bytes: 4·r·(n + m) with m = ceil(√d), n = ceil(d/m), r = min(rank, n, m): the fp32 factors P̂
@@ -80,8 +80,6 @@ class PowerSGD(Compressor):
         rows, cols, r = self._shape(numel)
         return Layout([("p", torch.float32, rows * r), ("q", torch.float32, cols * r)])
 
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self._layout(numel).nbytes
 
     def compress(self, x, seed=0):
         x = flat_input(x, self.name)

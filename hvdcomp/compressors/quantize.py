@@ -19,14 +19,14 @@ import math
 import torch
 
 from . import bitpack
-from ._wire import (Layout, check_bool, check_int, check_out_dtype, check_payload, compute_dtype,
+from ._wire import (Layout, LayoutCompressor, check_bool, check_int, check_out_dtype, check_payload, compute_dtype,
                     flat_input, generator, mix_seeds)
-from .base import Compressor, check_finite
+from .base import check_finite
 from .registry import register
 
 
 @register("qsgd")
-class QSGD(Compressor):
+class QSGD(LayoutCompressor):
     """QSGD with ``levels`` = s quantization levels per sign (s in [1, 127]).
 
     Each element is coded as c = s + sign·ξ ∈ [0, 2s] in b = ceil(log2(2s+1)) bits, packed
@@ -60,8 +60,6 @@ class QSGD(Compressor):
         return Layout([("norm", torch.float32, 1),
                        ("codes", torch.uint8, bitpack.packed_nbytes(numel, self.bits))])
 
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self._layout(numel).nbytes if numel else 0
 
     def compress(self, x, seed=0):
         x = flat_input(x, self.name)

@@ -32,14 +32,14 @@ from __future__ import annotations
 import torch
 
 from . import bitpack
-from ._wire import (Layout, allocate, check_int, check_out_dtype, check_payload, compute_dtype,
+from ._wire import (Layout, LayoutCompressor, allocate, check_int, check_out_dtype, check_payload, compute_dtype,
                     flat_input)
-from .base import Compressor, check_finite
+from .base import check_finite
 from .registry import register
 
 
 @register("sign")
-class Sign(Compressor):
+class Sign(LayoutCompressor):
     """Scaled sign over the whole chunk: C(x) = (‖x‖₁/d)·sign(x), sign(0) = +1.
 
     Bytes: 4 + ceil(d/8) (one fp32 scale, 1 bit per element); 0 when d = 0.
@@ -50,8 +50,6 @@ class Sign(Compressor):
         return Layout([("scale", torch.float32, 1),
                        ("bits", torch.uint8, bitpack.packed_nbytes(numel))])
 
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self._layout(numel).nbytes if numel else 0
 
     def compress(self, x, seed=0):
         x = flat_input(x, self.name)
@@ -83,7 +81,7 @@ class Sign(Compressor):
 
 
 @register("blocksign")
-class BlockSign(Compressor):
+class BlockSign(LayoutCompressor):
     """Scaled sign per block of ``block`` elements (Blockwise-SignSGD, LIEC-SGD §1.3): block b
     gets its own scale ‖x_b‖₁/d_b; the last block may be shorter (d_b = d mod block).
 
@@ -99,8 +97,6 @@ class BlockSign(Compressor):
         return Layout([("scales", torch.float32, -(-numel // self.block)),
                        ("bits", torch.uint8, bitpack.packed_nbytes(numel))])
 
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self._layout(numel).nbytes if numel else 0
 
     def compress(self, x, seed=0):
         x = flat_input(x, self.name)

@@ -18,7 +18,7 @@ import random
 import numpy as np
 import torch
 
-from ._wire import (Layout, allocate, check_bool, check_int, check_out_dtype, check_payload, check_ratio,
+from ._wire import (Layout, LayoutCompressor, allocate, check_bool, check_int, check_out_dtype, check_payload, check_ratio,
                     compute_dtype, decode_indices, encode_indices, flat_input, generator,
                     index_dtype, mix_seeds, selected_count)
 from .base import Compressor, check_finite
@@ -68,7 +68,7 @@ def _scatter(numel: int, indices: torch.Tensor, values: torch.Tensor, dtype: tor
 
 
 @register("topk")
-class TopK(Compressor):
+class TopK(LayoutCompressor):
     """The k = ceil(ratio·d) elements of largest magnitude, with their indices.
 
     Bytes: k·(4, or 2 with ``fp16_values``) + k·idx(d); 0 when d = 0.
@@ -89,8 +89,6 @@ class TopK(Compressor):
         values = torch.float16 if self.fp16_values else torch.float32
         return Layout([("values", values, k), ("indices", index_dtype(max(numel, 1))[0], k)])
 
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self._layout(numel).nbytes
 
     def compress(self, x, seed=0):
         x = flat_input(x, self.name)
@@ -172,7 +170,7 @@ class RandomK(Compressor):
 
 
 @register("dgc")
-class DGC(Compressor):
+class DGC(LayoutCompressor):
     """Deep Gradient Compression's sparsifier (Lin et al., ICLR 2018; reference code
     ``dgc/compression.py::_sparsify``, research notes §3.2): top-k by a threshold estimated on a
     strided sample of |x|, then adapted.
@@ -212,8 +210,6 @@ class DGC(Compressor):
         k = selected_count(self.ratio, numel)
         return Layout([("values", torch.float32, k), ("indices", index_dtype(max(numel, 1))[0], k)])
 
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self._layout(numel).nbytes
 
     def sampling(self, numel: int):
         """``(stride, n_samples, k_samples)`` as the reference's ``initialize`` computes them."""

@@ -54,9 +54,7 @@ def build_distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, hvd,
     * ``psgd`` with ``none`` both ways: Horovod's own ``hvd.DistributedOptimizer`` (ring
       allreduce of the dense gradient), the P-SGD baseline with the optimizer users know;
     * everything else: ``hvdcomp.DistributedOptimizer`` with the compression of
-      :func:`make_compression`. It averages LIEC-SGD's models itself in ``step()``; an optimizer
-      that instead exposes ``needs_parameter_averaging()`` / ``average_parameters()`` is served
-      by :meth:`DistributedStep.step`.
+      :func:`make_compression`. It averages LIEC-SGD's models itself in ``step()``.
     """
     if cfg.algorithm == "monna":
         from hvdcomp.comm import HorovodCommunicator
@@ -137,10 +135,6 @@ class DistributedStep:
             ring_share = (self.world_size - 1) / self.world_size * self.gradient_bytes
             self._measured["bytes_up"] += ring_share
             self._measured["bytes_down"] += ring_share
-        needs_averaging = getattr(self.optimizer, "needs_parameter_averaging", None)
-        if needs_averaging is not None and needs_averaging():
-            # LIEC-SGD's periodic exact model averaging (every p-th step, before the update)
-            self.optimizer.average_parameters()
         with self.optimizer.skip_synchronize():
             self.optimizer.step()
 
