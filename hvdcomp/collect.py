@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .errors import UserError
+
 #: summary.json fields a completed run must have (docs/design.md).
 SUMMARY_FIELDS = ("final_accuracy", "best_accuracy", "wall_time", "bytes_up", "bytes_down")
 
@@ -57,7 +59,7 @@ METRIC_COLUMNS = ("final_accuracy", "best_accuracy", "time_to_target", "epochs_t
                   "ratio_down", "baseline", "samples_per_s")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A run directory that cannot enter the table; ``kind`` is "partial" or "corrupt"."""
 
     def __init__(self, kind: str, reason: str):

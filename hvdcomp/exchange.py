@@ -78,6 +78,8 @@ from .comm.base import Communicator, Handle, scale_like_horovod
 from .compressors import Compressor
 from .compressors._wire import allocate
 
+from .errors import UserError
+
 PATTERNS = ("two_phase", "allgather", "allreduce")
 #: smallest chunk alignment in elements: 64 keeps 1-bit payloads whole bytes (and 2-, 4-bit ones)
 BASE_ALIGNMENT = 64
@@ -85,7 +87,7 @@ BASE_ALIGNMENT = 64
 BucketSpec = Union[torch.Tensor, int, Tuple[int, torch.dtype]]
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """Ranks disagree on the algorithm, compressors, pattern or bucket sizes."""
 
 

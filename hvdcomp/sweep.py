@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from .errors import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python < 3.11 uses the backport (a dependency there)
     import tomli as tomllib
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A sweep spec is malformed; the message names file, line and key, and the fix."""
 
 

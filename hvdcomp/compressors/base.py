@@ -19,8 +19,10 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
+from ..errors import UserError
 
-class CompressionError(ValueError):
+
+class CompressionError(UserError, ValueError):
     """Raised for input a compressor refuses (NaN/Inf, wrong payload size...)."""
 
 

@@ -35,11 +35,13 @@ import torch
 
 from ..atomic import atomic_write
 
+from ..errors import UserError
+
 FORMAT = "hvdcomp-train-checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..exchange import PATTERNS
 
+from ..errors import UserError
+
 #: Algorithms ``hvdcomp train`` knows; every name but psgd goes through hvdcomp.DistributedOptimizer.
 ALGORITHMS = ("psgd", "memsgd", "doublesqueeze", "liec", "ef21", "ef21w", "ef21sgdm", "ef21bc",
               "dgc", "monna")
@@ -30,7 +32,7 @@ UNSUPPORTED: Dict[str, str] = {}
 SCHEDULES = ("constant", "step", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Bad user input; the CLI turns it into a one-line error with exit code 2."""
 
 

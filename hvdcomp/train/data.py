@@ -35,8 +35,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A dataset that cannot be read; the message names the expected files."""
 
 
