@@ -26,9 +26,12 @@ Inputs are never modified; results are new tensors.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from .. import stall
 
 #: the reduction operations ``allreduce`` accepts
 REDUCE_OPS = ("average", "sum")
@@ -37,17 +40,22 @@ REDUCE_OPS = ("average", "sum")
 class Handle:
     """A collective in flight; :meth:`wait` blocks until it completes and returns its result.
 
-    ``wait()`` may be called more than once; the result is computed once."""
+    ``wait()`` may be called more than once; the result is computed once. A handle with a
+    ``name`` (the collective's) waits under the stall guard (:mod:`hvdcomp.stall`): a wait on
+    other ranks that lasts past the timeout ends the job with a message naming the collective."""
 
     _UNSET = object()
 
-    def __init__(self, wait_fn: Callable[[], Any]):
+    def __init__(self, wait_fn: Callable[[], Any], name: Optional[str] = None):
         self._wait_fn = wait_fn
         self._result: Any = Handle._UNSET
+        self.name = name
 
     def wait(self) -> Any:
         if self._result is Handle._UNSET:
-            self._result = self._wait_fn()
+            guard = stall.waiting(repr(self.name)) if self.name else contextlib.nullcontext()
+            with guard:
+                self._result = self._wait_fn()
             self._wait_fn = None  # drop references to inputs once done
         return self._result
 

@@ -52,12 +52,12 @@ class HorovodCommunicator(Communicator):
         hvd_op = self._hvd.Average if op == "average" else self._hvd.Sum
         handle = self._hvd.allreduce_async(tensor.contiguous(), name=name, op=hvd_op,
                                            process_set=self._process_set)
-        return Handle(lambda: self._hvd.synchronize(handle))
+        return Handle(lambda: self._hvd.synchronize(handle), name)
 
     def allgather_async(self, tensor, name):
         handle = self._hvd.allgather_async(tensor.contiguous(), name=name,
                                            process_set=self._process_set)
-        return Handle(lambda: self._hvd.synchronize(handle))
+        return Handle(lambda: self._hvd.synchronize(handle), name)
 
     def alltoall_async(self, tensor, splits: Sequence[int], name):
         splits = check_splits(tensor, splits, self.size)
@@ -68,11 +68,11 @@ class HorovodCommunicator(Communicator):
         def wait():
             received, received_splits = self._hvd.synchronize(handle)
             return received, [int(s) for s in received_splits.tolist()]
-        return Handle(wait)
+        return Handle(wait, name)
 
     def broadcast_async(self, tensor, root, name):
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast root {root} outside a world of {self.size}")
         handle = self._hvd.broadcast_async(tensor.contiguous(), root_rank=root, name=name,
                                            process_set=self._process_set)
-        return Handle(lambda: self._hvd.synchronize(handle))
+        return Handle(lambda: self._hvd.synchronize(handle), name)
