@@ -26,13 +26,16 @@ import click
 def command(dirs, fmt, target, group_by, sort_by, plot_dir, plot_formats) -> None:
     """Compare the runs under DIRS (every folder holding a config.json).
 
-    Running, partial and corrupt run directories are listed on stderr and left out."""
+    Running, partial, corrupt and unreadable run directories are listed on stderr and left out.
+    A --plot folder that cannot be written stops the command before anything is read (exit 2)."""
     from hvdcomp import collect as c
 
     try:
         target = c.normalise_target(target)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--target") from None
+    if plot_dir is not None:
+        c.check_plot_dir(plot_dir)   # CollectError: one line, exit 2, before any output
     runs, skipped = c.load_runs(dirs)
     for s in skipped:
         click.echo(f"skipped ({s.kind}): {s.path}: {s.reason}", err=True)
@@ -70,9 +73,7 @@ def command(dirs, fmt, target, group_by, sort_by, plot_dir, plot_formats) -> Non
                 console.print(table)
 
     if plot_dir is not None:
-        try:
-            written = c.plot(runs, plot_dir, group_by=group_keys, formats=plot_formats)
-        except RuntimeError as exc:
-            raise click.ClickException(str(exc)) from None
+        sys.stdout.flush()  # the table is out before a figure can fail (a full disk)
+        written = c.plot(runs, plot_dir, group_by=group_keys, formats=plot_formats)
         click.echo(f"wrote {len(written)} figure(s) to {plot_dir}", err=True)
     sys.stdout.flush()

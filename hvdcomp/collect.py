@@ -59,6 +59,10 @@ METRIC_COLUMNS = ("final_accuracy", "best_accuracy", "time_to_target", "epochs_t
                   "ratio_down", "baseline", "samples_per_s")
 
 
+class CollectError(UserError):
+    """Bad arguments to collect (a missing folder, an unwritable --plot folder, no matplotlib)."""
+
+
 class RunDirError(UserError, ValueError):
     """A run directory that cannot enter the table; ``kind`` is "partial" or "corrupt"."""
 
@@ -91,7 +95,7 @@ class Run:
 @dataclass
 class Skipped:
     path: Path
-    kind: str     # "partial" (running or stopped early) or "corrupt"
+    kind: str     # "partial" (running or stopped early), "corrupt" or "unreadable" (a folder)
     reason: str
 
 
@@ -99,26 +103,56 @@ class Skipped:
 # Reading
 # ----------------------------------------------------------------------------------------------
 
-def find_run_dirs(roots: Iterable["str | Path"]) -> List[Path]:
-    """Every folder under ``roots`` (the roots included) that holds a config.json, sorted."""
+def find_run_dirs(roots: Iterable["str | Path"],
+                  unreadable: Optional[List[Tuple[Path, str]]] = None) -> List[Path]:
+    """Every folder under ``roots`` (the roots included) that holds a config.json, sorted.
+
+    Folders that cannot be listed are appended to ``unreadable`` as (path, reason) instead of
+    being passed over in silence (``os.walk`` drops them otherwise)."""
     found = set()
+
+    def walk_error(exc: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((Path(exc.filename), f"folder unreadable: {exc.strerror}"))
+
     for root in roots:
         root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"{root}: no such directory")
-        for folder, dirs, files in os.walk(root):
+        if not root.is_dir():
+            raise CollectError(f"{root}: no such directory")
+        for folder, dirs, files in os.walk(root, onerror=walk_error):
             dirs[:] = [d for d in dirs if d != "checkpoints"]  # nothing to find in there
-            if "config.json" in files:
+            # config.json as a folder (or a link to one) is a damaged run, not a missing one
+            if "config.json" in files or "config.json" in dirs:
                 found.add(Path(folder))
     return sorted(found)
 
 
-def _read_json_object(path: Path, what: str) -> Dict[str, Any]:
+def _read_bytes_of(path: Path, what: str) -> bytes:
+    """The bytes of a regular file, or RunDirError("corrupt") saying why not. Checks the type
+    first: opening a FIFO for reading would block forever."""
     try:
-        data = json.loads(path.read_text())
+        if not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise RunDirError("corrupt", f"{what} is {kind}")
+        return path.read_bytes()
     except OSError as exc:
-        raise RunDirError("corrupt", f"{what} unreadable: {exc.strerror}") from None
-    except ValueError as exc:
+        raise RunDirError("corrupt", f"{what} unreadable: {exc.strerror or exc}") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    data = _read_bytes_of(path, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunDirError("corrupt", f"{what} is not UTF-8 text (byte {exc.start} is "
+                                     f"0x{data[exc.start]:02x}): a binary or damaged file") from None
+
+
+def _read_json_object(path: Path, what: str) -> Dict[str, Any]:
+    text = _read_text(path, what)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise RunDirError("corrupt", f"{what} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise RunDirError("corrupt", f"{what} holds {type(data).__name__}, not an object")
@@ -127,20 +161,24 @@ def _read_json_object(path: Path, what: str) -> Dict[str, Any]:
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
     """Records of a metrics.jsonl. A damaged *last* line is what a killed writer leaves and is
-    dropped; a damaged line before it means the file is corrupt."""
-    if not path.exists():
+    dropped; a damaged line before it (bad JSON or bytes that are not UTF-8) means the file is
+    corrupt, and so does a metrics.jsonl that is not a readable regular file."""
+    if not os.path.lexists(path):
         return []
-    lines = path.read_text().splitlines()
+    raw = _read_bytes_of(path, "metrics.jsonl").split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in enumerate(raw, start=1):
         try:
-            record = json.loads(line)
+            text = line.decode("utf-8")
+            if not text.strip():
+                continue
+            record = json.loads(text)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
-            if number == len(lines):
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
+            if number == len(raw):
                 break
             raise RunDirError("corrupt", f"metrics.jsonl line {number} is damaged ({exc})") from None
         records.append(record)
@@ -154,7 +192,7 @@ def read_run(path: "str | Path") -> Run:
     records = read_metrics(path / "metrics.jsonl")
     epochs = [r for r in records if r.get("event") == "epoch"]
     steps = [r for r in records if r.get("event") == "step"]
-    if not (path / "summary.json").exists():
+    if not os.path.lexists(path / "summary.json"):
         last = f", last epoch {epochs[-1].get('epoch')}" if epochs else ""
         raise RunDirError("partial", f"no summary.json: running or stopped early "
                                      f"({len(records)} metric records{last})")
@@ -168,13 +206,20 @@ def read_run(path: "str | Path") -> Run:
 
 
 def load_runs(roots: Iterable["str | Path"]) -> Tuple[List[Run], List[Skipped]]:
+    """The completed runs under ``roots`` and every folder left out, with the reason. Reading
+    one run never aborts the others: a failure nobody foresaw is listed as corrupt with its
+    exception type, like a damaged file."""
     runs, skipped = [], []
-    for folder in find_run_dirs(roots):
+    unreadable: List[Tuple[Path, str]] = []
+    for folder in find_run_dirs(roots, unreadable):
         try:
             runs.append(read_run(folder))
         except RunDirError as exc:
             skipped.append(Skipped(folder, exc.kind, str(exc)))
-    return runs, skipped
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            skipped.append(Skipped(folder, "corrupt", f"cannot be read ({type(exc).__name__}: {exc})"))
+    skipped += [Skipped(folder, "unreadable", reason) for folder, reason in unreadable]
+    return runs, sorted(skipped, key=lambda s: str(s.path))
 
 
 def _is_number(value: Any) -> bool:
@@ -452,11 +497,27 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib, which is not installed: "
+        raise CollectError("--plot needs matplotlib, which is not installed: "
                            "pip install 'hvdcomp[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
+
+
+def check_plot_dir(outdir: "str | Path") -> Path:
+    """Before any work: matplotlib imports, and ``outdir`` exists (created) and takes a file.
+    Raises CollectError naming the folder and the reason."""
+    _pyplot()
+    outdir = Path(outdir)
+    probe = outdir / f".collect-probe-{os.getpid()}"
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CollectError(f"--plot {outdir}: cannot write figures there "
+                           f"({exc.strerror or exc}); choose another folder") from None
+    return outdir
 
 
 def _label(run: Run, keys: Sequence[str]) -> str:
@@ -468,8 +529,7 @@ def plot(runs: Sequence[Run], outdir: "str | Path", group_by: Sequence[str] = ()
          formats: Sequence[str] = ("png",)) -> List[Path]:
     """Write accuracy-vs-{epoch,time,bytes} figures, one set per group; returns the files."""
     plt = _pyplot()
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = check_plot_dir(outdir)
     group_keys = [normalise_key(k) for k in group_by]
     label_keys = [k for k in option_columns(runs) if k not in group_keys]
     groups: Dict[str, Tuple[Dict[str, Any], List[Run]]] = {}
@@ -505,9 +565,14 @@ def plot(runs: Sequence[Run], outdir: "str | Path", group_by: Sequence[str] = ()
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")
             fig.tight_layout()
-            for fmt in formats:
-                path = outdir / f"{stem}{suffix}.{fmt}"
-                fig.savefig(path)
-                written.append(path)
-            plt.close(fig)
+            try:
+                for fmt in formats:
+                    path = outdir / f"{stem}{suffix}.{fmt}"
+                    fig.savefig(path)
+                    written.append(path)
+            except OSError as exc:  # a full disk, a folder removed meanwhile
+                raise CollectError(f"--plot {outdir}: writing {path.name} failed "
+                                   f"({exc.strerror or exc})") from None
+            finally:
+                plt.close(fig)
     return written

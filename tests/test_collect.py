@@ -6,6 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ from click.testing import CliRunner
 from hvdcomp import collect
 from hvdcomp.cli.main import cli
 
+REPO = Path(__file__).resolve().parent.parent
 BASE = {"model": "mlp", "dataset": "digits", "epochs": 3, "batch_size": 32, "lr": 0.05,
         "seed": 0, "world_size": 2, "launcher": {"name": "srun", "slurm_job_id": "7"}}
 
@@ -217,3 +223,116 @@ def test_cli_table_with_relative_and_absolute_run_paths(runs_root: Path, monkeyp
                                       "--format", "markdown"])
     assert result.exit_code == 0, result.output
     assert "| psgd " in result.stdout and "| liec-sign " in result.stdout
+
+
+# --- damaged runs never abort the table (issue 14) ----------------------------------------------
+def completed_run(root: Path, name: str, seed: int) -> Path:
+    return write_run(root, name, {"algorithm": "liec", "up": "sign", "down": "sign", "seed": seed},
+                     [0.5, 0.6], (10, 10))
+
+
+def test_binary_and_misshapen_files_are_skipped_and_named(tmp_path: Path):
+    root = tmp_path / "runs"
+    completed_run(root, "good", 0)
+    binary_middle = completed_run(root, "binary-metrics", 1)
+    lines = (binary_middle / "metrics.jsonl").read_bytes().split(b"\n")
+    lines[1] = b"\xff\xfe\x00binary\x80"                     # not UTF-8, not the last line
+    (binary_middle / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    binary_last = completed_run(root, "binary-last-line", 2)  # what a cut writer can leave
+    with open(binary_last / "metrics.jsonl", "ab") as handle:
+        handle.write(b'{"event": "ep\xc3')
+    folder_metrics = completed_run(root, "metrics-is-a-folder", 3)
+    (folder_metrics / "metrics.jsonl").unlink()
+    (folder_metrics / "metrics.jsonl").mkdir()
+    binary_summary = completed_run(root, "binary-summary", 4)
+    (binary_summary / "summary.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    folder_config = root / "config-is-a-folder"
+    (folder_config / "config.json").mkdir(parents=True)
+    fifo_run = completed_run(root, "metrics-is-a-fifo", 5)
+    (fifo_run / "metrics.jsonl").unlink()
+    os.mkfifo(fifo_run / "metrics.jsonl")                     # reading it would block forever
+
+    runs, skipped = collect.load_runs([root])
+    assert sorted(r.path.name for r in runs) == ["binary-last-line", "good"]
+    reasons = {s.path.name: (s.kind, s.reason) for s in skipped}
+    assert reasons["binary-metrics"][0] == "corrupt" and "line 2" in reasons["binary-metrics"][1]
+    assert reasons["metrics-is-a-folder"] == ("corrupt", "metrics.jsonl is a folder")
+    assert reasons["metrics-is-a-fifo"] == ("corrupt", "metrics.jsonl is not a regular file")
+    assert reasons["config-is-a-folder"] == ("corrupt", "config.json is a folder")
+    assert "summary.json is not UTF-8" in reasons["binary-summary"][1]
+
+    result = CliRunner().invoke(cli, ["collect", str(root), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert sorted(Path(row["run"]).name for row in csv.DictReader(io.StringIO(result.stdout))) == [
+        "binary-last-line", "good"]
+    for name in ("binary-metrics", "metrics-is-a-folder", "metrics-is-a-fifo", "config-is-a-folder",
+                 "binary-summary"):
+        assert f"skipped (corrupt): {root / name}:" in result.stderr
+    assert "Traceback" not in result.output
+
+
+NOBODY = 65534
+
+
+def run_as_nobody(args, cwd: Path) -> subprocess.CompletedProcess:
+    """hvdcomp as an unprivileged user (root reads every file, so permissions need another uid)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run hvdcomp as another user")
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           sys.executable, "-m", "hvdcomp.cli.main", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture
+def shared_root():
+    """A folder every user may enter (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="hvdcomp-collect-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_unreadable_files_and_folders_are_skipped(shared_root: Path):
+    root = shared_root / "runs"
+    completed_run(root, "good", 0)
+    no_metrics = completed_run(root, "unreadable-metrics", 1)
+    (no_metrics / "metrics.jsonl").chmod(0o000)
+    no_summary = completed_run(root, "unreadable-summary", 2)
+    (no_summary / "summary.json").chmod(0o000)
+    completed_run(root, "locked/inner", 3)
+    (root / "locked").chmod(0o700)                              # nobody cannot list it
+    for folder, _, files in os.walk(root):
+        if Path(folder) != root / "locked":
+            os.chmod(folder, 0o755)
+    done = run_as_nobody(["collect", str(root), "--format", "csv"], shared_root)
+    assert done.returncode == 0, done.stderr
+    assert "good" in done.stdout and "unreadable" not in done.stdout
+    assert f"skipped (corrupt): {no_metrics}: metrics.jsonl unreadable: Permission denied" in done.stderr
+    assert f"skipped (corrupt): {no_summary}: summary.json unreadable: Permission denied" in done.stderr
+    assert f"skipped (unreadable): {root / 'locked'}: folder unreadable: Permission denied" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unwritable_plot_folder_is_one_error_before_anything(runs_root: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli, ["collect", str(runs_root), "--plot", str(blocker / "figures")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: --plot {blocker / 'figures'}: cannot write figures there")
+    assert result.stdout == "" and "Traceback" not in result.output
+
+
+def test_plot_folder_without_permission(shared_root: Path):
+    pytest.importorskip("matplotlib")
+    make_runs(shared_root / "runs")
+    for folder, _, _ in os.walk(shared_root):
+        os.chmod(folder, 0o755)                                  # readable, not writable
+    done = run_as_nobody(["collect", str(shared_root / "runs"), "--plot", str(shared_root / "runs")],
+                         shared_root)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Error: --plot {shared_root / 'runs'}: cannot write figures there (Permission denied); "
+        "choose another folder")
+    assert done.stdout == ""
