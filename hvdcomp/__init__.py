@@ -32,11 +32,3 @@ def __getattr__(name):
 
 
 __all__ = list(_LAZY)
-
-import sys as _sys
-
-if "horovod.torch" in _sys.modules:
-    # Horovod is already loaded (the usual `import horovod.torch as hvd; import hvdcomp`): guard
-    # hvd.DistributedOptimizer against stateful compressions now, before user code can look it
-    # up. Otherwise the guard goes in when hvdcomp.Compression is first used.
-    from . import compression as _compression  # noqa: F401

@@ -1,21 +1,22 @@
-"""``hvdcomp.Compression``: compression objects that plug into Horovod's ``compression=`` slot.
+"""``hvdcomp.Compression``: compression objects for the ``compression=`` argument.
 
 Two kinds, and the difference matters:
 
-* **Stateless, allreduce-compatible** (``Compression.none``, ``Compression.fp16``,
-  ``Compression.randomk(ratio)``): subclasses of Horovod's ``Compressor`` that turn a gradient into
-  a tensor an allreduce may sum. They work with Horovod's own ``hvd.DistributedOptimizer``.
+* **Horovod's Compressor interface** (``Compression.none``, ``Compression.fp16``,
+  ``Compression.randomk(ratio)``, or a user's own ``compress(tensor) -> (tensor, ctx)`` /
+  ``decompress(tensor, ctx)`` object): turns a gradient into a tensor an allreduce may sum.
+  ``hvdcomp.DistributedOptimizer`` applies them exactly as ``hvd.DistributedOptimizer`` does, and
+  they work with Horovod's own optimizer too.
 * **Stateful, bidirectional** (``Compression.liec(...)``, ``.doublesqueeze``, ``.memsgd``,
-  ``.ef21``, ``.dgc``, or ``Compression.algorithm(name, ...)``): an algorithm with error-feedback
-  state and a two-phase exchange. An allreduce cannot carry them, so they only work through
-  :func:`hvdcomp.DistributedOptimizer`. Handing one to Horovod's optimizer fails at construction
-  (importing hvdcomp wraps ``horovod.torch.DistributedOptimizer`` with that one check), and, should
-  the check be bypassed, their ``compress`` raises at the first step: never a silently wrong
-  gradient.
+  ``.ef21``, ``.dgc``, ``.psgd``, or ``Compression.algorithm(name, ...)``): an algorithm with
+  error-feedback state and a two-phase exchange. An allreduce cannot carry them, so they only work
+  through :func:`hvdcomp.DistributedOptimizer`; handed to Horovod's optimizer, their ``compress``
+  raises at the first backward pass with a message saying what to use instead: never a silently
+  wrong gradient. (Importing hvdcomp changes nothing in Horovod.)
 """
 from __future__ import annotations
 
-import functools
+import inspect
 import zlib
 from typing import Any, Dict, Optional
 
@@ -27,6 +28,8 @@ try:  # Horovod's base class when Horovod is installed, so isinstance checks in 
     from horovod.torch.compression import NoneCompressor as _HorovodNone
 except Exception:  # pragma: no cover - hvdcomp's simulator and compressors work without Horovod
     class _HorovodCompressor:  # type: ignore[no-redef]
+        """Horovod's interface: compress(tensor) -> (tensor, ctx); decompress(tensor, ctx)."""
+
         @staticmethod
         def compress(tensor):
             return tensor, None
@@ -35,13 +38,28 @@ except Exception:  # pragma: no cover - hvdcomp's simulator and compressors work
         def decompress(tensor, ctx):
             return tensor
 
-    _HorovodNone = _HorovodCompressor  # type: ignore[misc]
-    _HorovodFP16 = None  # type: ignore[assignment]
+    class _HorovodNone(_HorovodCompressor):  # type: ignore[no-redef]
+        pass
+
+    class _HorovodFP16(_HorovodCompressor):  # type: ignore[no-redef]
+        """Horovod's FP16Compressor, for runs without Horovod (the simulator)."""
+
+        @staticmethod
+        def compress(tensor):
+            if tensor.dtype.is_floating_point:
+                return tensor.type(torch.float16), tensor.dtype
+            return tensor, tensor.dtype
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            return tensor.type(ctx) if ctx.is_floating_point else tensor
 
 USE_HVDCOMP_OPTIMIZER = (
     "{what} keeps error-feedback state and needs a two-phase exchange, which Horovod's "
-    "DistributedOptimizer cannot do: use hvdcomp.DistributedOptimizer(optimizer, "
-    "named_parameters=..., compression=...) instead of hvd.DistributedOptimizer")
+    "allreduce cannot carry (this compress() was called by hvd.DistributedOptimizer or "
+    "hvd.allreduce): use hvdcomp.DistributedOptimizer(optimizer, "
+    "named_parameters=model.named_parameters(), compression={what}) in place of "
+    "hvd.DistributedOptimizer, or hvdcomp.allreduce for one tensor")
 
 
 class RandomKCompressor(_HorovodCompressor):
@@ -148,30 +166,51 @@ class Compression:
     def dgc(up: Any = "dgc:ratio=0.001", **hyper) -> AlgorithmCompression:
         return AlgorithmCompression("dgc", up=up, **hyper)
 
+    @staticmethod
+    def neolithic(up: Any = "sign", down: Optional[Any] = None,
+                  rounds: int = 2) -> AlgorithmCompression:
+        return AlgorithmCompression("neolithic", up=up, down=down, rounds=rounds)
+
+    @staticmethod
+    def cser(up: Any = "sign", period: int = 8) -> AlgorithmCompression:
+        return AlgorithmCompression("cser", up=up, period=period)
+
+    @staticmethod
+    def ef21pp(rank: int, up: Any = "topk:ratio=0.01", participation: float = 0.5,
+               **hyper) -> AlgorithmCompression:
+        """EF21-PP (``hyper``: ``seed``); EF21-W-PP is ``Compression.algorithm("ef21wpp", ...)``."""
+        return AlgorithmCompression("ef21pp", up=up, rank=rank, participation=participation,
+                                    **hyper)
+
 
 def is_stateful(compression: Any) -> bool:
     return bool(getattr(compression, "stateful", False))
 
 
-def _guard_horovod_optimizer() -> None:
-    """Make ``hvd.DistributedOptimizer(..., compression=<stateful>)`` fail at construction."""
-    try:
-        import horovod.torch as hvd
-    except Exception:
-        return
-    original = hvd.DistributedOptimizer
-    if getattr(original, "_hvdcomp_guarded", False):
-        return
-
-    @functools.wraps(original)
-    def DistributedOptimizer(optimizer, *args, **kwargs):
-        compression = kwargs.get("compression", args[1] if len(args) > 1 else None)
-        if is_stateful(compression):
-            raise TypeError(USE_HVDCOMP_OPTIMIZER.format(what=repr(compression)))
-        return original(optimizer, *args, **kwargs)
-
-    DistributedOptimizer._hvdcomp_guarded = True
-    hvd.DistributedOptimizer = DistributedOptimizer
-
-
-_guard_horovod_optimizer()
+def check_compression(compression: Any) -> Any:
+    """The ``compression=`` of hvdcomp.DistributedOptimizer, checked: None is
+    ``Compression.none``; an hvdcomp compressor object (``hvdcomp.compressors``) becomes P-SGD
+    with it; anything else must be stateful or have Horovod's Compressor interface."""
+    from .compressors import Compressor as HvdcompCompressor
+    if compression is None:
+        return Compression.none
+    if is_stateful(compression):
+        return compression
+    if isinstance(compression, HvdcompCompressor):
+        return AlgorithmCompression("psgd", up=compression)
+    if isinstance(compression, str):
+        raise TypeError(f"compression={compression!r}: pass a compression object, e.g. "
+                        f"hvdcomp.Compression.algorithm('psgd', up={compression!r}) or "
+                        f"hvdcomp.Compression.liec({compression!r})")
+    if not (callable(getattr(compression, "compress", None))
+            and callable(getattr(compression, "decompress", None))):
+        raise TypeError(f"compression must be an hvdcomp.Compression object or have Horovod's "
+                        f"Compressor interface (compress(tensor) -> (tensor, ctx), "
+                        f"decompress(tensor, ctx)); got {compression!r}")
+    if inspect.isclass(compression):
+        for method in ("compress", "decompress"):
+            if not isinstance(inspect.getattr_static(compression, method),
+                              (staticmethod, classmethod)):
+                raise TypeError(f"{compression.__name__}.{method} is an instance method: pass "
+                                f"an instance, {compression.__name__}(...), not the class")
+    return compression

@@ -35,7 +35,8 @@ one-time configuration check. Two-phase uplink: Σ_{j≠rank} |payload of chunk 
 Allreduces (``"allreduce"`` pattern, sync rounds, parameter averaging) are counted as a ring
 allreduce sends: the reduce-scatter half as uplink, Σ_{j≠rank} |piece j|, the allgather half as
 downlink, (N−1)·|piece rank|, pieces cut by the chunking rule; the real bytes depend on the MPI
-or NCCL algorithm. The allgather of the server state in a sync round is counted as downlink.
+or NCCL algorithm. The allgather of the server state in a sync round is counted as downlink, and
+so is the allgather of the chunks' L1 norms that ``sign`` needs on the downlink ((N−1)·8 bytes).
 
 Chunking (:func:`chunk_bounds`): a bucket of d elements is cut into N chunks of
 ``ceil(d/N)`` elements rounded up to a multiple of ``alignment``; the last chunks may be shorter
@@ -59,7 +60,8 @@ tensors are allocated through numpy (``compressors._wire.allocate``: transparent
 fewer page faults).  The values are those of the plain formulas, bit for bit; only the number of
 passes changes.
 
-Names: every collective is called ``hvdcomp.<key>.<phase>.<round>``; ``start`` may be called in
+Names: every collective is called ``<name_prefix>.<key>.<phase>`` (``name_prefix`` defaults to
+``hvdcomp``), the same every round; ``start`` may be called in
 any order across ranks (collectives pair by name, the configuration check of a bucket first seen
 by ``start`` too), but ``finish`` must be called in the same
 bucket order on every rank, because ``finish`` issues the downlink collective and waits for it.
@@ -333,13 +335,14 @@ class Exchange:
 
     # --- the two-phase sharded server ----------------------------------------------------------
     def _start_two_phase(self, key: str, flat: torch.Tensor) -> ExchangeHandle:
-        algo, up = self.algorithm, self.algorithm.up
+        algo, up = self.algorithm, self._uplink(key)
         bounds = chunk_bounds(flat.numel(), self.size, self.alignment)
         message = algo.worker_message(key, flat)
+        bucket = self._worker_bucket_norm(up, message)
         # C(p_i), chunk by chunk, decoded straight into one reused buffer (no torch.cat)
         sent = self._scratch(key, "sent", flat.numel(), flat.dtype, flat.device)
         payloads = [self._roundtrip_into(up, message[start:stop], sent[start:stop],
-                                         self._seed(key, "up", j))
+                                         self._seed(key, "up", j), bucket)
                     for j, (start, stop) in enumerate(bounds)]
         algo.worker_sent(key, message, sent)
         splits = [p.numel() for p in payloads]
@@ -356,13 +359,15 @@ class Exchange:
         own = stop - start
         # server: decode the N payloads of the chunk this rank owns, average in rank order
         received, _ = handle.pending["uplink"].wait()
-        sizes = [self._payload_nbytes(algo.up, own, dtype)] * self.size
-        mean = self._decode_mean(algo.up, key, _split(received, sizes, key), own, dtype,
+        up = self._uplink(key)
+        sizes = [self._payload_nbytes(up, own, dtype)] * self.size
+        mean = self._decode_mean(up, key, _split(received, sizes, key), own, dtype,
                                  self._seed(key, "up", self.rank), received.device, reuse=True)
         server_message = algo.server_message(key, mean)
         decoded = self._scratch(key, "server_sent", own, dtype, server_message.device)
+        bucket = self._server_bucket_norm(key, algo.down, server_message, bounds[-1][1])
         payload = self._roundtrip_into(algo.down, server_message, decoded,
-                                       self._seed(key, "down", self.rank))
+                                       self._seed(key, "down", self.rank), bucket)
         algo.server_sent(key, server_message, decoded)
         self._count("downlink", down_bytes=(self.size - 1) * payload.numel())
         # downlink: one allgather of the server payloads; decode the whole bucket into one
@@ -374,12 +379,35 @@ class Exchange:
             self._decode_into(algo.down, p, received_update[a:b], self._seed(key, "down", j))
         return algo.worker_update(key, received_update)
 
+    # A compressor that declares ``needs_bucket_norm`` (``sign``: one scale per bucket, as the
+    # papers' SignSGD) is handed ``bucket=(‖bucket‖₁, numel)`` with each chunk, so that sharding
+    # the bucket over N ranks does not change its output.  The worker holds the whole bucket; the
+    # servers each hold one chunk and add their chunks' norms with one allgather of N numbers
+    # (summed in rank order: the same total on every rank).
+    @staticmethod
+    def _worker_bucket_norm(compressor: Compressor, message: torch.Tensor):
+        if not getattr(compressor, "needs_bucket_norm", False):
+            return None
+        return compressor.partial_norm(message), message.numel()
+
+    def _server_bucket_norm(self, key: str, compressor: Compressor, chunk: torch.Tensor,
+                            numel: int):
+        if not getattr(compressor, "needs_bucket_norm", False):
+            return None
+        mine = compressor.partial_norm(chunk).to(torch.float64).reshape(1)
+        norms = self.comm.allgather(mine, self._name(key, "down_norm"))
+        self._count("downlink_norm", down_bytes=(self.size - 1) * _nbytes(1, torch.float64))
+        total = norms[0].clone()
+        for norm in norms[1:]:
+            total += norm
+        return total, numel
+
     # --- allgather (GRACE/DGC) -----------------------------------------------------------------
     def _start_allgather(self, key: str, flat: torch.Tensor) -> ExchangeHandle:
-        algo = self.algorithm
+        algo, up = self.algorithm, self._uplink(key)
         message = algo.worker_message(key, flat)
         sent = self._scratch(key, "sent", flat.numel(), flat.dtype, flat.device)
-        payload = self._roundtrip_into(algo.up, message, sent, self._seed(key, "up", 0))
+        payload = self._roundtrip_into(up, message, sent, self._seed(key, "up", 0))
         algo.worker_sent(key, message, sent)
         self._count("uplink", up_bytes=(self.size - 1) * payload.numel())
         pending = {"uplink": self.comm.allgather_async(payload, self._name(key, "up"))}
@@ -389,8 +417,9 @@ class Exchange:
         algo, key, dtype = self.algorithm, handle.key, handle.dtype
         numel = handle.shape.numel()
         gathered = handle.pending["uplink"].wait()
-        sizes = [self._payload_nbytes(algo.up, numel, dtype)] * self.size
-        mean = self._decode_mean(algo.up, key, _split(gathered, sizes, key), numel, dtype,
+        up = self._uplink(key)
+        sizes = [self._payload_nbytes(up, numel, dtype)] * self.size
+        mean = self._decode_mean(up, key, _split(gathered, sizes, key), numel, dtype,
                                  self._seed(key, "up", 0), gathered.device)
         return self._replicated_server(key, mean)
 
@@ -453,8 +482,23 @@ class Exchange:
         return self.algorithm.sync_update(handle.key, mean, flushed)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _uplink(self, key: str) -> Compressor:
+        """The uplink compressor of bucket ``key``: ``algorithm.uplink_for(key)`` when the
+        algorithm compresses buckets differently (DGC per layer: one compressor per bucket
+        layout), else ``algorithm.up``."""
+        per_bucket = getattr(self.algorithm, "uplink_for", None)
+        return per_bucket(key) if per_bucket is not None else self.algorithm.up
+
+    #: first part of every collective's name; an owner that runs several exchanges over one
+    #: communicator (each hvdcomp.DistributedOptimizer) sets its own, so names never collide
+    name_prefix = "hvdcomp"
+
     def _name(self, key: str, phase: str) -> str:
-        return f"hvdcomp.{key}.{phase}.{self.round}"
+        # The same name every round: Horovod's response cache keeps one entry per collective
+        # and skips the negotiation; a round number here made every step's names new, evicting
+        # the cache. Unique among collectives in flight, since a round finishes every bucket
+        # before the next starts (end_round refuses otherwise).
+        return f"{self.name_prefix}.{key}.{phase}"
 
     def _seed(self, key: str, direction: str, chunk: int) -> int:
         """Shared by every rank for the same round, bucket, direction and chunk (random-k draws
@@ -481,11 +525,13 @@ class Exchange:
 
     @staticmethod
     def _roundtrip_into(compressor: Compressor, x: torch.Tensor, out: torch.Tensor,
-                        seed: int) -> torch.Tensor:
-        """:meth:`_roundtrip` with C(x) written into ``out``; returns the payload."""
+                        seed: int, bucket=None) -> torch.Tensor:
+        """:meth:`_roundtrip` with C(x) written into ``out``; returns the payload.  ``bucket``:
+        the bucket's norm for a compressor that ``needs_bucket_norm`` (``sign``)."""
         if x.numel() == 0:
             return torch.empty(0, dtype=torch.uint8, device=x.device)
-        payload = compressor.roundtrip_into(x.contiguous(), out, seed)
+        extra = {} if bucket is None else {"bucket": bucket}
+        payload = compressor.roundtrip_into(x.contiguous(), out, seed, **extra)
         expected = compressor.payload_nbytes(x.numel(), x.dtype)
         if payload.dtype != torch.uint8 or payload.numel() != expected:
             raise ValueError(f"compressor {compressor.spec()!r} returned {payload.numel()} "

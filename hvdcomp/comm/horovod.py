@@ -41,8 +41,21 @@ class HorovodCommunicator(Communicator):
                                "communicator")
         self._hvd = hvd
         self._process_set = process_set if process_set is not None else hvd.global_process_set
+        if not self._process_set.included():
+            raise ValueError(f"this process (rank {hvd.rank()}) is not in {self._process_set}: "
+                             "a communicator exists only on the ranks of its process set")
         self.rank = self._process_set.rank()
         self.size = self._process_set.size()
+
+    @property
+    def hvd(self):
+        """The ``horovod.torch`` module (for callers that make Horovod's own calls)."""
+        return self._hvd
+
+    @property
+    def process_set(self):
+        """The Horovod process set every collective of this communicator runs on."""
+        return self._process_set
 
     def allreduce_async(self, tensor, name, op="average"):
         check_op(op)

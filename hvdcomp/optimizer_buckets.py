@@ -1,0 +1,247 @@
+"""The bucketed, error-feedback exchange behind ``hvdcomp.DistributedOptimizer`` for hvdcomp's
+own algorithms (``Compression.liec(...)``, ``.memsgd``, ``Compression.algorithm(...)``).
+
+* gradients are fused into **buckets** (``bucket_bytes``, default Horovod's 64 MiB fusion
+  threshold, or Horovod's ``groups``) in a rank-independent order: reversed ``named_parameters``,
+  roughly the order backward produces them;
+* a bucket's **uplink** starts from the optimizer's gradient hook as soon as its last gradient is
+  ready, so communication overlaps the rest of backward; :meth:`BucketReducer.synchronize`
+  finishes the **downlink** of every bucket, in bucket order, and writes the update into ``p.grad``;
+* tensors smaller than ``small_tensor_bytes`` (biases, norms) go uncompressed through an
+  allreduce: compressing them saves nothing and costs accuracy;
+* LIEC-SGD's exact rounds: the exchange sends exact gradients, and :meth:`before_step` averages
+  the parameters exactly (models drift apart between those rounds by design).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .exchange import Exchange
+
+
+@dataclass
+class Bucket:
+    key: str
+    params: List[torch.nn.Parameter]
+    exchange: Exchange
+    pending: int = 0                  # params whose gradient is not ready yet this step
+    handle: Any = None
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+@dataclass
+class ExchangeStats:
+    """Cumulative per-rank figures, read by ``hvdcomp train`` and the benchmarks."""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    time_compress: float = 0.0   # seconds spent launching (compress + launch)
+    time_comm: float = 0.0       # seconds spent in synchronize (wait + decode + server step)
+    rounds: int = 0
+
+
+class BucketReducer:
+    """Exchanges the gradients of ``trainable`` (``[(name, p)]``) through ``algorithm``."""
+
+    has_error_feedback = True
+
+    def __init__(self, algorithm, comm, trainable, *, bucket_bytes: int, small_tensor_bytes: int,
+                 pattern: Optional[str], groups: Optional[List[Sequence[torch.Tensor]]],
+                 op_sum: bool, sparse_as_dense: bool, names: Dict[Any, str], prefix: str):
+        from .algorithms import make_algorithm
+
+        self.algorithm = algorithm
+        self.comm = comm
+        self.names = names
+        self.op_sum = op_sum
+        self.sparse_as_dense = sparse_as_dense
+        linear = algorithm.up.linear and algorithm.down.linear and algorithm.name == "psgd"
+        self.exchange = Exchange(algorithm, comm,
+                                 pattern=pattern or ("allreduce" if linear else "two_phase"))
+        self.dense_exchange = Exchange(make_algorithm("psgd"), comm, pattern="allreduce")
+        for exchange in (self.exchange, self.dense_exchange):
+            exchange.name_prefix = prefix  # names unique per optimizer, stable across steps
+        self.buckets = _make_buckets(trainable, groups, bucket_bytes, small_tensor_bytes,
+                                     self.exchange, self.dense_exchange)
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._average_before_step = False
+        self.stats = ExchangeStats()
+        for exchange in (self.exchange, self.dense_exchange):
+            keys = {b.key: (b.numel, b.params[0].dtype) for b in self.buckets
+                    if b.exchange is exchange}
+            exchange.prepare(keys)  # every rank checks the others' settings before any step
+        self._begin_step()
+
+    # --- the optimizer's hooks call these ------------------------------------------------------
+    def ready(self, p: torch.Tensor) -> None:
+        """``p``'s gradient is complete for this step: start its bucket if it was the last."""
+        bucket = self._bucket_of[id(p)]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._start(bucket)
+
+    def in_flight(self) -> bool:
+        return any(b.handle is not None for b in self.buckets)
+
+    def _start(self, bucket: Bucket) -> None:
+        grads = [self._dense_grad(p) for p in bucket.params]
+        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
+        began = time.perf_counter()
+        bucket.handle = bucket.exchange.start(bucket.key, flat)
+        self.stats.time_compress += time.perf_counter() - began
+
+    def _dense_grad(self, p: torch.Tensor) -> torch.Tensor:
+        if p.grad is None:
+            return torch.zeros_like(p)
+        if p.grad.is_sparse:
+            if not self.sparse_as_dense:
+                raise ValueError(
+                    f"parameter {self.names.get(p, '?')!r} has a sparse gradient "
+                    "(nn.Embedding(sparse=True)); hvdcomp's algorithms compress dense buckets: "
+                    "pass sparse_as_dense=True (as with Horovod: the gradient is made dense, "
+                    "exchanged, and made sparse again before step())")
+            return p.grad.to_dense()
+        return p.grad
+
+    def _begin_step(self) -> None:
+        for bucket in self.buckets:
+            bucket.pending = len(bucket.params)
+            bucket.handle = None
+
+    def synchronize(self) -> None:
+        """Finish every bucket's exchange and write the updates into ``p.grad``."""
+        # Buckets whose hook did not fire (parameters without a gradient on this rank this
+        # step) are started now with zeros, so every rank runs the same collectives.
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                self._start(bucket)
+        self._average_before_step = self.exchange.is_sync_step()
+        began = time.perf_counter()
+        for bucket in self.buckets:
+            update = bucket.exchange.finish(bucket.handle)
+            if self.op_sum:  # Horovod's op=Sum: the average times the number of ranks
+                update = update.mul_(self.comm.size)
+            self._write_grads(bucket, update)
+        self.stats.time_comm += time.perf_counter() - began
+        for exchange in (self.exchange, self.dense_exchange):
+            exchange.end_round()
+        self._read_bytes()
+        self.stats.rounds += 1
+        self._begin_step()
+
+    @staticmethod
+    def _write_grads(bucket: Bucket, update: torch.Tensor) -> None:
+        offset = 0
+        for p in bucket.params:
+            n = p.numel()
+            piece = update[offset:offset + n].view_as(p)
+            offset += n
+            if p.grad is None:
+                p.grad = piece.clone()
+            elif p.grad.is_sparse:  # sparse_as_dense: sparse again for the optimizer (Horovod)
+                p.grad.zero_().add_(piece.to_sparse())
+            else:
+                p.grad.copy_(piece)
+
+    def _read_bytes(self) -> None:
+        self.stats.bytes_up = self.exchange.bytes_up + self.dense_exchange.bytes_up
+        self.stats.bytes_down = self.exchange.bytes_down + self.dense_exchange.bytes_down
+
+    def before_step(self) -> None:
+        if self._average_before_step:
+            # LIEC-SGD's exact round: the local models drifted apart by the workers' own
+            # compression errors; average them exactly, then apply the exact update.
+            params = [p for b in self.buckets for p in b.params]
+            self.exchange.average_parameters(params)
+            self._average_before_step = False
+
+    def reset(self) -> None:
+        """Horovod's load_state_dict drops the step in progress; an exchange in flight cannot be
+        dropped (its collectives are posted), so that is refused."""
+        if self.in_flight():
+            raise RuntimeError("load_state_dict() was called while gradients are being "
+                               "exchanged (after backward, before step()): load the checkpoint "
+                               "before the first backward pass")
+        self._begin_step()
+
+    # --- error-feedback state ------------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        return self.algorithm.step
+
+    def state_slice(self) -> Dict[str, Any]:
+        """This rank's error-feedback state (worker errors, the server error of the chunks this
+        rank owns, the round counter) and its byte counters."""
+        return {"algorithm": self.algorithm.state_dict(),
+                "dense": self.dense_exchange.algorithm.state_dict(),
+                "bytes": (self.exchange.bytes_up, self.exchange.bytes_down,
+                          self.dense_exchange.bytes_up, self.dense_exchange.bytes_down)}
+
+    def load_slice(self, state: Dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.dense_exchange.algorithm.load_state_dict(state["dense"])
+        (self.exchange.bytes_up, self.exchange.bytes_down,
+         self.dense_exchange.bytes_up, self.dense_exchange.bytes_down) = state["bytes"]
+        self._read_bytes()
+
+    def reset_error_feedback(self) -> None:
+        """Errors at zero and the round counter at 0 (the same on every rank that calls it)."""
+        for algorithm in (self.algorithm, self.dense_exchange.algorithm):
+            for value in vars(algorithm).values():
+                if isinstance(value, dict) and all(isinstance(v, torch.Tensor)
+                                                   for v in value.values()):
+                    value.clear()
+            algorithm.step = 0
+
+
+def _make_buckets(trainable, groups, bucket_bytes, small_tensor_bytes, exchange,
+                  dense_exchange) -> List[Bucket]:
+    if groups is not None:
+        return _group_buckets(trainable, groups, small_tensor_bytes, exchange, dense_exchange)
+    small = [(n, p) for n, p in trainable if p.numel() * p.element_size() < small_tensor_bytes]
+    large = [(n, p) for n, p in trainable if p.numel() * p.element_size() >= small_tensor_bytes]
+    return (_fuse(large, bucket_bytes, "b", exchange)
+            + _fuse(small, bucket_bytes, "dense", dense_exchange))
+
+
+def _group_buckets(trainable, groups, small_tensor_bytes, exchange, dense_exchange):
+    """Horovod's ``groups``: one bucket per group (parameters in no group: one bucket each)."""
+    order = {id(p): i for i, (_, p) in enumerate(trainable)}
+    buckets: List[Bucket] = []
+    for group in groups:
+        params = sorted((p for p in group if id(p) in order), key=lambda p: order[id(p)])
+        if not params:
+            continue
+        if len({(p.dtype, p.device) for p in params}) > 1:
+            raise ValueError("a group mixes parameters of different dtypes or devices; hvdcomp "
+                             "fuses a group into one bucket, so keep each group to one dtype "
+                             "and device")
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        dense = nbytes < small_tensor_bytes
+        prefix, target = ("dense", dense_exchange) if dense else ("b", exchange)
+        count = sum(1 for b in buckets if b.exchange is target)
+        buckets.append(Bucket(key=f"{prefix}{count}", params=params, exchange=target))
+    return buckets
+
+
+def _fuse(named, bucket_bytes, prefix, exchange) -> List[Bucket]:
+    """Fill buckets in reversed registration order (backward's order), by dtype and device."""
+    buckets: List[Bucket] = []
+    current: Dict[Any, Bucket] = {}
+    for _, p in reversed(named):
+        group = (p.dtype, p.device)
+        bucket = current.get(group)
+        size = p.numel() * p.element_size()
+        if bucket is None or (bucket.numel * p.element_size() + size > bucket_bytes
+                              and bucket.params):
+            bucket = Bucket(key=f"{prefix}{len(buckets)}", params=[], exchange=exchange)
+            buckets.append(bucket)
+            current[group] = bucket
+        bucket.params.append(p)
+    return buckets

@@ -1,0 +1,141 @@
+"""Error-feedback state in checkpoints, in Horovod's habits.
+
+An optimizer with error feedback adds one entry to its ``state_dict()``::
+
+    state["hvdcomp"] = {"format": 2, "world_size": N, "round": k,
+                        "ranks": {rank: {"algorithm": ..., "dense": ..., "bytes": ...}, ...}}
+
+``state_dict()`` never communicates (Horovod scripts call it on rank 0 alone, and a collective
+there would hang): it holds this rank's slice, or every rank's after
+``optimizer.consolidate_state_dict()`` (called on every rank; it gathers the slices to rank 0, as
+``torch.distributed.optim.ZeroRedundancyOptimizer`` does). ``load_state_dict`` takes this rank's
+own slice; the two habits of Horovod scripts both restore every rank exactly from one file:
+
+* every rank loads rank 0's file;
+* rank 0 loads it and calls ``hvd.broadcast_optimizer_state(optimizer, 0)``: every rank calls
+  ``state_dict()`` first thing there, so that call broadcasts the loaded entry from the root and
+  every rank takes its slice.
+
+A checkpoint from another number of ranks, or one without this rank's slice, is refused with one
+message naming the way on: ``load_state_dict(state, reset_error_feedback=True)`` (errors at zero,
+round counter at 0 on every rank).
+"""
+from __future__ import annotations
+
+import io
+import sys
+from typing import Any, Dict, Optional
+
+import torch
+
+from .errors import UserError
+
+FORMAT = 2
+KEY = "hvdcomp"
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint's error-feedback state cannot be restored on this rank."""
+
+
+def entry(reducer, comm, consolidated: Optional[Dict[int, Any]]) -> Dict[str, Any]:
+    """The ``"hvdcomp"`` entry of ``state_dict()``: every gathered slice, else this rank's."""
+    ranks = dict(consolidated) if consolidated is not None else {comm.rank: reducer.state_slice()}
+    return {"format": FORMAT, "world_size": comm.size, "round": reducer.round, "ranks": ranks}
+
+
+def normalise(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """Accept the format-1 entry (one rank's state: ``rank``, ``size``, ``algorithm``...)."""
+    if saved.get("format") == FORMAT:
+        return saved
+    if "rank" in saved and "size" in saved:
+        slice_ = {k: saved[k] for k in ("algorithm", "dense", "bytes")}
+        return {"format": FORMAT, "world_size": saved["size"],
+                "round": saved["algorithm"].get("step"), "ranks": {saved["rank"]: slice_}}
+    raise CheckpointMismatchError("the checkpoint's 'hvdcomp' entry is not one hvdcomp wrote")
+
+
+def load(reducer, comm, saved: Dict[str, Any]) -> None:
+    """Restore this rank's slice of ``saved`` (see the module docstring for the refusals)."""
+    saved = normalise(saved)
+    if saved["world_size"] != comm.size:
+        raise CheckpointMismatchError(
+            f"the checkpoint holds the error-feedback state of {saved['world_size']} ranks and "
+            f"this job has {comm.size}: resume with {saved['world_size']} ranks, or call "
+            "optimizer.load_state_dict(state, reset_error_feedback=True) on every rank to keep "
+            "the optimizer's state and start the error feedback at zero")
+    mine = saved["ranks"].get(comm.rank)
+    if mine is None:
+        held = ", ".join(str(r) for r in sorted(saved["ranks"]))
+        raise CheckpointMismatchError(
+            f"the checkpoint holds the error-feedback state of rank(s) {held} only, not of rank "
+            f"{comm.rank}: call optimizer.consolidate_state_dict() on every rank before rank 0 "
+            "saves optimizer.state_dict() (it gathers every rank's state into rank 0's), or "
+            "call optimizer.load_state_dict(state, reset_error_feedback=True) on every rank to "
+            "start the error feedback at zero")
+    reducer.load_slice(mine)
+
+
+def require_every_rank(saved: Dict[str, Any], comm) -> None:
+    """The same refusal on every rank when a broadcast entry lacks some rank's slice."""
+    saved = normalise(saved)
+    missing = [r for r in range(comm.size) if r not in saved["ranks"]]
+    if saved["world_size"] == comm.size and missing:
+        held = ", ".join(str(r) for r in sorted(saved["ranks"]))
+        raise CheckpointMismatchError(
+            f"the checkpoint holds the error-feedback state of rank(s) {held} only, not of rank(s) "
+            f"{', '.join(map(str, missing))}: call optimizer.consolidate_state_dict() on every "
+            "rank before rank 0 saves optimizer.state_dict() (it gathers every rank's state into "
+            "rank 0's), or load it with optimizer.load_state_dict(state, "
+            "reset_error_feedback=True) to start the error feedback at zero")
+
+
+def gather(reducer, comm, to: int, name: str) -> Optional[Dict[int, Any]]:
+    """Collective: every rank's slice on rank ``to`` (None elsewhere)."""
+    payload = _to_bytes(reducer.state_slice())
+    gathered = comm.allgather(torch.cat([_length(payload), payload]), name)
+    if comm.rank != to:
+        return None
+    raw = gathered.numpy().tobytes()
+    slices, offset = {}, 0
+    for rank in range(comm.size):
+        n = int.from_bytes(raw[offset:offset + 8], "little")
+        slices[rank] = _from_bytes(raw[offset + 8:offset + 8 + n])
+        offset += 8 + n
+    return slices
+
+
+def broadcast(comm, loaded: Optional[Dict[str, Any]], root: int, name: str):
+    """Collective: rank ``root``'s ``loaded`` entry (or None) on every rank."""
+    payload = _to_bytes(loaded) if comm.rank == root else torch.empty(0, dtype=torch.uint8)
+    length = comm.broadcast(_length(payload), root, f"{name}.length")
+    n = int.from_bytes(bytes(length.tolist()), "little")
+    if comm.rank != root:
+        payload = torch.zeros(n, dtype=torch.uint8)
+    data = comm.broadcast(payload, root, f"{name}.data")
+    return _from_bytes(data.numpy().tobytes())
+
+
+def broadcast_root() -> Optional[int]:
+    """``root_rank`` when the caller of ``state_dict()`` is ``hvd.broadcast_optimizer_state``
+    (which every rank calls), else None."""
+    frame = sys._getframe(2)
+    code = frame.f_code
+    if code.co_name == "broadcast_optimizer_state" and \
+            frame.f_globals.get("__name__", "").startswith("horovod.torch"):
+        return int(frame.f_locals["root_rank"])
+    return None
+
+
+def _to_bytes(obj: Any) -> torch.Tensor:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def _from_bytes(raw: bytes) -> Any:
+    return torch.load(io.BytesIO(raw), weights_only=False)
+
+
+def _length(payload: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(payload.numel().to_bytes(8, "little")), dtype=torch.uint8)
