@@ -45,7 +45,7 @@ def test_aggregators_by_hand():
     with pytest.raises(ValueError, match="pivot"):
         nna(four, 1)
     with pytest.raises(ValueError, match="unknown aggregator"):
-        aggregate("krum", four)
+        aggregate("nosuch", four)
 
 
 def test_attacks_by_hand():
@@ -62,7 +62,7 @@ def test_attacks_by_hand():
     with pytest.raises(ValueError, match="flipped_gradient"):
         attack_vectors("label_flip", honest, 2)
     with pytest.raises(ValueError, match="unknown attack"):
-        attack_vectors("mimic", honest, 2)
+        attack_vectors("nosuch", honest, 2)
 
 
 def test_line_maximize_finds_the_peak_of_a_unimodal_function():

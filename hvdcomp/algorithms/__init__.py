@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from .base import ALGORITHMS, Algorithm
 from . import doublesqueeze, liec, memsgd, psgd  # noqa: F401  (registers the classes)
+from . import cser, ef21pp, neolithic  # noqa: F401  (LIEC-SGD's and EF21's baselines)
 
 # Modules other engineers add; a module that does not exist yet is skipped, one that fails to
 # import for any other reason raises.

@@ -9,7 +9,10 @@ Every rule takes ``vectors``, an (n, d) tensor (or a sequence of n 1-D tensors),
 * :func:`trimmed_mean` — coordinate-wise: drop the f largest and f smallest values, average the rest
   (Yin et al. 2018), needs n > 2f;
 * :func:`median` — coordinate-wise median (the mean of the two middle values when n is even);
-* :func:`mean` — plain averaging (D-SGD), the non-robust baseline.
+* :func:`mean` — plain averaging (D-SGD), the non-robust baseline;
+* :func:`krum`, :func:`geometric_median` (RFA), :func:`centered_clip` — MoNNA's baselines, in
+  :mod:`.baselines` (Krum, Blanchard et al. 2017; smoothed Weiszfeld, Pillutla et al. 2019;
+  centered clipping, Karimireddy et al. 2021).
 
 About how many vectors NNA keeps: the reference code lets node i use a set S of n − f received
 vectors (its own, n − 2f − 1 honest ones at random and the f faulty ones) and averages the
@@ -22,7 +25,8 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["nna", "trimmed_mean", "median", "mean", "aggregate", "AGGREGATORS"]
+__all__ = ["nna", "trimmed_mean", "median", "mean", "krum", "geometric_median", "centered_clip",
+           "aggregate", "AGGREGATORS", "AGGREGATOR_OPTIONS", "check_aggregator_options"]
 
 Vectors = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -96,15 +100,31 @@ def nna(vectors: Vectors, f: int = 0, pivot: Optional[torch.Tensor] = None) -> t
     return stacked[nearest].mean(0)
 
 
+from .baselines import centered_clip, geometric_median, krum  # noqa: E402  (they use _stack)
+
 #: name → rule(vectors, f, pivot)
 AGGREGATORS: Dict[str, Callable[..., torch.Tensor]] = {
     "nna": nna, "trimmed_mean": trimmed_mean, "median": median, "mean": mean,
+    "krum": krum, "rfa": geometric_median, "cclip": centered_clip,
 }
+#: options each rule accepts beyond (vectors, f, pivot)
+AGGREGATOR_OPTIONS: Dict[str, tuple] = {"rfa": ("nu", "iterations"),
+                                        "cclip": ("radius", "iterations")}
 
 
 def aggregate(name: str, vectors: Vectors, f: int = 0,
-              pivot: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Apply the rule called ``name`` (one of :data:`AGGREGATORS`)."""
+              pivot: Optional[torch.Tensor] = None, **options) -> torch.Tensor:
+    """Apply the rule called ``name`` (one of :data:`AGGREGATORS`) with its ``options``
+    (:data:`AGGREGATOR_OPTIONS`; an option the rule does not take is an error)."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose one of: {', '.join(AGGREGATORS)}")
-    return AGGREGATORS[name](vectors, f, pivot)
+    check_aggregator_options(name, options)
+    return AGGREGATORS[name](vectors, f, pivot, **options)
+
+
+def check_aggregator_options(name: str, options) -> None:
+    unknown = sorted(set(options) - set(AGGREGATOR_OPTIONS.get(name, ())))
+    if unknown:
+        accepted = ", ".join(AGGREGATOR_OPTIONS.get(name, ())) or "none"
+        raise ValueError(f"aggregator {name!r} has no option(s) {', '.join(unknown)}; it "
+                         f"accepts: {accepted}")

@@ -7,7 +7,11 @@ the same vector, computed from the honest workers' vectors H (an (n_h, d) tensor
 * FOE, "fall of empires" (Xie et al. 2019):          mean(H) − ε·mean(H);
 * sign flipping:                                      −mean(H);
 * label flipping:                                     mean(H) − γ·g_flip, with g_flip the gradient
-  on a batch whose labels were flipped (y → C − 1 − y, :func:`flip_labels`).
+  on a batch whose labels were flipped (y → C − 1 − y, :func:`flip_labels`);
+* mimic (Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
+  Bucketing", ICLR 2022):                             H_k, an honest worker's own vector (k = 0 by
+  default, as MoNNA's reference ``attacks/mimic.py``; the paper's heuristic choice of k along the
+  direction of largest variance is not implemented).
 
 z and ε: the reference chooses them each step by a line search that maximises the damage to the
 defence, ‖(1/n_h) Σ_{i∈H} AGG_i − mean(H)‖² (16 evaluations). Here a fixed value is the default
@@ -25,10 +29,11 @@ import torch
 
 from .aggregators import aggregate
 
-__all__ = ["ATTACKS", "alie", "foe", "sign_flip", "label_flip", "flip_labels", "alie_default_z",
+__all__ = ["ATTACKS", "alie", "foe", "sign_flip", "label_flip", "mimic", "flip_labels",
+           "alie_default_z",
            "line_maximize", "attack_damage", "attack_vectors"]
 
-ATTACKS = ("alie", "foe", "sign_flip", "label_flip")
+ATTACKS = ("alie", "foe", "sign_flip", "label_flip", "mimic")
 
 #: FOE's default ε (Xie et al. 2019 use small ε such as 0.1 [UNVERIFIED]; the reference searches it)
 FOE_DEFAULT_EPSILON = 0.1
@@ -62,6 +67,15 @@ def sign_flip(honest: torch.Tensor) -> torch.Tensor:
 def label_flip(honest: torch.Tensor, flipped_gradient: torch.Tensor, lr: float) -> torch.Tensor:
     """mean(H) − lr·g_flip: the honest centre moved by a step on flipped labels."""
     return _honest(honest).mean(0) - lr * flipped_gradient.reshape(-1).to(honest.dtype)
+
+
+def mimic(honest: torch.Tensor, target: int = 0) -> torch.Tensor:
+    """H_target: the faulty workers copy one honest worker, over-weighting its data."""
+    honest = _honest(honest)
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < len(honest):
+        raise ValueError(f"mimic: the honest worker to copy must be an index in "
+                         f"[0, {len(honest)}), got {target!r}")
+    return honest[target].clone()
 
 
 def flip_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -124,7 +138,8 @@ def attack_vectors(attack: str, honest: torch.Tensor, f: int, *, param: Optional
                    lr: Optional[float] = None) -> torch.Tensor:
     """The (f, d) vectors the f faulty workers send this step (all the same, as in the reference).
 
-    ``param``: z for ALIE (default :func:`alie_default_z`), ε for FOE (default 0.1); with
+    ``param``: z for ALIE (default :func:`alie_default_z`), ε for FOE (default 0.1), the honest
+    worker copied by mimic (default 0); with
     ``search=True`` it is the line search's starting point and the value maximising
     :func:`attack_damage` against ``aggregator`` is used. Label flipping needs ``lr`` and
     ``flipped_gradient``: one (d,) gradient for all, or (f, d), one per faulty worker."""
@@ -148,6 +163,8 @@ def attack_vectors(attack: str, honest: torch.Tensor, f: int, *, param: Optional
         vector = build(param)
     elif attack == "sign_flip":
         vector = sign_flip(honest)
+    elif attack == "mimic":
+        vector = mimic(honest, 0 if param is None else param)
     else:
         if flipped_gradient is None or lr is None:
             raise ValueError("label_flip needs flipped_gradient (a gradient on flipped labels) "

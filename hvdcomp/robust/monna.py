@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from .aggregators import AGGREGATORS, aggregate
+from .aggregators import AGGREGATORS, aggregate, check_aggregator_options
 from .attacks import ATTACKS, attack_vectors
 
 __all__ = ["MoNNA"]
@@ -46,8 +46,11 @@ class MoNNA:
     Parameters: ``params`` (the model's parameters, same order on every rank), ``comm`` (anything
     with ``rank``, ``size`` and ``allgather(tensor, name)``), ``lr`` γ, ``beta`` β = 0.99 (the
     reference's momentum = dampening; 0 switches momentum off), ``f`` faulty workers tolerated,
-    ``aggregator`` one of ``nna`` (default), ``trimmed_mean``, ``median``, ``mean``; and for
-    simulations only: ``attack`` (``alie``, ``foe``, ``sign_flip``, ``label_flip``),
+    ``aggregator`` one of ``nna`` (default), ``trimmed_mean``, ``median``, ``mean``, or the
+    baselines ``krum``, ``rfa`` (geometric median), ``cclip`` (self-centred clipping), with
+    ``aggregator_options`` (rfa: ``nu``, ``iterations``; cclip: ``radius``, ``iterations``;
+    :mod:`.baselines`); and for
+    simulations only: ``attack`` (``alie``, ``foe``, ``sign_flip``, ``label_flip``, ``mimic``),
     ``attack_param`` (z or ε; defaults in :mod:`.attacks`), ``line_search`` (choose z/ε each step
     to maximise the damage to ``aggregator``) and ``simulate_faults=True`` to allow any of them.
     """
@@ -55,7 +58,8 @@ class MoNNA:
     def __init__(self, params: Iterable[torch.Tensor], comm: Any, lr: float, beta: float = 0.99,
                  f: int = 0, aggregator: str = "nna", attack: Optional[str] = None,
                  attack_param: Optional[float] = None, line_search: bool = False,
-                 simulate_faults: bool = False):
+                 simulate_faults: bool = False,
+                 aggregator_options: Optional[Dict[str, Any]] = None):
         self.params: List[torch.Tensor] = list(params)
         if not self.params:
             raise ValueError("MoNNA got no parameters: pass model.parameters()")
@@ -87,6 +91,8 @@ class MoNNA:
                 raise ValueError(f"simulate_faults=True needs attack= one of: {', '.join(ATTACKS)}")
             if f == 0:
                 raise ValueError("simulate_faults=True needs f ≥ 1 faulty workers")
+        self.aggregator_options = dict(aggregator_options or {})
+        self._check_aggregator(aggregator, f)
         self.lr = float(lr)
         self.beta = float(beta)
         self.f = f
@@ -102,6 +108,13 @@ class MoNNA:
             log.warning("SIMULATED FAULTY WORKERS: ranks %s of %d run attack %r (f = %d); report "
                         "honest ranks %s only", list(self.faulty_ranks), self.n, self.attack,
                         self.f, list(self.honest_ranks))
+
+    def _check_aggregator(self, aggregator: str, f: int) -> None:
+        """Bad aggregator options fail here, before any step: one dry call on n zero vectors
+        checks the option names, their values and the rule's bound on n and f (krum: n > 2f + 2)."""
+        check_aggregator_options(aggregator, self.aggregator_options)
+        aggregate(aggregator, torch.zeros(self.n, 1), f, pivot=torch.zeros(1),
+                  **self.aggregator_options)
 
     # --- who is who ----------------------------------------------------------------------------
     @property
@@ -125,10 +138,13 @@ class MoNNA:
 
     def describe(self) -> Dict[str, Any]:
         """For run configs and results: what this run simulates, stated plainly."""
-        return {"algorithm": "monna", "aggregator": self.aggregator, "beta": self.beta,
+        described = {"algorithm": "monna", "aggregator": self.aggregator, "beta": self.beta,
                 "f": self.f, "simulated_faults": self.simulate_faults,
                 "faulty_ranks": list(self.faulty_ranks), "attack": self.attack,
                 "attack_param": self.attack_param, "line_search": self.line_search}
+        if self.aggregator_options:
+            described["aggregator_options"] = dict(self.aggregator_options)
+        return described
 
     # --- the step ------------------------------------------------------------------------------
     def _flat(self, tensors) -> torch.Tensor:
@@ -169,7 +185,8 @@ class MoNNA:
         if self.is_faulty:
             new_theta = honest.mean(0)
         else:
-            new_theta = aggregate(self.aggregator, received, self.f, pivot=row)
+            new_theta = aggregate(self.aggregator, received, self.f, pivot=row,
+                                  **self.aggregator_options)
         offset = 0
         for p in self.params:
             p.copy_(new_theta[offset:offset + p.numel()].view_as(p))

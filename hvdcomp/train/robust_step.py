@@ -3,9 +3,12 @@ loop expects of a distributed optimizer (``zero_grad``, ``set_lr``, ``step``, ``
 ``state_dict``), so ``hvdcomp train --algorithm monna`` needs no loop of its own.
 
 Options (``--algorithm-option K=V``): ``beta`` (Polyak momentum, default 0.99), ``f`` (faulty
-workers tolerated), ``aggregator`` (``nna``, ``trimmed_mean``, ``median``, ``mean``), and for
-simulations: ``attack`` (``alie``, ``foe``, ``sign_flip``, ``label_flip``), ``attack_param``,
-``line_search``. Giving an attack turns on the simulation of the last ``f`` ranks as faulty; the
+workers tolerated), ``aggregator`` (``nna``, ``trimmed_mean``, ``median``, ``mean``, and MoNNA's
+baselines ``krum``, ``rfa``, ``cclip``) with the aggregator's own options (rfa: ``nu``,
+``iterations``; cclip: ``radius``, ``iterations``), and for
+simulations: ``attack`` (``alie``, ``foe``, ``sign_flip``, ``label_flip``, ``mimic``),
+``attack_param``, ``line_search``. Giving an attack turns on the simulation of the last ``f``
+ranks as faulty; the
 run's config and summary then name them (``faulty_ranks``) and every log says so.
 """
 from __future__ import annotations
@@ -15,7 +18,10 @@ from typing import Any, Dict
 
 import torch
 
-MONNA_OPTIONS = ("beta", "f", "aggregator", "attack", "attack_param", "line_search")
+#: options of the aggregation rule itself (hvdcomp.robust.aggregators.AGGREGATOR_OPTIONS)
+AGGREGATOR_OPTION_NAMES = ("nu", "iterations", "radius")
+MONNA_OPTIONS = ("beta", "f", "aggregator", "attack", "attack_param", "line_search") \
+    + AGGREGATOR_OPTION_NAMES
 
 
 class MoNNAStep:
@@ -28,9 +34,11 @@ class MoNNAStep:
             raise ValueError(f"algorithm 'monna' has no option(s) {', '.join(unknown)}; it "
                              f"accepts: {', '.join(MONNA_OPTIONS)}")
         simulate = options.get("attack") is not None
+        aggregator_options = {k: options.pop(k) for k in AGGREGATOR_OPTION_NAMES if k in options}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.weight_decay = cfg.weight_decay
-        self.driver = MoNNA(self.params, comm, lr=cfg.lr, simulate_faults=simulate, **options)
+        self.driver = MoNNA(self.params, comm, lr=cfg.lr, simulate_faults=simulate,
+                            aggregator_options=aggregator_options, **options)
         self.world_size = comm.size
         # What the loop reads of an optimizer: the learning rate of its (single) group.
         self.param_groups = [{"lr": cfg.lr}]
