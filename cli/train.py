@@ -61,7 +61,8 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--augment/--no-augment", default=None,
               help="Random crop (pad 4) + flip; default on for CIFAR / Tiny ImageNet.")
 @click.option("--algorithm", default="liec", show_default=True,
-              help="psgd | memsgd | doublesqueeze | liec | ef21 | ef21w | ef21sgdm | ef21bc | dgc")
+              help="psgd | memsgd | doublesqueeze | liec | neolithic | cser | ef21 | ef21w | "
+                   "ef21sgdm | ef21bc | ef21pp | ef21wpp | dgc | monna")
 @click.option("--compressor", default=None, metavar="SPEC",
               help="Compressor both ways, e.g. sign, topk:ratio=0.01 (default: none for psgd, "
                    "sign otherwise).")

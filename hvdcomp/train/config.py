@@ -22,7 +22,7 @@ from ..errors import UserError
 
 #: Algorithms ``hvdcomp train`` knows; every name but psgd goes through hvdcomp.DistributedOptimizer.
 ALGORITHMS = ("psgd", "memsgd", "doublesqueeze", "liec", "ef21", "ef21w", "ef21sgdm", "ef21bc",
-              "dgc", "monna")
+              "dgc", "monna", "neolithic", "cser", "ef21pp", "ef21wpp")
 #: Algorithms whose update direction already carries a momentum of their own (DGC's momentum
 #: correction, EF21-SGDM's v_i, MoNNA's Polyak momentum): the wrapped SGD then defaults to
 #: momentum 0 so that momentum is not applied twice.
@@ -48,6 +48,18 @@ class TrainingFailed(RuntimeError):
 DEFAULT_UP = {"psgd": "none", "dgc": "dgc:ratio=0.001", "monna": "none"}
 DEFAULT_DOWN = {"dgc": "none"}
 DEFAULT_PATTERN = {"dgc": "allgather"}
+#: Baselines that take the compressor and pattern defaults of the method they extend (EF21-PP is
+#: EF21 with partial participation; NEOLITHIC is DoubleSqueeze with R-round compression; CSER's
+#: mean comes back dense, as MEM-SGD's) ...
+SAME_DEFAULTS_AS = {"neolithic": "doublesqueeze", "cser": "memsgd", "ef21pp": "ef21",
+                    "ef21wpp": "ef21w"}
+for _new, _like in SAME_DEFAULTS_AS.items():
+    for _table in (DEFAULT_UP, DEFAULT_DOWN, DEFAULT_PATTERN):
+        if _like in _table:
+            _table.setdefault(_new, _table[_like])
+DEFAULT_DOWN.setdefault("cser", "none")
+#: ... and run, as their papers (and LIEC-SGD's code for its baselines) did, without momentum.
+PAPER_MOMENTUM_ZERO = ("neolithic", "cser", "ef21pp", "ef21wpp")
 
 
 @dataclass
@@ -110,6 +122,8 @@ class TrainConfig:
             raise ConfigError(f"unknown --pattern {cfg.pattern!r}; choose one of: {', '.join(PATTERNS)}")
         cfg.up = _canonical_compressor(cfg.up, "--up/--compressor")
         cfg.down = _canonical_compressor(cfg.down, "--down")
+        if cfg.momentum is None and cfg.algorithm in PAPER_MOMENTUM_ZERO:
+            cfg.momentum = 0.0
         if cfg.momentum is None:
             cfg.momentum = 0.0 if cfg.algorithm in MOMENTUM_INSIDE else 0.9
         if cfg.augment is None:

@@ -85,7 +85,8 @@ def make_compression(cfg: TrainConfig, world_size: int, rank: int,
     """``hvdcomp.Compression.algorithm(name, up=, down=, **hyperparameters)`` for ``cfg``.
 
     Fills what the training run knows and the user need not type: LIEC's ``period``; DGC's
-    ``steps_per_epoch`` (its sparsity warm-up counts epochs); EF21-W's ``rank`` and, when not
+    ``steps_per_epoch`` (its sparsity warm-up counts epochs); EF21-PP's ``rank`` and ``seed``
+    (the shared draw of participants); EF21-W's (and EF21-W-PP's) ``rank`` and, when not
     given, equal ``smoothness`` constants (uniform weights: EF21-W then equals EF21; pass
     ``--algorithm-option smoothness=[L_1,...,L_N]`` for per-worker constants). The CLI calls
     this before hvd.init too, so bad hyperparameters fail before any rank starts."""
@@ -95,9 +96,13 @@ def make_compression(cfg: TrainConfig, world_size: int, rank: int,
         options.setdefault("period", cfg.period)
     if cfg.algorithm == "dgc" and steps_per_epoch_ is not None:
         options.setdefault("steps_per_epoch", steps_per_epoch_)
-    if cfg.algorithm == "ef21w":
+    if cfg.algorithm in ("ef21w", "ef21wpp"):
         options.setdefault("smoothness", [1.0] * world_size)
         options.setdefault("rank", rank)
+    if cfg.algorithm in ("ef21pp", "ef21wpp"):
+        # EF21-PP's draw of the participating workers: every rank knows its rank and the seed
+        options.setdefault("rank", rank)
+        options.setdefault("seed", cfg.seed)
     return Compression.algorithm(cfg.algorithm, up=cfg.up, down=cfg.down, **options)
 
 
