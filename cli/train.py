@@ -85,7 +85,8 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--lr", type=float, default=0.05, show_default=True,
               help="Peak learning rate (not scaled by the number of ranks).")
 @click.option("--momentum", type=float, default=None,
-              help="SGD momentum (default 0.9; 0 for dgc/ef21sgdm, which carry their own).")
+              help="SGD momentum (default: the paper's, 0.9 for psgd and 0 otherwise; dgc and "
+                   "ef21sgdm carry their own).")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--nesterov", is_flag=True)
 @click.option("--schedule", default="cosine", show_default=True, help="constant | step | cosine")

@@ -15,8 +15,9 @@ Error reset, (t+1) mod H = 0: x_i ← x_i − ê_i + (1/n) Σ_j C₂(ê_j) + (ê
 What hvdcomp runs: the reset with C₂ = identity, the paper's exact reset. Then the reset makes
 every x_i equal to the average model, and with that round's step it is exactly an exact round of
 :mod:`hvdcomp.exchange`: the optimizer averages the parameters (x_i ← x̄, which is
-x_i − ê_i + mean_j ê_j) and applies u = (1/n) Σ_j g_j (the mean of C₁(g_j) + r_j). So ê_i
-needs no storage: it is x_i − x̄ (derivation in docs/algorithms.md).
+x_i − ê_i + mean_j ê_j, because x_i − ê_i is the same on every worker) and applies
+u = (1/n) Σ_j g_j (the mean of C₁(g_j) + r_j). So ê_i needs no storage: the reset only needs
+x̄ (derivation in docs/algorithms.md).
 
 Departure from the LIEC-SGD code's CSER: that code compresses the reset too (C₂ = scaled sign,
 one extra 1-bit exchange every H rounds, error kept in gradient units). A compressed reset needs

@@ -55,13 +55,19 @@ def build_distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, hvd,
       allreduce of the dense gradient), the P-SGD baseline with the optimizer users know;
     * everything else: ``hvdcomp.DistributedOptimizer`` with the compression of
       :func:`make_compression`. It averages LIEC-SGD's models itself in ``step()``.
+
+    DGC and EF21-SGDM carry their momentum inside the compressed update; the tensors they send
+    dense get the method's momentum in a parameter group of their own (:mod:`.uncompressed`).
     """
     if cfg.algorithm == "monna":
         from hvdcomp.comm import HorovodCommunicator
         from .robust_step import MoNNAStep
         return MoNNAStep(model, cfg, HorovodCommunicator())
-    base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    from hvdcomp.optimizer import DEFAULT_SMALL_TENSOR_BYTES
+    from .uncompressed import parameter_groups
+    base = torch.optim.SGD(parameter_groups(model, cfg, DEFAULT_SMALL_TENSOR_BYTES), lr=cfg.lr,
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                          if p.requires_grad)
     if is_horovod_baseline(cfg):
@@ -72,6 +78,7 @@ def build_distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, hvd,
     compression = make_compression(cfg, hvd.size(), hvd.rank(), steps_per_epoch_)
     optimizer = DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                      compression=compression, bucket_bytes=cfg.bucket_bytes,
+                                     small_tensor_bytes=DEFAULT_SMALL_TENSOR_BYTES,
                                      pattern=cfg.pattern)
     return DistributedStep(optimizer, gradient_bytes, hvd.size(), horovod_baseline=False)
 
@@ -96,6 +103,10 @@ def make_compression(cfg: TrainConfig, world_size: int, rank: int,
         options.setdefault("period", cfg.period)
     if cfg.algorithm == "dgc" and steps_per_epoch_ is not None:
         options.setdefault("steps_per_epoch", steps_per_epoch_)
+    if cfg.algorithm == "dgc" and options.get("per_layer", True) and cfg.pattern != "allgather":
+        raise ValueError(f"per-layer top-k (the paper's, the default) needs the whole bucket, "
+                         f"i.e. --pattern allgather, not {cfg.pattern!r}; pass "
+                         "--algorithm-option per_layer=false to select per bucket or chunk")
     if cfg.algorithm in ("ef21w", "ef21wpp"):
         options.setdefault("smoothness", [1.0] * world_size)
         options.setdefault("rank", rank)
@@ -129,7 +140,8 @@ class DistributedStep:
         return labels
 
     def describe(self) -> Dict[str, Any]:
-        return {}
+        from .uncompressed import message_compression   # per uplink message, after a step
+        return {} if self.horovod_baseline else message_compression(self.optimizer)
 
     def step(self) -> None:
         start = time.perf_counter()
