@@ -36,7 +36,8 @@ class HvdcompGroup(click.Group):
         except UserError as exc:
             if debug_enabled():
                 raise
-            click.echo(f"Error{rank_tag()}: {exc}", err=True)
+            if exc.shown:
+                click.echo(f"Error{rank_tag()}: {exc}", err=True)
             ctx.exit(exc.exit_code)
 
 

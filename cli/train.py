@@ -4,9 +4,11 @@
     mpirun -np 8 hvdcomp train --model resnet18 --dataset cifar10 --data-dir /scratch/cifar \\
            --algorithm liec --compressor sign --epochs 120 --lr 0.1 --schedule step --out runs/x
 
-Everything the user typed is validated here, on every rank, before ``hvd.init()``: a bad option
-ends every rank with exit code 2 and one line on rank 0 (the other ranks stay silent, so mpirun's
-output carries the message once).
+Everything the user typed is validated here, on every rank, before training. A problem found on
+any rank ends every rank with exit code 2 and one line, printed once by the rank that found it
+(rank-tagged when it is not rank 0): the ranks settle it in one collective first
+(:mod:`hvdcomp.train.agreement`), so neither a hang nor a message lost in mpirun's output can
+follow. Runtime failures (divergence, a full disk) print one line on the failing rank and exit 1.
 """
 from __future__ import annotations
 
@@ -16,33 +18,28 @@ from pathlib import Path
 import click
 
 
-class OneLineUsageError(click.UsageError):
-    """A usage error shown as one line (no usage banner), printed by rank 0 only."""
-
-    def show(self, file=None) -> None:
-        from hvdcomp.train.config import detect_launcher
-        if detect_launcher()["rank"] == 0:
-            click.echo(f"Error: {self.format_message()}", file=file, err=True)
+def _fail(message: str) -> None:
+    """End this rank with ``message`` once every rank of the job has heard of it."""
+    from hvdcomp.train.agreement import fail_across_ranks
+    from hvdcomp.train.config import detect_launcher
+    fail_across_ranks(message, detect_launcher())
 
 
 class TrainCommand(click.Command):
-    """Turns every usage error, Click's own (bad integer, unknown option) included, into one line."""
+    """Turns every usage error, Click's own (bad integer, unknown option) included, into one line
+    that the other ranks hear of too (see :func:`_fail`)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as exc:
-            if isinstance(exc, OneLineUsageError):
-                raise
-            raise OneLineUsageError(_without_usage(exc)) from None
+            _fail(_without_usage(exc))
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
-            if isinstance(exc, OneLineUsageError):
-                raise
-            raise OneLineUsageError(_without_usage(exc)) from None
+            _fail(_without_usage(exc))
 
 
 def _without_usage(exc: click.UsageError) -> str:
@@ -106,21 +103,29 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
+@click.option("--stall-timeout", type=float, default=None, metavar="SECONDS",
+              help="End the job when a collective waits this long for the other ranks "
+                   "(default 60, or HVDCOMP_STALL_TIMEOUT; 0 turns the guard off).")
 @click.option("--stop-after-steps", type=int, default=None, hidden=True,
               help="Testing: exit like a crash after this many steps.")
 def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compressor, up, down,
             pattern, period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr, momentum,
             weight_decay, nesterov, schedule, milestones, warmup_epochs, seed, out, overwrite,
-            resume, log_every, checkpoint_every, keep_checkpoints, device, quiet,
+            resume, log_every, checkpoint_every, keep_checkpoints, device, quiet, stall_timeout,
             stop_after_steps) -> None:
     """Data-parallel training with compressed, error-compensated gradient exchange.
 
     Launch with `mpirun -np N hvdcomp train ...`, `srun --mpi=pmix hvdcomp train ...`,
     `horovodrun -np N hvdcomp train ...`, or as a single process. Writes a run directory
     (config.json, env.json, metrics.jsonl, summary.json, checkpoints/) and prints a summary."""
+    from hvdcomp import stall
     from hvdcomp.train.config import ConfigError, TrainConfig, parse_key_values
 
     try:
+        if stall_timeout is not None:
+            stall.set_timeout(stall_timeout)
+        if stop_after_steps is not None and stop_after_steps < 1:
+            raise ConfigError("--stop-after-steps must be >= 1")
         cfg = TrainConfig(
             model=model, dataset=dataset, data_dir=data_dir, non_iid_alpha=non_iid_alpha,
             augment=augment, algorithm=algorithm, up=up or compressor, down=down, pattern=pattern,
@@ -131,11 +136,9 @@ def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compres
             milestones=_fractions(milestones), warmup_epochs=warmup_epochs, seed=seed, out=out,
             log_every=log_every, checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints, device=device)
-        prepared = prepare(cfg, resume=resume, overwrite=overwrite)
+        prepared = prepare(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     except (ConfigError, ValueError, OSError) as exc:
-        raise OneLineUsageError(str(exc)) from None
-    if stop_after_steps is not None and stop_after_steps < 1:
-        raise OneLineUsageError("--stop-after-steps must be >= 1")
+        _fail(str(exc))
 
     from hvdcomp.compressors import CompressionError
     from hvdcomp.train.config import TrainingFailed
@@ -143,13 +146,27 @@ def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compres
     try:
         run(prepared.config, prepared.out_dir, prepared.launcher,
             resume_state=prepared.resume_state, quiet=quiet, stop_after_steps=stop_after_steps)
-    except ConfigError as exc:  # found after hvd.init, identically on every rank
-        raise OneLineUsageError(str(exc)) from None
-    except (TrainingFailed, CompressionError) as exc:
-        # A runtime failure on this rank (a NaN loss, non-finite gradients refused by a
-        # compressor): one line, exit 1; the launcher then stops the other ranks.
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+    except (TrainingFailed, CompressionError, OSError) as exc:
+        _runtime_failure(exc)
+    finally:
+        if prepared.lock is not None:
+            prepared.lock.release()
+
+
+def _runtime_failure(exc: BaseException) -> None:
+    """A failure on this rank while training (a NaN loss, non-finite gradients refused by a
+    compressor, a full disk): one line, exit 1; the launcher then stops the other ranks."""
+    from hvdcomp.errors import debug_enabled
+    if debug_enabled():
+        raise exc
+    from hvdcomp.cli.main import rank_tag
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}"
+    else:
+        message = str(exc)
+    click.echo(f"Error{rank_tag()}: {message}", err=True)
+    sys.exit(1)
 
 
 def _fractions(text: str):
@@ -162,20 +179,40 @@ def _fractions(text: str):
 
 
 class Prepared:
-    def __init__(self, config, out_dir: Path, launcher, resume_state):
-        self.config, self.out_dir, self.launcher, self.resume_state = (config, out_dir, launcher,
-                                                                       resume_state)
+    """A validated configuration, its run directory (locked by rank 0) and the resumed state."""
+
+    def __init__(self, config, out_dir: Path, launcher, resume_state, lock=None):
+        self.config, self.out_dir, self.launcher = config, out_dir, launcher
+        self.resume_state, self.lock = resume_state, lock
 
 
-def prepare(cfg, resume: bool = False, overwrite: bool = False) -> Prepared:
+def prepare(cfg, resume: bool = False, overwrite: bool = False, quiet: bool = True) -> Prepared:
     """Validate ``cfg`` and the run directory before any rank starts (raises ConfigError,
-    ValueError or OSError with a message naming the problem and the fix)."""
-    from hvdcomp.train import checkpoint as ckpt
-    from hvdcomp.train.config import ConfigError, default_out_dir, detect_launcher, resume_mismatch
+    ValueError or OSError with a message naming the problem and the fix). Rank 0 takes the run
+    directory's lock; the caller releases ``Prepared.lock`` when the run ends."""
+    from hvdcomp.train.config import default_out_dir, detect_launcher
+
+    launcher = detect_launcher()
+    cfg = _validated(cfg.resolved(), launcher)
+    out_dir = Path(cfg.out or default_out_dir(cfg, launcher["world_size"]))
+    cfg.out = str(out_dir)
+    _check_writable(out_dir)
+    lock = _lock_run_directory(out_dir, quiet) if launcher["rank"] == 0 else None
+    try:
+        resume_state = _run_directory_state(cfg, out_dir, launcher, resume, overwrite)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Prepared(cfg, out_dir, launcher, resume_state, lock)
+
+
+def _validated(cfg, launcher):
+    """Model, dataset, device and the algorithm's own hyperparameters of a resolved ``cfg``."""
+    from hvdcomp.train.config import ConfigError
     from hvdcomp.train.data import DataError, check_dataset, parse_dataset_spec
     from hvdcomp.train.models import check_model_name, needs_images
 
-    cfg = cfg.resolved()
     try:
         cfg.model = check_model_name(cfg.model)
         check_dataset(cfg.dataset, cfg.data_dir)
@@ -189,7 +226,6 @@ def prepare(cfg, resume: bool = False, overwrite: bool = False) -> Prepared:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible to this process; "
                               "use --device cpu")
-    launcher = detect_launcher()
     from hvdcomp.train.loop import is_horovod_baseline, make_compression
     if cfg.algorithm == "monna":
         from hvdcomp.train.robust_step import check_monna_options
@@ -201,53 +237,77 @@ def prepare(cfg, resume: bool = False, overwrite: bool = False) -> Prepared:
         try:
             # the algorithm checks its own hyperparameters
             make_compression(cfg, launcher["world_size"], launcher["rank"], steps_per_epoch_=1)
+            if cfg.pattern == "allreduce":
+                from hvdcomp.compressors import from_spec
+                from hvdcomp.exchange import summable_dtype
+                import torch
+                summable_dtype(from_spec(cfg.up), torch.float32)
         except ImportError as exc:
             raise ConfigError(f"algorithm {cfg.algorithm!r} needs hvdcomp's optimizer, which "
                               f"does not import here ({exc})") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"algorithm {cfg.algorithm!r}: {exc}") from None
+    return cfg
 
-    out_dir = Path(cfg.out or default_out_dir(cfg, launcher["world_size"]))
-    cfg.out = str(out_dir)
-    resume_state = None
-    has_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "summary.json").exists()
-    if resume:
-        latest = ckpt.latest_checkpoint(out_dir / "checkpoints")
-        if latest is None:
-            raise ConfigError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; the run "
-                              "must have been started with --checkpoint-every")
-        try:
-            resume_state = ckpt.load_checkpoint(latest)
-        except ckpt.CheckpointError as exc:
-            raise ConfigError(str(exc)) from None
-        if resume_state["world_size"] != launcher["world_size"]:
-            raise ConfigError(f"--resume: {latest} was written by {resume_state['world_size']} "
-                              f"ranks, this run has {launcher['world_size']}; resume with "
-                              f"-np {resume_state['world_size']}")
-        differ = resume_mismatch(resume_state["config"], cfg.to_dict())
-        if differ:
-            raise ConfigError(f"--resume: options differ from the checkpointed run: "
-                              f"{', '.join(differ)}; resume with the same options")
-    elif has_run and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, "
-                          "--overwrite to replace it, or choose another --out")
+
+def _check_writable(out_dir: Path) -> None:
+    from hvdcomp.train.config import ConfigError
+    from hvdcomp.train.results import check_writable
     try:
-        from hvdcomp.train.results import check_writable
         check_writable(out_dir)
     except OSError as exc:
         raise ConfigError(f"cannot write to output directory {out_dir}: "
                           f"{exc.strerror or exc}; choose another --out") from None
-    if overwrite and not resume and launcher["rank"] == 0:
-        # Old checkpoints would otherwise be taken for this run's by a later --resume
-        # (metrics.jsonl and summary.json are replaced by rank 0 when the run starts).
-        for old in ckpt.list_checkpoints(out_dir / "checkpoints"):
-            old.unlink(missing_ok=True)
-        (out_dir / "checkpoints" / "latest.pt").unlink(missing_ok=True)
-    return Prepared(cfg, out_dir, launcher, resume_state)
 
 
-def main() -> None:  # `python -m hvdcomp.cli.train` without the group
-    sys.exit(command.main(prog_name="hvdcomp train"))
+def _lock_run_directory(out_dir: Path, quiet: bool):
+    """Rank 0: refuse a folder a live run uses, then remove what interrupted writers left."""
+    from hvdcomp.train.lock import RunLock, remove_stale_temporaries
+    lock = RunLock(out_dir).acquire()
+    removed = remove_stale_temporaries(out_dir)
+    if removed and not quiet:
+        click.echo(f"hvdcomp train: removed {len(removed)} temporary file(s) that interrupted "
+                   f"writes left in {out_dir}", err=True)
+    return lock
+
+
+def _run_directory_state(cfg, out_dir: Path, launcher, resume: bool, overwrite: bool):
+    """The checkpoint to resume from (or None); refuses to reuse a finished run's folder by
+    accident; on ``--overwrite`` removes the old run's checkpoints (rank 0)."""
+    from hvdcomp.train import checkpoint as ckpt
+    from hvdcomp.train.config import ConfigError, resume_mismatch
+
+    has_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "summary.json").exists()
+    if not resume:
+        if has_run and not overwrite:
+            raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+        if overwrite and launcher["rank"] == 0:
+            # Old checkpoints would otherwise be taken for this run's by a later --resume
+            # (metrics.jsonl and summary.json are replaced by rank 0 when the run starts).
+            for old in ckpt.list_checkpoints(out_dir / "checkpoints"):
+                old.unlink(missing_ok=True)
+            (out_dir / "checkpoints" / "latest.pt").unlink(missing_ok=True)
+        return None
+    latest = ckpt.latest_checkpoint(out_dir / "checkpoints")
+    if latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; the run "
+                          "must have been started with --checkpoint-every")
+    resume_state = ckpt.load_checkpoint(latest)
+    if resume_state["world_size"] != launcher["world_size"]:
+        raise ConfigError(f"--resume: {latest} was written by {resume_state['world_size']} "
+                          f"ranks, this run has {launcher['world_size']}; resume with "
+                          f"-np {resume_state['world_size']}")
+    differ = resume_mismatch(resume_state["config"], cfg.to_dict())
+    if differ:
+        raise ConfigError(f"--resume: options differ from the checkpointed run: "
+                          f"{', '.join(differ)}; resume with the same options")
+    return resume_state
+
+
+def main() -> None:  # `python -m hvdcomp.cli.train`: through the group, for its error handling
+    from hvdcomp.cli.main import cli
+    sys.exit(cli.main(["train", *sys.argv[1:]], prog_name="hvdcomp"))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ import os
 
 
 class UserError(Exception):
-    """Bad input or environment the user can fix; the CLI prints one line and exits 2."""
+    """Bad input or environment the user can fix; the CLI prints one line and exits 2.
+
+    ``shown`` is False on the ranks that stay silent because another rank prints the same
+    problem (see :mod:`hvdcomp.train.agreement`): the job's output carries it once."""
     exit_code = 2
+    shown = True
 
 
 def debug_enabled() -> bool:

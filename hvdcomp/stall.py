@@ -35,6 +35,7 @@ _lock = threading.Lock()
 _waits: Dict[int, Tuple[str, float]] = {}   # thread id -> (what it waits on, since when)
 _timeout: Optional[float] = None            # None: read the environment on first use
 _watchdog: Optional[threading.Thread] = None
+_where = ""                                 # what the process is doing, e.g. "step 17 of 440"
 
 
 def timeout() -> float:
@@ -58,6 +59,12 @@ def set_timeout(seconds: float) -> None:
     if seconds < 0:
         raise ValueError(f"stall timeout must be >= 0 seconds, got {seconds}")
     _timeout = float(seconds)
+
+
+def note(where: str) -> None:
+    """Say what the process is doing (``"step 17 of 440"``), for the guard's message."""
+    global _where
+    _where = where
 
 
 @contextlib.contextmanager
@@ -106,7 +113,9 @@ def _watch() -> None:
 def _end_job(what: str, waited: float, limit: float) -> None:
     rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or \
         os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID") or "0"
-    print(f"Error (rank {rank}): collective {what} has waited {waited:.0f} s for the other ranks "
+    during = f" during {_where}" if _where else ""
+    print(f"Error (rank {rank}): collective {what}{during} has waited {waited:.0f} s for the "
+          f"other ranks "
           f"(stall timeout {limit:g} s): a rank is stopped, dead or running different "
           f"collectives; ending the job. Raise the limit with --stall-timeout or {ENV} if a "
           "step really takes that long.", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,35 @@ def test_single_process_run_writes_the_run_directory(tmp_path):
     # An MLP on digits: well above the 10% of chance after 4 epochs.
     assert summary["final_accuracy"] > 0.85
     assert "final test accuracy" in stdout  # the summary table
+
+
+def test_a_live_run_locks_its_folder_and_stale_temporaries_are_removed(tmp_path):
+    _horovod()
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = [out / "checkpoints" / ".ckpt-40.pt.0badf00d.tmp", out / ".summary.json.1234abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    first = subprocess.Popen([str(HVDCOMP), "train", "--algorithm", "psgd", "--epochs", "10000",
+                              "--out", str(out), "--quiet"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                     "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").exists(), first.communicate(timeout=5)
+        assert not any(path.exists() for path in stale)   # the live run cleaned up at start
+        assert first.poll() is None
+        for extra in (["--overwrite"], ["--resume"]):
+            code, stdout, stderr = _hvdcomp("--out", out, *extra)
+            lines = [line for line in (stdout + stderr).splitlines() if line.strip()]
+            assert code == 2 and len(lines) == 1, (extra, stdout, stderr)
+            assert "in use by a live run" in lines[0] and f"PID {first.pid}" in lines[0], lines
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    # the lock dies with its process: the folder is free again
+    code, stdout, stderr = _hvdcomp("--algorithm", "psgd", "--steps", "3", "--out", out,
+                                    "--overwrite", "--quiet")
+    assert code == 0, stderr

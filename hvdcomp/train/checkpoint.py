@@ -20,8 +20,9 @@ File contents (``torch.save`` of a dict)::
     epoch       epoch the next step belongs to; step_in_epoch: its position in that epoch
     config      the resolved configuration (compared on resume)
     world_size  N
-    ranks       [ {"model": state_dict, "optimizer": state_dict, "rng": {...}} for r in 0..N-1 ]
-    progress    counters the loop keeps across a restart (bytes, times, best accuracy, ...)
+    ranks       [ {"model": state_dict, "optimizer": state_dict, "rng": {...},
+                   "progress": that rank's running sums and counters} for r in 0..N-1 ]
+    progress    rank 0's counters (bytes, times, best accuracy, ...), for readers of the file
 """
 from __future__ import annotations
 
@@ -33,8 +34,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..atomic import atomic_write
-
+from ..atomic import atomic_write, fsync_directory
 from ..errors import UserError
 
 FORMAT = "hvdcomp-train-checkpoint/1"
@@ -91,6 +91,7 @@ def _point_latest(directory: Path, target: Path) -> None:
     except OSError:  # no symlinks on this file system: an atomic copy instead
         shutil.copyfile(target, tmp)
     os.replace(tmp, latest)
+    fsync_directory(directory)   # the new name survives a crash, not only the file
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

@@ -24,6 +24,7 @@ The only code that knows which distributed optimizer runs is :func:`build_distri
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -34,7 +35,10 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import stall
+from ..errors import UserError
 from . import checkpoint as ckpt
+from .agreement import settings_of, settle
 from .config import TrainConfig, TrainingFailed, parse_checkpoint_every
 from .data import (Dataset, augment_generator, epoch_order, eval_indices, load_dataset,
                    shard_indices, steps_per_epoch)
@@ -145,7 +149,12 @@ class DistributedStep:
 
     def step(self) -> None:
         start = time.perf_counter()
-        self.optimizer.synchronize()  # waits for the exchange the backward hooks started
+        # waits for the exchange the backward hooks started (hvdcomp's own waits are guarded
+        # per collective; Horovod's optimizer is guarded as a whole)
+        guard = stall.waiting("Horovod's gradient allreduce") if self.horovod_baseline else \
+            contextlib.nullcontext()
+        with guard:
+            self.optimizer.synchronize()
         waited = time.perf_counter() - start
         if self.horovod_baseline:
             self._measured["time_comm"] += waited
@@ -191,13 +200,20 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
 
 
 # --- evaluation -----------------------------------------------------------------------------------
+def blocking(name: str, collective, *args, **kwargs):
+    """``collective(*args, name=name, **kwargs)`` (a blocking hvd call) under the stall guard."""
+    with stall.waiting(repr(name)):
+        return collective(*args, name=name, **kwargs)
+
+
 def average_state_over_ranks(model: torch.nn.Module, hvd, tag: str) -> None:
     """Replace every floating parameter and buffer by its mean over ranks (in place)."""
     handles = [hvd.allreduce_async_(tensor.data, op=hvd.Average, name=f"hvdcomp.train.{tag}.{name}")
                for name, tensor in model.state_dict(keep_vars=True).items()
                if tensor.is_floating_point()]
-    for handle in handles:
-        hvd.synchronize(handle)
+    with stall.waiting(repr(f"hvdcomp.train.{tag}.*")):
+        for handle in handles:
+            hvd.synchronize(handle)
 
 
 @torch.no_grad()
@@ -220,7 +236,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, hvd, device: torch.device
         totals[0] += F.cross_entropy(logits, y, reduction="sum").item()
         totals[1] += (logits.argmax(1) == y).sum().item()
         totals[2] += len(y)
-    totals = hvd.allreduce(totals, op=hvd.Sum, name=f"hvdcomp.train.{tag}.totals")
+    totals = blocking(f"hvdcomp.train.{tag}.totals", hvd.allreduce, totals, op=hvd.Sum)
     model.train()
     if own_state is not None:
         model.load_state_dict(own_state)
@@ -228,6 +244,25 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, hvd, device: torch.device
 
 
 # --- the loop -------------------------------------------------------------------------------------
+def _load_and_agree(cfg: TrainConfig, hvd, resume_state, stop_after_steps):
+    """This rank's data, then the agreement of :mod:`.agreement`: the first collective of the
+    run, before which no rank may differ in anything that shapes the collectives."""
+    rank, world = hvd.rank(), hvd.size()
+    problem, dataset, shard, spe, facts = None, None, None, 0, {}
+    try:
+        dataset = load_dataset(cfg.dataset, cfg.data_dir)
+        shard = shard_indices(dataset.train_y, world, cfg.seed, cfg.non_iid_alpha)[rank]
+        spe = steps_per_epoch(len(dataset.train_y), world, cfg.batch_size)
+        facts = {"train_samples": len(dataset.train_y), "test_samples": len(dataset.test_y),
+                 "classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
+    except UserError as exc:
+        problem = str(exc)
+    settle(hvd, problem, settings_of(
+        cfg, world_size=world, **facts, stop_after_steps=stop_after_steps,
+        resume_step=None if resume_state is None else int(resume_state["step"])))
+    return dataset, shard, spe
+
+
 def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_state:
         Optional[Dict[str, Any]] = None, quiet: bool = False,
         stop_after_steps: Optional[int] = None) -> Optional[Dict[str, Any]]:
@@ -243,9 +278,7 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
         torch.cuda.set_device(hvd.local_rank())
         device = torch.device("cuda", hvd.local_rank())
 
-    dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    shard = shard_indices(dataset.train_y, world, cfg.seed, cfg.non_iid_alpha)[rank]
-    spe = steps_per_epoch(len(dataset.train_y), world, cfg.batch_size)
+    dataset, shard, spe = _load_and_agree(cfg, hvd, resume_state, stop_after_steps)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * spe
     ckpt_every = parse_checkpoint_every(cfg.checkpoint_every) if cfg.checkpoint_every else None
 
@@ -263,15 +296,19 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
         model.load_state_dict(mine["model"])
         dist.load_state_dict(mine["optimizer"])
         ckpt.set_rng_state(mine["rng"])
-        progress.update(resume_state["progress"])
+        # this rank's own running sums (loss, accuracy, bytes); checkpoints from before they
+        # were kept per rank hold rank 0's only
+        saved = mine.get("progress", resume_state["progress"])
+        progress.update(saved)
         start_step = int(resume_state["step"])
         # Counters continue from the checkpoint: whatever the optimizer restored itself is
         # subtracted so that nothing is counted twice.
         restored = dist.counters()
         for k in COUNTERS:
-            progress[f"offset_{k}"] = resume_state["progress"][f"total_{k}"] - restored[k]
+            progress[f"offset_{k}"] = saved[f"total_{k}"] - restored[k]
     else:
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        with stall.waiting("hvd.broadcast_parameters"):
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     run_dir = None
     config_record = {**cfg.to_dict(), "out": str(out_dir), "world_size": world,
@@ -297,16 +334,19 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
 
     def save(step: int) -> None:
         counted = totals()
+        # every rank's own running sums travel with its state, so that a resume restores them
+        # (rank 0's alone would give every rank rank 0's partial loss and accuracy)
+        own_progress = {**progress, "wall_time": wall(),
+                        **{f"total_{k}": v for k, v in counted.items()}}
         mine = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "optimizer": dist.state_dict(), "rng": ckpt.rng_state()}
-        everyone = hvd.allgather_object(mine, name=f"hvdcomp.train.ckpt.{step}")
+                "optimizer": dist.state_dict(), "rng": ckpt.rng_state(),
+                "progress": own_progress}
+        everyone = blocking(f"hvdcomp.train.ckpt.{step}", hvd.allgather_object, mine)
         if rank == 0:
-            saved_progress = {**progress, "wall_time": wall(),
-                              **{f"total_{k}": v for k, v in counted.items()}}
             ckpt.save_checkpoint(run_dir.checkpoints,
                                  {"step": step, "epoch": step // spe, "step_in_epoch": step % spe,
                                   "config": cfg.to_dict(), "world_size": world, "ranks": everyone,
-                                  "progress": saved_progress}, keep=cfg.keep_checkpoints)
+                                  "progress": own_progress}, keep=cfg.keep_checkpoints)
 
     bar = _ProgressBar(enabled=rank == 0 and not quiet, total=total_steps, done=start_step)
     order, order_epoch = None, -1
@@ -314,6 +354,7 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
     model.train()
     try:
         for step in range(start_step, total_steps):
+            stall.note(f"step {step + 1} of {total_steps}")
             epoch, position = divmod(step, spe)
             if order_epoch != epoch:
                 order = epoch_order(shard, spe * cfg.batch_size, cfg.seed, rank, epoch)
@@ -353,9 +394,9 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
             bar.advance(loss.item())
 
             if done % cfg.log_every == 0 or done == total_steps:
-                mean_loss = hvd.allreduce(torch.tensor([progress["window_loss"]
-                                                        / progress["window_steps"]]),
-                                          op=hvd.Average, name=f"hvdcomp.train.loss.{done}")
+                mean_loss = blocking(f"hvdcomp.train.loss.{done}", hvd.allreduce,
+                                     torch.tensor([progress["window_loss"]
+                                                   / progress["window_steps"]]), op=hvd.Average)
                 progress["window_loss"], progress["window_steps"] = 0.0, 0.0
                 if rank == 0:
                     run_dir.log({**base_record("step", done), "loss": float(mean_loss),
@@ -363,9 +404,10 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
 
             epoch_end = done % spe == 0 or done == total_steps
             if epoch_end:
-                sums = hvd.allreduce(torch.tensor([progress["epoch_loss"], progress["epoch_correct"],
-                                                   progress["epoch_seen"]], dtype=torch.float64),
-                                     op=hvd.Sum, name=f"hvdcomp.train.epoch.{done}")
+                sums = blocking(f"hvdcomp.train.epoch.{done}", hvd.allreduce,
+                                torch.tensor([progress["epoch_loss"], progress["epoch_correct"],
+                                              progress["epoch_seen"]], dtype=torch.float64),
+                                op=hvd.Sum)
                 last_eval = evaluate(model, dataset, hvd, device, tag=f"eval.{done}")
                 progress["best_accuracy"] = max(progress["best_accuracy"],
                                                 last_eval["test_accuracy"])
