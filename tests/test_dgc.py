@@ -284,3 +284,121 @@ def test_dgc_compressor_through_the_allgather_sends_at_most_k_per_rank():
     for updates, _ in results[1:]:
         for ours, rank0 in zip(updates, results[0][0]):
             assert torch.equal(ours, rank0)
+
+
+# --- per-layer selection (the paper's: a threshold per tensor of dim > 1) ----------------------
+
+#: a bucket of four "tensors": weight 10×20, bias 20, weight 5×10, bias 5 (sizes as numel, ndim)
+LAYOUT = [(200, 2), (20, 1), (50, 2), (5, 1)]
+
+
+def per_layer_oracle(ratio):
+    """DGC per layer, written from the paper: momentum correction and masking on every tensor of
+    dim > 1 with its own exact top-k (k_l = ceil(ratio·n_l)); tensors of dim ≤ 1 send their plain
+    gradient (their momentum is the optimizer's); G = mean of what the ranks sent."""
+    import math
+    d = sum(n for n, _ in LAYOUT)
+    u = [torch.zeros(d) for _ in range(N)]
+    v = [torch.zeros(d) for _ in range(N)]
+    updates = []
+    for step in range(ROUNDS):
+        sent = []
+        for r in range(N):
+            g = layered_gradient(r, step)
+            u[r] = M * u[r] + g
+            v[r] = v[r] + u[r]
+            parts, start = [], 0
+            for numel, dim in LAYOUT:
+                a, b = start, start + numel
+                if dim > 1:
+                    parts.append(oracle_topk(v[r][a:b], math.ceil(ratio * numel)))
+                else:
+                    parts.append(g[a:b])
+                    u[r][a:b] = 0.0
+                    v[r][a:b] = 0.0
+                start = b
+            s = torch.cat(parts)
+            v[r] = v[r].masked_fill(s != 0, 0.0)
+            u[r] = u[r].masked_fill(s != 0, 0.0)
+            sent.append(s)
+        mean = sent[0].clone()
+        for s in sent[1:]:
+            mean += s
+        updates.append(mean / N)
+    return updates
+
+
+def layered_gradient(rank, step):
+    gen = torch.Generator().manual_seed(7000 + 100 * rank + step)
+    g = torch.randn(sum(n for n, _ in LAYOUT), generator=gen)
+    g[200:220] *= 50.0   # a loud bias: whole-bucket top-k would spend its budget there
+    return g
+
+
+def per_layer_worker(comm, up, pattern="allgather", per_layer=True):
+    algo = make_algorithm("dgc", up=up, down="none", momentum=M, warmup_epochs=0,
+                          per_layer=per_layer)
+    algo.set_layout("bucket", LAYOUT)
+    exchange = Exchange(algo, comm, pattern=pattern)
+    updates = []
+    for step in range(ROUNDS):
+        updates.append(exchange.exchange("bucket", layered_gradient(comm.rank, step)))
+        exchange.end_round()
+    return updates, exchange.bytes_up
+
+
+def test_per_layer_selection_matches_the_paper_through_the_allgather():
+    results = simulate(N, per_layer_worker, "topk:ratio=0.05")
+    expected = per_layer_oracle(0.05)
+    for rank, (updates, _) in enumerate(results):
+        for step, (ours, theirs) in enumerate(zip(updates, expected)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5,
+                                       msg=f"rank {rank} round {step}")
+    # every layer of dim > 1 sends its own k_l each round: 10 of the 200, 3 of the 50
+    first = results[0][0][0]
+    assert int((first[:200] != 0).sum()) <= N * 10 and int((first[220:270] != 0).sum()) <= N * 3
+    assert int((first[220:270] != 0).sum()) > 0   # whole-bucket top-k could starve this layer
+
+
+def test_per_layer_payload_is_the_sum_of_the_layers():
+    from hvdcomp.compressors.layerwise import PerLayer
+    inner = from_spec("dgc:ratio=0.01")
+    layered = PerLayer(inner, [(n, dim > 1) for n, dim in LAYOUT])
+    expected = inner.payload_nbytes(200) + 4 * 20 + inner.payload_nbytes(50) + 4 * 5
+    assert layered.payload_nbytes(275) == expected
+    x = torch.randn(275)
+    payload, decoded = layered.roundtrip(x)
+    assert payload.numel() == expected
+    assert torch.equal(decoded[200:220], x[200:220]) and torch.equal(decoded[270:], x[270:])
+    assert int((decoded[:200] != 0).sum()) == 2 and int((decoded[220:270] != 0).sum()) == 1
+    results = simulate(2, per_layer_worker, "dgc:ratio=0.01")
+    assert results[0][1] == ROUNDS * expected   # N − 1 = 1 copy per round
+
+
+def test_per_layer_off_is_whole_bucket_selection():
+    results = simulate(N, per_layer_worker, "topk:ratio=0.05", "allgather", False)
+    first = results[0][0][0]
+    # the loud bias wins the whole bucket's k = ceil(0.05·275) = 14 slots: the small layer gets none
+    assert int((first[220:270] != 0).sum()) == 0
+
+
+def test_per_layer_refuses_the_two_phase_chunks():
+    from hvdcomp.compressors import CompressionError
+    with pytest.raises(CompressionError, match="allgather"):
+        simulate(2, per_layer_worker, "topk:ratio=0.05", "two_phase")
+
+
+def test_the_optimizer_declares_each_buckets_layers():
+    import hvdcomp
+
+    def build(comm):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 4))
+        opt = hvdcomp.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+            compression=hvdcomp.Compression.algorithm("dgc", up="dgc:ratio=0.01"),
+            comm=comm, pattern="allgather", small_tensor_bytes=64)
+        return opt.algorithm._layouts
+    layouts = simulate(1, build)[0]
+    # reversed registration order; the 4-element bias (16 bytes) is under small_tensor_bytes
+    assert list(layouts.values()) == [((128, 2), (32, 1), (2048, 2))]

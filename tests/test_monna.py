@@ -51,25 +51,45 @@ def test_aggregators_by_hand():
 def test_attacks_by_hand():
     honest = t([[1.0, 2.0], [3.0, 2.0]])           # mean [2, 2], unbiased std [√2, 0]
     assert alie(honest, 1.0).tolist() == pytest.approx([2 + math.sqrt(2), 2.0])
-    assert foe(honest, 0.5).tolist() == [1.0, 1.0]
+    assert foe(honest, 0.5).tolist() == [-1.0, -1.0]               # Xie et al.: −ε·mean(H)
     assert sign_flip(honest).tolist() == [-2.0, -2.0]
     assert label_flip(honest, t([2.0, 4.0]), 0.5).tolist() == [1.0, 0.0]
     assert flip_labels(torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
     # Baruch et al.: n = 8, f = 2 → s = ⌊8/2 + 1⌋ − 2 = 3, z = Φ⁻¹(5/8) ≈ 0.3186
     assert alie_default_z(8, 2) == pytest.approx(0.31864, abs=1e-4)
     vectors = attack_vectors("foe", honest, 3, param=0.5)
-    assert vectors.shape == (3, 2) and vectors.tolist() == [[1.0, 1.0]] * 3
+    assert vectors.shape == (3, 2) and vectors.tolist() == [[-1.0, -1.0]] * 3
+    # without a param and with the search off: the literature's fixed strengths
+    assert attack_vectors("foe", honest, 1, search=False).tolist() == [[-0.2, -0.2]]
+    z = alie_default_z(3, 1)
+    assert attack_vectors("alie", honest, 1, search=False)[0].tolist() == pytest.approx(
+        [2 + z * math.sqrt(2), 2.0])
+    with pytest.raises(ValueError, match="not both"):
+        attack_vectors("alie", honest, 1, param=1.0, search=True)
     with pytest.raises(ValueError, match="flipped_gradient"):
         attack_vectors("label_flip", honest, 2)
     with pytest.raises(ValueError, match="unknown attack"):
         attack_vectors("nosuch", honest, 2)
 
 
-def test_line_maximize_finds_the_peak_of_a_unimodal_function():
-    best = line_maximize(lambda x: -(x - 5.0) ** 2, start=1.0, evaluations=16)
-    assert best == 4.0               # 1 → 2 → 4 → 8 (worse); then 3.2, 2.56, ... all worse than 4
-    # decreasing objective: 1, then 2 (worse, stop expanding), then 0.8, 0.64: four evaluations
-    assert line_maximize(lambda x: -x, start=1.0, evaluations=4) == pytest.approx(0.64)
+def test_line_maximize_is_the_references_search():
+    """MoNNA's tools.line_maximize, worked by hand on −(x − 5)²: from 0 with delta 1, expansion
+    probes 1, 3 (delta doubles after each gain), 7 (no gain: delta = 4·0.8 = 3.2); contraction
+    probes 7 − 3.2 = 3.8 (gain), then 3.8 − 2.56 = 1.24, then 1.24 + 2.048 = 3.288, then
+    3.288 + 1.6384 = 4.9264 (gain), ..."""
+    probes = []
+
+    def objective(x):
+        probes.append(x)
+        return -(x - 5.0) ** 2
+    assert line_maximize(objective, evaluations=5) == pytest.approx(3.8)
+    assert probes == pytest.approx([0.0, 1.0, 3.0, 7.0, 3.8])
+    assert line_maximize(objective, evaluations=8) == pytest.approx(4.9264)
+    assert abs(line_maximize(objective) - 5.0) < 0.2          # the default 16 evaluations
+    # an objective that only grows: the expansion doubles its step every time
+    assert line_maximize(lambda x: x, evaluations=16) == 2 ** 15 - 1
+    # a decreasing objective keeps the start (never below 0)
+    assert line_maximize(lambda x: -x) == 0.0
 
 
 # --- robustness with tensors: n = 8, f = 2 -----------------------------------------------------
@@ -132,9 +152,8 @@ def test_attacks_tuned_against_nna_still_cannot_leave_its_bound(attack):
     honest = honest_half_steps(seed=2, spread=0.05)
     centre = honest.mean(0)
     spread = torch.linalg.vector_norm(honest - centre, dim=1).max().item()
-    start = 1.0
-    tuned = attack_vectors(attack, honest, F, param=start, search=True)
-    fixed = attack_vectors(attack, honest, F, param=start)
+    tuned = attack_vectors(attack, honest, F)                 # the default: the line search
+    fixed = attack_vectors(attack, honest, F, param=1.0)
     assert attack_damage(honest, tuned, "nna", F) >= attack_damage(honest, fixed, "nna", F)
     received = torch.cat([honest, tuned])
     for own in honest:
@@ -264,3 +283,25 @@ def test_monna_on_real_ranks_equals_the_simulator():
     for rank in range(3):
         assert torch.equal(real[rank][0], simulated[rank][0])
         assert real[rank][1] == (2,)
+
+
+@pytest.mark.parametrize("attack", ["alie", "foe"])
+def test_default_attacks_ruin_averaging_while_nna_holds(attack):
+    """With the defaults (the MoNNA authors' line search against the defence in use), plain
+    averaging is driven thousands of honest spreads away from the honest optimum — the search
+    against a mean has no bound — while NNA stays within the honest workers' heterogeneity
+    (max_r ‖c_r − c̄‖: with such different targets no rule can promise more). Issue 13: the old
+    fixed z and ε barely moved averaging."""
+    optimum = torch.stack(TARGETS[:N - F]).mean(0)
+    heterogeneity = max(torch.linalg.vector_norm(c - optimum).item() for c in TARGETS[:N - F])
+    errors = {}
+    for aggregator in ("nna", "mean"):
+        results = simulate(N, monna_worker, 40, 0.3, 0.5, aggregator=aggregator, attack=attack,
+                           simulate_faults=True)
+        described = results[0][2]
+        assert described["line_search"] is True and described["attack_param"] is None
+        worst = max(torch.linalg.vector_norm(results[r][0] - optimum).item()
+                    for r in range(N - F))
+        errors[aggregator] = worst if math.isfinite(worst) else math.inf
+    assert errors["nna"] < heterogeneity, errors
+    assert errors["mean"] > 100 * heterogeneity, errors

@@ -28,19 +28,29 @@ Bits per coordinate, up: density × (32 value bits + index bits) (the ``dgc`` co
 8/16/32-bit indices by bucket size), i.e. ≈ 0.048 at 99.9 % with 16-bit indices; down: nothing
 extra with the allgather pattern (every rank receives N−1 such payloads).
 
-The paper compresses only tensors with more than one dimension and exchanges biases and
-BatchNorm parameters dense; in hvdcomp that is a choice of buckets made by the integration layer,
-not by this class.
+Per layer (``per_layer=True``, the default): the paper selects the top-k of each layer with its
+own threshold, and compresses only tensors with more than one dimension (biases and BatchNorm
+parameters travel dense).  The optimizer tells the algorithm each bucket's layers
+(:meth:`DGC.set_layout`, called by :class:`hvdcomp.DistributedOptimizer`), and the bucket's uplink
+is then a :class:`~hvdcomp.compressors.layerwise.PerLayer` compressor: the sparsifier per layer of
+dim > 1, the others dense.  A dense layer carries the plain gradient (no velocity: nothing is
+left behind to correct), so the round returns its plain average, and momentum belongs to the
+wrapped optimizer for those tensors — as in the reference, where ``compensate(...,
+accumulate=False)`` applies ordinary momentum after averaging (``hvdcomp train`` gives them an SGD
+parameter group with momentum m; so it does for the tensors under ``small_tensor_bytes``, which
+the optimizer exchanges dense outside this algorithm).  A bucket without a layout is one layer.
+Per-layer selection needs the whole bucket, i.e. ``pattern="allgather"`` (what DGC does).
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..compressors import Compressor
+from ..compressors.layerwise import PerLayer
 from .base import Algorithm
 
 __all__ = ["DGC", "DGCSGD", "dgc_density", "clip_local_gradient"]
@@ -87,7 +97,9 @@ class DGC(Algorithm):
     the server's average travels dense, as the allgather pattern does), ``momentum`` m = 0.9,
     ``nesterov`` = False, ``clip_norm`` = None (the global threshold thr; needs ``world_size``),
     ``momentum_masking`` = True, ``warmup_epochs`` = 4, ``steps_per_epoch`` = None,
-    ``server_error_feedback`` = True (only matters for a lossy ``down`` in the two-phase pattern).
+    ``server_error_feedback`` = True (only matters for a lossy ``down`` in the two-phase pattern),
+    ``per_layer`` = True (a threshold per layer of dim > 1, other layers dense; needs the layouts
+    from :meth:`set_layout`).
     """
     name = "dgc"
 
@@ -96,7 +108,7 @@ class DGC(Algorithm):
                  nesterov: bool = False, clip_norm: Optional[float] = None,
                  world_size: Optional[int] = None, momentum_masking: bool = True,
                  warmup_epochs: int = 4, steps_per_epoch: Optional[int] = None,
-                 server_error_feedback: bool = True):
+                 server_error_feedback: bool = True, per_layer: bool = True):
         super().__init__(up, "none" if down is None else down)
         if not isinstance(getattr(self.up, "ratio", None), float):
             # Masking zeroes u and v wherever something was sent: with a dense compressor that is
@@ -122,6 +134,11 @@ class DGC(Algorithm):
         self.warmup_epochs = int(warmup_epochs)
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.server_error_feedback = bool(server_error_feedback)
+        self.per_layer = bool(per_layer)
+        # bucket key -> ((numel, ndim) of each tensor), from the optimizer; and the PerLayer
+        # uplink built for it from the current (warm-up) compressor. Not state: the model's shape.
+        self._layouts: Dict[str, Tuple[Tuple[int, int], ...]] = {}
+        self._uplinks: Dict[str, Tuple[Compressor, PerLayer]] = {}
         # The compressor the user asked for carries the final density; warm-up swaps in copies
         # with a larger ratio.
         self.final_up = self.up
@@ -161,6 +178,36 @@ class DGC(Algorithm):
             if epoch != self.epoch:
                 self.set_epoch(epoch)
 
+    # --- per-layer selection -------------------------------------------------------------------
+    def set_layout(self, key: str, tensors: Sequence[Tuple[int, int]]) -> None:
+        """Declare bucket ``key``'s tensors, in bucket order, as ``(numel, ndim)`` pairs (the
+        optimizer calls this).  With ``per_layer``, tensors with ndim > 1 get their own top-k
+        and the others travel dense."""
+        self._layouts[str(key)] = tuple((int(n), int(dim)) for n, dim in tensors)
+        self._uplinks.pop(str(key), None)
+
+    def _dense_ranges(self, key: str) -> List[Tuple[int, int]]:
+        """(start, stop) of the layers of ``key`` that travel dense (per layer, ndim ≤ 1)."""
+        if not self.per_layer or key not in self._layouts:
+            return []
+        ranges, start = [], 0
+        for numel, dim in self._layouts[key]:
+            if dim <= 1 and numel:
+                ranges.append((start, start + numel))
+            start += numel
+        return ranges
+
+    def uplink_for(self, key: str) -> Compressor:
+        """The uplink compressor of bucket ``key`` (read by the exchange): per layer when a
+        layout is known, else this epoch's whole-bucket sparsifier."""
+        if not self.per_layer or key not in self._layouts:
+            return self.up
+        cached = self._uplinks.get(key)
+        if cached is None or cached[0] is not self.up:
+            segments = [(numel, dim > 1) for numel, dim in self._layouts[key]]
+            cached = self._uplinks[key] = (self.up, PerLayer(self.up, segments))
+        return cached[1]
+
     # --- the five steps ------------------------------------------------------------------------
     def worker_message(self, key, grad):
         if self.has_warmup and self.epoch is None and not self._warned_no_epoch:
@@ -181,7 +228,13 @@ class DGC(Algorithm):
         else:
             u.mul_(m).add_(grad)                           # u ← m u + g
             v.add_(u)                                      # v ← v + u
-        return v.clone()
+        message = v.clone()
+        for start, stop in self._dense_ranges(key):
+            # a dense layer sends its plain gradient; its momentum is the optimizer's
+            message[start:stop] = grad[start:stop]
+            u[start:stop] = 0.0
+            v[start:stop] = 0.0
+        return message
 
     def worker_sent(self, key, message, sent):
         sent_mask = sent != 0                              # the coordinates that travelled
@@ -210,7 +263,7 @@ class DGC(Algorithm):
                 "clip_norm": self.clip_norm, "world_size": self.world_size,
                 "momentum_masking": self.momentum_masking, "warmup_epochs": self.warmup_epochs,
                 "steps_per_epoch": self.steps_per_epoch,
-                "server_error_feedback": self.server_error_feedback}
+                "server_error_feedback": self.server_error_feedback, "per_layer": self.per_layer}
 
     def config(self) -> Dict[str, Any]:
         # The final compressor, not this epoch's: the configuration stays the same through warm-up.
@@ -218,6 +271,8 @@ class DGC(Algorithm):
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
+        for shape_only in ("_layouts", "_uplinks"):   # the model's shape, set by the optimizer
+            state.pop(shape_only, None)
         state["epoch"] = self.epoch
         return state
 

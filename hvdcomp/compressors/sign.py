@@ -1,8 +1,19 @@
-"""Scaled sign compressors: ``sign`` (SignSGD with a scale) and ``blocksign`` (Blockwise-SignSGD).
+"""Scaled sign compressors: ``sign`` (the papers' SignSGD: one scale per bucket), ``chunksign``
+(one scale per chunk the exchange hands it) and ``blocksign`` (Blockwise-SignSGD: one per block).
 
 C(x) = (‖x‖₁ / d) · sign(x)  (Karimireddy et al., "Error Feedback Fixes SignSGD and other Gradient
 Compression Schemes", ICML 2019, eq. (4) with the scale of their Lemma 8); LIEC-SGD's released code
-applies it per block of parameters (research notes §1.3).
+applies it to the whole model ("SignSGD", one block) or per block of parameters
+("Blockwise-SignSGD", research notes §1.3).
+
+Which vector the scale belongs to.  Under the two-phase exchange every bucket is cut into N chunks,
+one per rank; a compressor that only sees its chunk would give every chunk its own scale, so the
+method would change with the world size (N scales per bucket).  ``sign`` keeps the papers' meaning
+whatever N is: it declares ``needs_bucket_norm``, and the exchange hands it the L1 norm and size of
+the whole bucket (the worker holds the bucket; the servers add their chunks' L1 norms with one
+allgather of N numbers), so every chunk is sent with the bucket's scale ‖x‖₁/d.  ``chunksign`` is
+the per-chunk variant (one scale per rank's chunk: blockwise sign with N blocks), ``blocksign`` a
+fixed block size independent of N.
 
 Contraction.  With s = ‖x‖₁/d and sign(x)ᵢ ∈ {±1}:
     ‖C(x) − x‖² = ‖x‖² − 2s·⟨sign(x), x⟩ + s²·d = ‖x‖² − ‖x‖₁²/d,
@@ -16,8 +27,10 @@ that the sender uses the decoded C(x) (``roundtrip``), which it does.  A zero sc
 tensor or block) decodes to exact zeros, so the error of an all-zero input is exactly zero.
 
 Wire format (little-endian), all fields of a payload back to back:
-    sign:      [scale: fp32][bits: ceil(d/8) bytes]            -> 4 + ceil(d/8) bytes
-    blocksign: [scales: fp32 × ceil(d/block)][bits]            -> 4·ceil(d/block) + ceil(d/8)
+    sign, chunksign: [scale: fp32][bits: ceil(d/8) bytes]      -> 4 + ceil(d/8) bytes
+    blocksign:       [scales: fp32 × ceil(d/block)][bits]      -> 4·ceil(d/block) + ceil(d/8)
+(``sign``'s chunk payloads all carry the bucket's scale; its downlink adds the allgather of the
+N chunk norms, 8 bytes each, which the exchange counts.)
 Bit 7−i of byte q (MSB first, as numpy.packbits) is the sign of element 8q+i (1 = non-negative).  Empty chunks send 0 bytes.
 
 Cost: compress is an L1 norm (one read of x), one comparison (read x, write d bytes) and the bit
@@ -29,6 +42,8 @@ docs/benchmarks.md.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from . import bitpack
@@ -37,30 +52,47 @@ from ._wire import (Layout, LayoutCompressor, allocate, check_int, check_out_dty
 from .base import check_finite
 from .registry import register
 
+#: ``(‖bucket‖₁, numel of the bucket)``: what the exchange passes to ``sign`` for one chunk
+BucketNorm = Tuple[torch.Tensor, int]
 
-@register("sign")
-class Sign(LayoutCompressor):
-    """Scaled sign over the whole chunk: C(x) = (‖x‖₁/d)·sign(x), sign(0) = +1.
+
+@register("chunksign")
+class ChunkSign(LayoutCompressor):
+    """Scaled sign over the vector it is given: C(x) = (‖x‖₁/d)·sign(x), sign(0) = +1.
+
+    Under the two-phase exchange that vector is one rank's chunk, so a bucket travels with N
+    scales (blockwise sign with N blocks, changing with the world size); under the allgather
+    pattern it is the whole bucket.  ``sign`` is the same function with the bucket's scale.
 
     Bytes: 4 + ceil(d/8) (one fp32 scale, 1 bit per element); 0 when d = 0.
     δ(x) = ‖x‖₁²/(d‖x‖²) ≥ 1/d, with equality of the error formula (not just a bound).
     Not linear (the sum of two payloads is not a payload of the sum)."""
 
+    parameters = {}  # chunksign and sign take no parameters
+
     def _layout(self, numel: int) -> Layout:
         return Layout([("scale", torch.float32, 1),
                        ("bits", torch.uint8, bitpack.packed_nbytes(numel))])
 
-
     def compress(self, x, seed=0):
+        return self._encode(x, None)
+
+    def _encode(self, x, bucket: Optional[BucketNorm]):
+        """The payload of ``x`` with the scale ‖·‖₁/d of ``bucket`` (``(l1, numel)``), or of
+        ``x`` itself when ``bucket`` is None."""
         x = flat_input(x, self.name)
         numel = x.numel()
         if not numel:
             return torch.empty(0, dtype=torch.uint8, device=x.device)
         layout = self._layout(numel)
         payload = layout.allocate(x.device)
-        l1 = torch.linalg.vector_norm(x, 1, dtype=compute_dtype(x.dtype))
+        if bucket is None:
+            l1, count = torch.linalg.vector_norm(x, 1, dtype=compute_dtype(x.dtype)), numel
+        else:
+            l1, count = bucket
+        # the bucket's norm is non-finite whenever this chunk holds a NaN/Inf (it is a sum over it)
         check_finite(x, summary=l1)
-        layout.view(payload, "scale").copy_(l1 / numel)
+        layout.view(payload, "scale").copy_(l1 / count)
         bitpack.pack_signs(x, layout.view(payload, "bits"))
         return payload
 
@@ -80,6 +112,37 @@ class Sign(LayoutCompressor):
         return bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype, scale, out=out)
 
 
+@register("sign")
+class Sign(ChunkSign):
+    """The papers' SignSGD: one scale per bucket, C(x) = (‖x‖₁/d)·sign(x) over the whole bucket,
+    whatever the world size (LIEC-SGD's "SignSGD" is one block per bucket).
+
+    Declared hook: ``needs_bucket_norm``.  The exchange passes ``bucket=(‖bucket‖₁, d)`` when it
+    hands over one chunk of a bucket (the worker computes the norm of the bucket it holds; the
+    sharded servers add their chunks' norms, :meth:`partial_norm`, with one small allgather), and
+    every chunk payload then carries that scale.  Without ``bucket`` the vector given is the whole
+    bucket, so ``compress`` alone is the plain whole-vector formula.
+
+    Bytes per chunk as ``chunksign``: 4 + ceil(d/8).  δ as ``chunksign`` over the whole bucket."""
+
+    needs_bucket_norm = True
+
+    @staticmethod
+    def partial_norm(x: torch.Tensor) -> torch.Tensor:
+        """‖x‖₁ of one chunk (0-d, float64 for float64 input, float32 otherwise); the bucket's
+        norm is the sum over its chunks."""
+        x = x.detach().reshape(-1)
+        return torch.linalg.vector_norm(x, 1, dtype=compute_dtype(x.dtype))
+
+    def compress(self, x, seed=0, bucket: Optional[BucketNorm] = None):
+        return self._encode(x, bucket)
+
+    def roundtrip_into(self, x, out, seed=0, bucket: Optional[BucketNorm] = None):
+        payload = self._encode(x, bucket)
+        self.decompress_into(payload, out, seed)
+        return payload
+
+
 @register("blocksign")
 class BlockSign(LayoutCompressor):
     """Scaled sign per block of ``block`` elements (Blockwise-SignSGD, LIEC-SGD §1.3): block b
@@ -89,6 +152,8 @@ class BlockSign(LayoutCompressor):
     δ(x) = Σ_b ‖x_b‖₁²/d_b / ‖x‖² ≥ 1/block (exact error formula as for ``sign``).
     ``block`` in [1, 2^31).  With the exchange's 64-element chunk alignment, a block that divides
     64 (or a multiple of 64) never straddles two ranks' chunks."""
+
+    parameters = {"block": "an integer in [1, 2^31 - 1]"}
 
     def __init__(self, block: int = 1024):
         self.block = check_int("blocksign", "block", block, 1, (1 << 31) - 1)

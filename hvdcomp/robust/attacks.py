@@ -4,7 +4,8 @@ As in MoNNA's reference code (``attacks/*.py``, research notes §4.3), the f fau
 the same vector, computed from the honest workers' vectors H (an (n_h, d) tensor) of this step:
 
 * ALIE, "a little is enough" (Baruch et al. 2019):  mean(H) + z·std(H)  (coordinate-wise std);
-* FOE, "fall of empires" (Xie et al. 2019):          mean(H) − ε·mean(H);
+* FOE, "fall of empires" (Xie et al. 2019):          −ε·mean(H) (Xie et al.'s ε: ε = 0.1 sends
+  −0.1·mean(H), the reversed direction, not a 10 % shrink);
 * sign flipping:                                      −mean(H);
 * label flipping:                                     mean(H) − γ·g_flip, with g_flip the gradient
   on a batch whose labels were flipped (y → C − 1 − y, :func:`flip_labels`);
@@ -13,10 +14,15 @@ the same vector, computed from the honest workers' vectors H (an (n_h, d) tensor
   default, as MoNNA's reference ``attacks/mimic.py``; the paper's heuristic choice of k along the
   direction of largest variance is not implemented).
 
-z and ε: the reference chooses them each step by a line search that maximises the damage to the
-defence, ‖(1/n_h) Σ_{i∈H} AGG_i − mean(H)‖² (16 evaluations). Here a fixed value is the default
-(z from Baruch et al.'s formula, :func:`alie_default_z`; ε = 0.1) and ``search=True`` runs
-:func:`line_maximize` with the same objective. These are simulations for measuring robustness:
+z and ε: by default chosen each step as the MoNNA authors' code does (``attacks/identical.py``
+with its default ``factor=-16``): the faulty vector is mean(H) + t·a, a = std(H) for ALIE and
+a = −mean(H) for FOE, and t maximises the damage to the defence,
+‖(1/n_h) Σ_{i∈H} AGG_i − mean(H)‖², AGG_i being honest node i's aggregate, by the reference's
+:func:`line_maximize` (16 evaluations from t = 0). So ALIE's z = t and FOE's ε = t − 1. Against
+plain averaging the damage grows without bound and the search walks t up to ~2¹⁵; against NNA it
+stops where the faulty vectors would leave the nearest neighbours. A fixed ``param`` (z, or Xie
+et al.'s ε) replaces the search; ``search=False`` without one takes the literature's fixed values,
+Baruch et al.'s z_max (:func:`alie_default_z`) and Xie et al.'s ε = 0.1. These are simulations for measuring robustness:
 :class:`hvdcomp.robust.monna.MoNNA` refuses them unless ``simulate_faults=True``.
 """
 from __future__ import annotations
@@ -35,8 +41,11 @@ __all__ = ["ATTACKS", "alie", "foe", "sign_flip", "label_flip", "mimic", "flip_l
 
 ATTACKS = ("alie", "foe", "sign_flip", "label_flip", "mimic")
 
-#: FOE's default ε (Xie et al. 2019 use small ε such as 0.1 [UNVERIFIED]; the reference searches it)
+#: FOE's fixed ε with Xie et al.'s meaning (faulty workers send −ε·mean(H)); used with
+#: ``search=False`` and no ``param`` (by default the reference's line search chooses ε)
 FOE_DEFAULT_EPSILON = 0.1
+#: evaluations of the line search (the reference's ``factor=-16``)
+LINE_SEARCH_EVALUATIONS = 16
 
 
 def _honest(honest: torch.Tensor) -> torch.Tensor:
@@ -54,9 +63,8 @@ def alie(honest: torch.Tensor, z: float) -> torch.Tensor:
 
 
 def foe(honest: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """mean(H) − ε·mean(H) = (1 − ε)·mean(H)."""
-    centre = _honest(honest).mean(0)
-    return centre - epsilon * centre
+    """−ε·mean(H): Xie et al.'s inner-product manipulation (ε > 0 reverses the honest mean)."""
+    return -epsilon * _honest(honest).mean(0)
 
 
 def sign_flip(honest: torch.Tensor) -> torch.Tensor:
@@ -96,32 +104,65 @@ def alie_default_z(n: int, f: int) -> float:
     return NormalDist().inv_cdf(quantile)
 
 
-def line_maximize(objective: Callable[[float], float], start: float = 1.0,
-                  evaluations: int = 16, expand: float = 2.0, contract: float = 0.8) -> float:
-    """A small derivative-free maximiser over a positive scalar (the role of the reference's
-    ``tools.line_maximize``): double the argument while the objective grows, then shrink it by
-    ``contract`` from the best point found, keeping the best of ``evaluations`` evaluations."""
-    if evaluations < 1 or not start > 0 or not expand > 1 or not 0 < contract < 1:
-        raise ValueError("line_maximize needs evaluations ≥ 1, start > 0, expand > 1 and "
-                         "0 < contract < 1")
-    best_x, best_value = start, objective(start)
-    used, x = 1, start
-    while used < evaluations:
-        x = x * expand
-        value = objective(x)
-        used += 1
-        if value > best_value:
-            best_x, best_value = x, value
+def line_maximize(objective: Callable[[float], float], evaluations: int = LINE_SEARCH_EVALUATIONS,
+                  start: float = 0.0, delta: float = 1.0, contract: float = 0.8) -> float:
+    """Best-effort arg-max of ``objective`` over t ≥ 0 in ``evaluations`` calls: the MoNNA
+    reference's ``tools.line_maximize``, step for step.  Expansion: from ``start``, try
+    best + delta and double delta while the objective grows; then contraction: delta ·= contract,
+    and each probe moves delta from the last probe towards the best point (never below 0)."""
+    if evaluations < 1 or start < 0 or not delta > 0 or not 0.5 < contract < 1:
+        raise ValueError("line_maximize needs evaluations ≥ 1, start ≥ 0, delta > 0 and "
+                         "0.5 < contract < 1")
+    best_x, best_y = start, objective(start)
+    left = evaluations - 1
+    probe = best_x
+    while left > 0:                                   # expansion
+        probe = best_x + delta
+        value = objective(probe)
+        left -= 1
+        if value > best_y:
+            best_x, best_y = probe, value
+            delta *= 2
         else:
+            delta *= contract
             break
-    x = best_x
-    while used < evaluations:
-        x = x * contract
-        value = objective(x)
-        used += 1
-        if value > best_value:
-            best_x, best_value = x, value
+    while left > 0:                                   # contraction
+        if probe < best_x:
+            probe += delta
+        else:
+            candidate = probe - delta
+            while candidate < 0:
+                candidate = (candidate + probe) / 2
+            probe = candidate
+        value = objective(probe)
+        left -= 1
+        if value > best_y:
+            best_x, best_y = probe, value
+        delta *= contract
     return best_x
+
+
+def _alie_or_foe(attack: str, honest: torch.Tensor, f: int, param: Optional[float],
+                 search: Optional[bool], aggregator: str) -> torch.Tensor:
+    if search and param is not None:
+        raise ValueError(f"{attack}: give either a fixed attack parameter or the line search, "
+                         "not both")
+    if param is None and search is False:
+        n = honest.shape[0] + f
+        param = alie_default_z(n, f) if attack == "alie" else FOE_DEFAULT_EPSILON
+    if param is not None:
+        return alie(honest, param) if attack == "alie" else foe(honest, param)
+    # the reference's parametrisation: mean(H) + t·a, searched over t ≥ 0
+    centre = honest.mean(0)
+    if attack == "alie":
+        direction = honest.std(0) if honest.shape[0] > 1 else torch.zeros_like(centre)
+    else:
+        direction = -centre
+
+    def damage(t: float) -> float:
+        return attack_damage(honest, (centre + t * direction).expand(f, -1), aggregator, f)
+
+    return centre + line_maximize(damage) * direction
 
 
 def attack_damage(honest: torch.Tensor, faulty: torch.Tensor, aggregator: str, f: int) -> float:
@@ -133,15 +174,15 @@ def attack_damage(honest: torch.Tensor, faulty: torch.Tensor, aggregator: str, f
 
 
 def attack_vectors(attack: str, honest: torch.Tensor, f: int, *, param: Optional[float] = None,
-                   search: bool = False, aggregator: str = "nna",
+                   search: Optional[bool] = None, aggregator: str = "nna",
                    flipped_gradient: Optional[torch.Tensor] = None,
                    lr: Optional[float] = None) -> torch.Tensor:
     """The (f, d) vectors the f faulty workers send this step (all the same, as in the reference).
 
-    ``param``: z for ALIE (default :func:`alie_default_z`), ε for FOE (default 0.1), the honest
-    worker copied by mimic (default 0); with
-    ``search=True`` it is the line search's starting point and the value maximising
-    :func:`attack_damage` against ``aggregator`` is used. Label flipping needs ``lr`` and
+    ``param``: a fixed z for ALIE or ε for FOE (Xie et al.'s: −ε·mean(H)), the honest worker
+    copied by mimic (default 0).  ALIE and FOE without ``param``: the MoNNA authors' line search
+    against ``aggregator`` (module docstring), unless ``search=False``, which takes Baruch et
+    al.'s z_max and ε = 0.1.  ``search=True`` with a ``param`` is refused (one or the other). Label flipping needs ``lr`` and
     ``flipped_gradient``: one (d,) gradient for all, or (f, d), one per faulty worker."""
     honest = _honest(honest)
     if attack not in ATTACKS:
@@ -149,18 +190,7 @@ def attack_vectors(attack: str, honest: torch.Tensor, f: int, *, param: Optional
     if f == 0:
         return honest.new_zeros((0, honest.shape[1]))
     if attack in ("alie", "foe"):
-        build = (lambda p: alie(honest, p)) if attack == "alie" else (lambda p: foe(honest, p))
-        if param is None:
-            n = honest.shape[0] + f
-            param = alie_default_z(n, f) if attack == "alie" else FOE_DEFAULT_EPSILON
-        if search:
-            start = abs(param) if param else 1.0
-
-            def damage(p: float) -> float:
-                return attack_damage(honest, build(p).expand(f, -1), aggregator, f)
-
-            param = line_maximize(damage, start=start)
-        vector = build(param)
+        vector = _alie_or_foe(attack, honest, f, param, search, aggregator)
     elif attack == "sign_flip":
         vector = sign_flip(honest)
     elif attack == "mimic":

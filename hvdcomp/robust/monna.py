@@ -51,13 +51,15 @@ class MoNNA:
     ``aggregator_options`` (rfa: ``nu``, ``iterations``; cclip: ``radius``, ``iterations``;
     :mod:`.baselines`); and for
     simulations only: ``attack`` (``alie``, ``foe``, ``sign_flip``, ``label_flip``, ``mimic``),
-    ``attack_param`` (z or ε; defaults in :mod:`.attacks`), ``line_search`` (choose z/ε each step
-    to maximise the damage to ``aggregator``) and ``simulate_faults=True`` to allow any of them.
+    ``attack_param`` (a fixed z, or Xie et al.'s ε: FOE sends −ε·mean), ``line_search`` (choose
+    z/ε each step to maximise the damage to ``aggregator``, as the MoNNA authors' code does; the
+    default for ALIE and FOE when no ``attack_param`` is given) and ``simulate_faults=True`` to
+    allow any of them.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], comm: Any, lr: float, beta: float = 0.99,
                  f: int = 0, aggregator: str = "nna", attack: Optional[str] = None,
-                 attack_param: Optional[float] = None, line_search: bool = False,
+                 attack_param: Optional[float] = None, line_search: Optional[bool] = None,
                  simulate_faults: bool = False,
                  aggregator_options: Optional[Dict[str, Any]] = None):
         self.params: List[torch.Tensor] = list(params)
@@ -99,6 +101,11 @@ class MoNNA:
         self.aggregator = aggregator
         self.attack = attack if simulate_faults else None
         self.attack_param = attack_param
+        # ALIE/FOE default to the MoNNA authors' line search unless a fixed z/ε is given
+        if line_search is None:
+            line_search = attack in ("alie", "foe") and attack_param is None
+        elif line_search and attack_param is not None:
+            raise ValueError("give either attack_param (a fixed z/ε) or line_search, not both")
         self.line_search = bool(line_search)
         self.simulate_faults = bool(simulate_faults)
         self.steps = 0

@@ -27,6 +27,14 @@ ALGORITHMS = ("psgd", "memsgd", "doublesqueeze", "liec", "ef21", "ef21w", "ef21s
 #: correction, EF21-SGDM's v_i, MoNNA's Polyak momentum): the wrapped SGD then defaults to
 #: momentum 0 so that momentum is not applied twice.
 MOMENTUM_INSIDE = ("dgc", "ef21sgdm", "monna")
+#: SGD momentum when --momentum is not given: the paper's setting for each method. 0.9 only for the
+#: dense baseline psgd (momentum SGD, DGC's baseline). Everything else runs the SGD its paper ran:
+#: LIEC-SGD and its baselines MEM-SGD and DoubleSqueeze plain SGD (the authors' code leaves
+#: torch's SGD at momentum 0), the EF21 family plain SGD (EF21 with heavy ball is EF21-HB, another
+#: method), and MOMENTUM_INSIDE momentum 0 (their momentum is in the update; the tensors DGC and
+#: EF21-SGDM send dense get the method's momentum, see hvdcomp.train.uncompressed). Any other
+#: value is an explicit --momentum, printed in the summary.
+PAPER_SGD_MOMENTUM = {"psgd": 0.9}
 #: Algorithms train cannot run yet, with the reason shown to the user.
 UNSUPPORTED: Dict[str, str] = {}
 SCHEDULES = ("constant", "step", "cosine")
@@ -83,7 +91,7 @@ class TrainConfig:
     steps: Optional[int] = None  # when set, overrides epochs
     batch_size: int = 32  # per worker
     lr: float = 0.05
-    momentum: Optional[float] = None  # None: 0.9, or 0 for MOMENTUM_INSIDE
+    momentum: Optional[float] = None  # None: PAPER_SGD_MOMENTUM (0.9 for psgd, else 0)
     weight_decay: float = 5e-4
     nesterov: bool = False
     schedule: str = "cosine"
@@ -125,7 +133,7 @@ class TrainConfig:
         if cfg.momentum is None and cfg.algorithm in PAPER_MOMENTUM_ZERO:
             cfg.momentum = 0.0
         if cfg.momentum is None:
-            cfg.momentum = 0.0 if cfg.algorithm in MOMENTUM_INSIDE else 0.9
+            cfg.momentum = PAPER_SGD_MOMENTUM.get(cfg.algorithm, 0.0)
         if cfg.augment is None:
             cfg.augment = dataset_name(cfg.dataset) in ("cifar10", "cifar100", "tinyimagenet")
         _check_range("--epochs", cfg.epochs, 1)

@@ -1,0 +1,100 @@
+"""``sign`` is the papers' SignSGD, one scale per bucket, whatever the world size (issue 13 item 4).
+
+The oracle below is written from the papers' formula, C(x) = (‖x‖₁/d)·sign(x) over the whole
+bucket, in float64, without hvdcomp's compressors; the sharded exchange must agree with it for
+1, 2 and 4 ranks (simulator and real Horovod ranks), while ``chunksign`` — one scale per rank's
+chunk — must not (it is blockwise sign with N blocks).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hvdcomp.comm import simulate
+from hvdcomp.compressors import from_spec
+
+from multirank import require, run_ranks
+from oracle import gradients, oracle, per_chunk, plain_chunks, run_exchange
+
+
+def whole_sign(x: torch.Tensor) -> torch.Tensor:
+    """SignSGD with its scale, float64, sign(0) = +1; the scale rounded to fp32 as on the wire."""
+    scale = torch.tensor(float(x.abs().sum() / x.numel()), dtype=torch.float32).double()
+    return torch.where(x >= 0, scale, -scale)
+
+
+def test_sign_alone_is_the_whole_vector_formula():
+    x = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    decoded = from_spec("sign").roundtrip(x)[1]
+    assert torch.equal(decoded, whole_sign(x))
+
+
+def test_sign_uses_the_bucket_norm_it_is_given():
+    x = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    chunk = x[64:128]
+    bucket = (x.abs().sum(), x.numel())
+    out = torch.empty_like(chunk)
+    from_spec("sign").roundtrip_into(chunk, out, 0, bucket=bucket)
+    assert torch.equal(out, whole_sign(x)[64:128])
+
+
+@pytest.mark.parametrize("algorithm", ["doublesqueeze", "liec", "memsgd"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_sharded_sign_equals_whole_bucket_sign(algorithm, n):
+    d = 1000
+    grads = gradients(seed=13, steps=5, n=n, d=d)
+    hyper = {"period": 3} if algorithm == "liec" else {}
+    results = simulate(n, run_exchange, algorithm, grads, "sign", "sign", "two_phase", hyper, 1)
+    down = (lambda x: x) if algorithm == "memsgd" else whole_sign
+    expected = oracle(algorithm, grads, whole_sign, down, period=3)
+    for rank in range(n):
+        torch.testing.assert_close(results[rank]["updates"], expected[:, rank], rtol=0,
+                                   atol=1e-12)
+
+
+def test_chunksign_is_one_scale_per_chunk_and_differs_from_sign():
+    n, d = 4, 1000
+    grads = gradients(seed=14, steps=3, n=n, d=d)
+    results = simulate(n, run_exchange, "doublesqueeze", grads, "chunksign", "chunksign",
+                       "two_phase", {}, 1)
+    blockwise = per_chunk(whole_sign, plain_chunks(d, n))
+    expected = oracle("doublesqueeze", grads, blockwise, blockwise)
+    torch.testing.assert_close(results[0]["updates"], expected[:, 0], rtol=0, atol=1e-12)
+    whole = oracle("doublesqueeze", grads, whole_sign, whole_sign)
+    assert not torch.allclose(results[0]["updates"], whole[:, 0])
+
+
+def test_sign_downlink_counts_the_norm_allgather():
+    n, d = 4, 1000
+    grads = gradients(seed=15, steps=1, n=n, d=d)
+    signs = simulate(n, run_exchange, "doublesqueeze", grads, "sign", "sign", "two_phase", {}, 1)
+    chunks = simulate(n, run_exchange, "doublesqueeze", grads, "chunksign", "chunksign",
+                      "two_phase", {}, 1)
+    for rank in range(n):
+        assert signs[rank]["bytes_up"] == chunks[rank]["bytes_up"]
+        assert signs[rank]["bytes_down"] == chunks[rank]["bytes_down"] + (n - 1) * 8
+
+
+def _ranks_sign(up):
+    import horovod.torch as hvd
+    from hvdcomp.comm import HorovodCommunicator
+    n = hvd.size()
+    grads = gradients(seed=16, steps=4, n=n, d=777)
+    result = run_exchange(HorovodCommunicator(), "liec", grads, up, up, "two_phase",
+                          {"period": 3}, 2)
+    return result["updates"], result["cuts"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_real_ranks_sign_equals_whole_bucket_sign(n):
+    require("mpi")
+    results = run_ranks(_ranks_sign, np=n, controller="mpi", up="sign")
+    grads = gradients(seed=16, steps=4, n=n, d=777)
+    # two buckets (run_exchange cuts the gradient): the oracle applies sign to each bucket
+    cuts = results[0][1]
+
+    def per_bucket(x):
+        return torch.cat([whole_sign(x[a:b]) for a, b in zip(cuts, cuts[1:])])
+    expected = oracle("liec", grads, per_bucket, per_bucket, period=3)
+    for rank in range(n):
+        torch.testing.assert_close(results[rank][0], expected[:, rank], rtol=0, atol=1e-12)
