@@ -24,6 +24,7 @@ share it), so ranks whose hooks fire in different orders pair the right tensors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 import zlib
@@ -155,27 +156,49 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return self._reducer is not None and self._reducer.has_error_feedback
 
     def state_dict(self):
-        state = super(self.__class__, self).state_dict()
         if not self._error_feedback():
-            return state
+            return super(self.__class__, self).state_dict()
         root = optimizer_state.broadcast_root()
+        restored = False
         if root is not None:  # inside hvd.broadcast_optimizer_state, on every rank
             loaded = optimizer_state.broadcast(self._comm, self._loaded_entry, root,
                                                f"{self._prefix}.state.broadcast")
             self._loaded_entry = None
             if loaded is not None:
                 optimizer_state.require_every_rank(loaded, self._comm)
-                optimizer_state.load(self._reducer, self._comm, loaded)
-        state[optimizer_state.KEY] = optimizer_state.entry(self._reducer, self._comm,
-                                                           self._consolidated)
+                self._load_own(optimizer_state.pick(loaded, self._comm))
+                restored = True
+        state = super(self.__class__, self).state_dict()
+        if restored and self._reducer.replicas_drift():
+            # Horovod broadcasts the root's tensors into this dict in place: hand it copies, so
+            # each rank keeps the momentum buffers its own slice just restored
+            state = copy.deepcopy(state)
+        state[optimizer_state.KEY] = optimizer_state.entry(
+            self._own_slice(), self._comm, self._reducer.round, self._consolidated)
         return state
+
+    def _own_slice(self):
+        """This rank's state: error feedback and, when replicas drift (LIEC-SGD), its own
+        parameters and wrapped-optimizer state (rank 0's model and momenta are not its own)."""
+        own = self._reducer.state_slice()
+        if self._reducer.replicas_drift():
+            own["optimizer_state"] = copy.deepcopy(
+                super(self.__class__, self).state_dict()["state"])
+        return own
+
+    def _load_own(self, own) -> None:
+        self._reducer.load_slice(own)
+        if "optimizer_state" in own:
+            packed = super(self.__class__, self).state_dict()
+            packed["state"] = own["optimizer_state"]
+            super(self.__class__, self).load_state_dict(packed)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective (every rank calls it): gather every rank's error-feedback state, so that
         rank ``to``'s next ``state_dict()`` holds all of it (one checkpoint file restores every
         rank). Without error feedback there is nothing to gather."""
         if self._error_feedback():
-            self._consolidated = optimizer_state.gather(self._reducer, self._comm, to,
+            self._consolidated = optimizer_state.gather(self._own_slice(), self._comm, to,
                                                         f"{self._prefix}.state.gather")
 
     def load_state_dict(self, state_dict, reset_error_feedback: bool = False):
@@ -204,7 +227,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._loaded_entry = None
         elif saved is not None:
             self._loaded_entry = optimizer_state.normalise(saved)
-            optimizer_state.load(self._reducer, self._comm, self._loaded_entry)
+            self._load_own(optimizer_state.pick(self._loaded_entry, self._comm))
 
     # --- what hvdcomp train and the benchmarks read --------------------------------------------
     @property

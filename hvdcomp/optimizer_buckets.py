@@ -61,15 +61,17 @@ class BucketReducer:
         self.names = names
         self.op_sum = op_sum
         self.sparse_as_dense = sparse_as_dense
-        linear = algorithm.up.linear and algorithm.down.linear and algorithm.name == "psgd"
-        self.exchange = Exchange(algorithm, comm,
-                                 pattern=pattern or ("allreduce" if linear else "two_phase"))
+        self.exchange = Exchange(algorithm, comm, pattern=pattern or _default_pattern(algorithm))
         self.dense_exchange = Exchange(make_algorithm("psgd"), comm, pattern="allreduce")
         for exchange in (self.exchange, self.dense_exchange):
             exchange.name_prefix = prefix  # names unique per optimizer, stable across steps
         self.buckets = _make_buckets(trainable, groups, bucket_bytes, small_tensor_bytes,
                                      self.exchange, self.dense_exchange)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        if hasattr(algorithm, "set_layout"):  # per-layer selection (DGC) needs the tensors
+            for bucket in self.buckets:
+                if bucket.exchange is self.exchange:
+                    algorithm.set_layout(bucket.key, [(p.numel(), p.dim()) for p in bucket.params])
         self._average_before_step = False
         self.stats = ExchangeStats()
         for exchange in (self.exchange, self.dense_exchange):
@@ -175,15 +177,32 @@ class BucketReducer:
     def round(self) -> int:
         return self.algorithm.step
 
+    def replicas_drift(self) -> bool:
+        # algorithms with exact rounds (LIEC-SGD) let each rank's model drift in between: the
+        # rank's own parameters are then part of its state, since rank 0's model is not its own
+        from .algorithms.base import Algorithm
+        return type(self.algorithm).is_sync_step is not Algorithm.is_sync_step
+
     def state_slice(self) -> Dict[str, Any]:
         """This rank's error-feedback state (worker errors, the server error of the chunks this
-        rank owns, the round counter) and its byte counters."""
-        return {"algorithm": self.algorithm.state_dict(),
-                "dense": self.dense_exchange.algorithm.state_dict(),
-                "bytes": (self.exchange.bytes_up, self.exchange.bytes_down,
-                          self.dense_exchange.bytes_up, self.dense_exchange.bytes_down)}
+        rank owns, the round counter), its byte counters and, when replicas drift, its own
+        parameters (restored by :meth:`load_slice` over the model loaded from rank 0's file)."""
+        state = {"algorithm": self.algorithm.state_dict(),
+                 "dense": self.dense_exchange.algorithm.state_dict(),
+                 "bytes": (self.exchange.bytes_up, self.exchange.bytes_down,
+                           self.dense_exchange.bytes_up, self.dense_exchange.bytes_down)}
+        if self.replicas_drift():
+            state["params"] = [p.detach().clone() for b in self.buckets for p in b.params]
+        return state
 
     def load_slice(self, state: Dict[str, Any]) -> None:
+        params = [p for b in self.buckets for p in b.params]
+        if "params" in state:
+            if [tuple(p.shape) for p in params] != [tuple(t.shape) for t in state["params"]]:
+                raise ValueError("the checkpoint's parameters do not match this model's")
+            with torch.no_grad():
+                for p, saved in zip(params, state["params"]):
+                    p.copy_(saved)
         self.algorithm.load_state_dict(state["algorithm"])
         self.dense_exchange.algorithm.load_state_dict(state["dense"])
         (self.exchange.bytes_up, self.exchange.bytes_down,
@@ -198,6 +217,16 @@ class BucketReducer:
                                                    for v in value.values()):
                     value.clear()
             algorithm.step = 0
+
+
+def _default_pattern(algorithm) -> str:
+    """The pattern ``hvdcomp train`` uses for the algorithm (DGC: allgather, as in its paper);
+    else allreduce for plain averaging of linear payloads, else the sharded two-phase server."""
+    from .train.config import DEFAULT_PATTERN
+    if algorithm.name in DEFAULT_PATTERN:
+        return DEFAULT_PATTERN[algorithm.name]
+    linear = algorithm.up.linear and algorithm.down.linear and algorithm.name == "psgd"
+    return "allreduce" if linear else "two_phase"
 
 
 def _make_buckets(trainable, groups, bucket_bytes, small_tensor_bytes, exchange,

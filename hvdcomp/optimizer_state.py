@@ -38,10 +38,10 @@ class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's error-feedback state cannot be restored on this rank."""
 
 
-def entry(reducer, comm, consolidated: Optional[Dict[int, Any]]) -> Dict[str, Any]:
+def entry(own_slice, comm, round_: int, consolidated: Optional[Dict[int, Any]]) -> Dict[str, Any]:
     """The ``"hvdcomp"`` entry of ``state_dict()``: every gathered slice, else this rank's."""
-    ranks = dict(consolidated) if consolidated is not None else {comm.rank: reducer.state_slice()}
-    return {"format": FORMAT, "world_size": comm.size, "round": reducer.round, "ranks": ranks}
+    ranks = dict(consolidated) if consolidated is not None else {comm.rank: own_slice}
+    return {"format": FORMAT, "world_size": comm.size, "round": round_, "ranks": ranks}
 
 
 def normalise(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -55,8 +55,8 @@ def normalise(saved: Dict[str, Any]) -> Dict[str, Any]:
     raise CheckpointMismatchError("the checkpoint's 'hvdcomp' entry is not one hvdcomp wrote")
 
 
-def load(reducer, comm, saved: Dict[str, Any]) -> None:
-    """Restore this rank's slice of ``saved`` (see the module docstring for the refusals)."""
+def pick(saved: Dict[str, Any], comm) -> Dict[str, Any]:
+    """This rank's slice of ``saved`` (see the module docstring for the refusals)."""
     saved = normalise(saved)
     if saved["world_size"] != comm.size:
         raise CheckpointMismatchError(
@@ -73,7 +73,7 @@ def load(reducer, comm, saved: Dict[str, Any]) -> None:
             "saves optimizer.state_dict() (it gathers every rank's state into rank 0's), or "
             "call optimizer.load_state_dict(state, reset_error_feedback=True) on every rank to "
             "start the error feedback at zero")
-    reducer.load_slice(mine)
+    return mine
 
 
 def require_every_rank(saved: Dict[str, Any], comm) -> None:
@@ -90,9 +90,9 @@ def require_every_rank(saved: Dict[str, Any], comm) -> None:
             "reset_error_feedback=True) to start the error feedback at zero")
 
 
-def gather(reducer, comm, to: int, name: str) -> Optional[Dict[int, Any]]:
+def gather(own_slice, comm, to: int, name: str) -> Optional[Dict[int, Any]]:
     """Collective: every rank's slice on rank ``to`` (None elsewhere)."""
-    payload = _to_bytes(reducer.state_slice())
+    payload = _to_bytes(own_slice)
     gathered = comm.allgather(torch.cat([_length(payload), payload]), name)
     if comm.rank != to:
         return None
