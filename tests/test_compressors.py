@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from hvdcomp.compressors import (REGISTRY, CompressionError, from_spec, pack_pay
                                  split_payloads)
 from hvdcomp.compressors import base as compressor_base
 
+REPO = Path(__file__).resolve().parent.parent
 SETTINGS = settings(max_examples=40, deadline=None)
 RATIOS = [0.001, 0.01, 0.05, 0.1, 0.3, 0.5, 1.0]
 SPECS = ["none", "fp16", "bf16", "topk:ratio=0.1", "topk:fp16_values=True,ratio=0.05",
@@ -554,6 +556,96 @@ def test_spec_round_trips(spec):
     again = from_spec(c.spec())
     assert type(again) is type(c) and again.config() == c.config()
     assert again.spec() == c.spec()
+
+
+# --- documented valid values of every parameter (issue 14) ----------------------------------------
+NUMBER_IN_0_1 = (["1e-9", "0.5", "1"], ["0", "-0.1", "1.0001", "nan", "inf", "x", "true"])
+#: compressor -> parameter -> (valid range as docs/algorithms.md words it, accepted, rejected)
+DOCUMENTED_RANGES = {
+    "topk": {"ratio": ("a number in (0, 1]", *NUMBER_IN_0_1),
+             "fp16_values": ("true or false", ["true", "false"], ["1", "yes"])},
+    "randomk": {"ratio": ("a number in (0, 1]", *NUMBER_IN_0_1),
+                "seed": ("an integer in [0, 2^63 - 1]", ["0", str(2**63 - 1)],
+                         ["-1", str(2**63), "1.5"])},
+    "dgc": {"ratio": ("a number in (0, 1]", *NUMBER_IN_0_1),
+            "sample_ratio": ("a number in (0, 1]", *NUMBER_IN_0_1)},
+    "blocksign": {"block": ("an integer in [1, 2^31 - 1]", ["1", str(2**31 - 1)],
+                            ["0", "-3", str(2**31), "2.5", "true"])},
+    "qsgd": {"levels": ("an integer in [1, 127]", ["1", "127"], ["0", "128", "2.5", "-1"]),
+             "rescale": ("true or false", ["true", "false"], ["yes", "1"])},
+    "powersgd": {"rank": ("an integer in [1, 65536]", ["1", "65536"], ["0", "65537", "1.5"])},
+}
+CASES = [(name, parameter, *spec) for name, table in DOCUMENTED_RANGES.items()
+         for parameter, spec in table.items()]
+
+
+def test_every_parameter_of_every_compressor_has_a_documented_range():
+    import inspect
+    from hvdcomp.compressors.registry import registered_names
+    docs = (REPO / "docs" / "algorithms.md").read_text()
+    for name in registered_names():
+        cls = REGISTRY[name]
+        signature = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                     if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        assert cls.parameters is not None, f"{name} declares no parameter ranges"
+        assert sorted(cls.parameters) == sorted(signature), name
+        assert {k: v for k, v in cls.parameters.items()} == {
+            k: v[0] for k, v in DOCUMENTED_RANGES.get(name, {}).items()}, name
+        for parameter, valid in cls.parameters.items():
+            assert f"| `{name}` | `{parameter}` | {valid} |" in docs, (name, parameter)
+
+
+@pytest.mark.parametrize("name, parameter, valid, accepted, rejected", CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_values_outside_the_documented_range_are_refused_naming_it(name, parameter, valid,
+                                                                  accepted, rejected):
+    from hvdcomp.compressors.registry import CompressorSpecError
+    for value in accepted:
+        from_spec(f"{name}:{parameter}={value}")
+    for value in rejected:
+        with pytest.raises(CompressorSpecError) as info:
+            from_spec(f"{name}:{parameter}={value}")
+        message = str(info.value)
+        assert message.startswith(f"{name}: {parameter} must be {valid}"), message
+        assert isinstance(info.value, ValueError)   # callers catching ValueError still do
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("topk:colour=3", "topk: unknown parameter 'colour'; topk takes ratio (a number in (0, 1], "
+                      "default 0.01), fp16_values (true or false, default false)"),
+    ("sign:block=4", "sign: unknown parameter 'block'; sign takes no parameters"),
+    ("none:x=1", "none: unknown parameter 'x'; none takes no parameters"),
+    ("topk:ratio=0.1,ratio=0.2", "topk: ratio is given twice in 'topk:ratio=0.1,ratio=0.2'"),
+    ("topk:0.1", "topk: expected key=value, got '0.1'"),
+])
+def test_spec_mistakes_name_the_valid_parameters(spec, message):
+    with pytest.raises(ValueError) as info:
+        from_spec(spec)
+    assert str(info.value).startswith(message)
+
+
+def test_a_tiny_ratio_still_sends_one_element():
+    for spec in ("topk:ratio=1e-12", "randomk:ratio=1e-12", "dgc:ratio=1e-12"):
+        c = from_spec(spec)
+        x = sample(1000, 3)
+        payload = c.compress(x.float(), 5)
+        assert payload.numel() == c.payload_nbytes(1000) > 0
+        assert int((c.decompress(payload, 1000, torch.float32, 5) != 0).sum()) == 1
+
+
+def test_error_feedback_refuses_qsgd_without_rescale_psgd_takes_it():
+    """Without rescale QSGD's error exceeds ‖x‖ on chunks of levels² elements or more (here
+    measured on one chunk of 4096), which error feedback amplifies: algorithms refuse it."""
+    from hvdcomp.algorithms import make_algorithm
+    x = sample(4096, 1).float()
+    for levels in (1, 4):
+        plain = from_spec(f"qsgd:levels={levels}")
+        assert sqnorm(plain.roundtrip(x, 3)[1].double() - x.double()) > sqnorm(x)  # no contraction
+        for algorithm in ("liec", "memsgd", "doublesqueeze", "ef21"):
+            with pytest.raises(ValueError, match=rf"use qsgd:levels={levels},rescale=true"):
+                make_algorithm(algorithm, up=f"qsgd:levels={levels}")
+            make_algorithm(algorithm, up=f"qsgd:levels={levels},rescale=true")
+        make_algorithm("psgd", up=f"qsgd:levels={levels}")
 
 
 # --- CUDA -----------------------------------------------------------------------------------------

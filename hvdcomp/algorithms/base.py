@@ -54,12 +54,21 @@ class Algorithm:
     #: Whether the downlink is compressed at all; when False the exchange sends the server
     #: message dense (``none``) whatever ``down`` says.
     compresses_downlink: bool = True
+    #: Whether the algorithm feeds compression errors back (every method but P-SGD): it then
+    #: needs contractive compressors and refuses others at construction
+    #: (:meth:`hvdcomp.compressors.Compressor.contraction_problem`).
+    error_feedback: bool = True
 
     def __init__(self, up: "Compressor | str" = "none", down: "Compressor | str | None" = None):
         self.up = from_spec(up)
         self.down = from_spec(down) if down is not None else self.up
         if not self.compresses_downlink:
             self.down = from_spec("none")
+        if self.error_feedback:
+            for compressor in dict.fromkeys((self.up, self.down)):
+                problem = compressor.contraction_problem()
+                if problem:
+                    raise ValueError(problem)
         self.step = 0  # rounds completed; algorithms with periods read it
 
     # --- the five steps (defaults: plain averaging, no error feedback) -------------------------

@@ -15,3 +15,4 @@ from .base import Algorithm
 class PSGD(Algorithm):
     """Parallel SGD; see the module docstring."""
     name = "psgd"
+    error_feedback = False  # any unbiased compressor will do, QSGD without rescale included

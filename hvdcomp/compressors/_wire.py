@@ -132,9 +132,16 @@ def check_int(who: str, name: str, value, low: int, high: "int | None" = None) -
     if ok and high is not None:
         ok = value <= high
     if not ok:
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        bound = f"in [{low}, {_bound_text(high)}]" if high is not None else f">= {low}"
         raise ValueError(f"{who}: {name} must be an integer {bound}, got {value!r}")
     return value
+
+
+def _bound_text(n: int) -> str:
+    """Large bounds as the docs write them: 2147483647 -> "2^31 - 1"."""
+    if n >= 1 << 20 and (n + 1) & n == 0:
+        return f"2^{(n + 1).bit_length() - 1} - 1"
+    return str(n)
 
 
 def check_bool(who: str, name: str, value) -> bool:
@@ -148,7 +155,10 @@ def selected_count(ratio: float, numel: int) -> int:
 
     The product is rounded to 9 decimals first so that float noise does not add an element
     (0.01 · 300 is 3.0000000000000004 in binary floating point; k is 3, not 4)."""
-    return min(numel, math.ceil(round(ratio * numel, 9))) if numel else 0
+    if not numel:
+        return 0
+    # max(1, ...): a ratio so small that the rounding above gives 0 still sends one element
+    return min(numel, max(1, math.ceil(round(ratio * numel, 9))))
 
 
 # --- indices -------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ class Compressor(abc.ABC):
     #: True when decompress(Σ payloads) == Σ decompress(payload), i.e. payloads may be summed
     #: by an allreduce (none, fp16, shared-seed random-k).
     linear: bool = False
+    #: Constructor parameter -> its valid values in words ("a number in (0, 1]"), as the
+    #: constructor checks them; :func:`hvdcomp.compressors.from_spec` names these in its errors
+    #: and docs/algorithms.md lists them. None: not declared (from_spec then reads the names
+    #: from the constructor's signature).
+    parameters: "Dict[str, str] | None" = None
 
     @abc.abstractmethod
     def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
@@ -86,6 +91,13 @@ class Compressor(abc.ABC):
         """For a linear compressor: the dtype to view its payload as when an allreduce sums
         payloads (``payload.view(wire_dtype)``).  Non-linear compressors raise."""
         raise TypeError(f"{self.name} is not linear: its payloads cannot be summed")
+
+    def contraction_problem(self) -> "str | None":
+        """None when C is a δ-contraction, E‖C(x) − x‖² ≤ (1 − δ)‖x‖² with δ > 0 (every chunk
+        size), which error feedback needs: it re-sends C's error, and an error larger than ‖x‖
+        grows every round until the run diverges. Otherwise why not, and the fix (algorithms
+        with error feedback refuse such a compressor up front)."""
+        return None
 
     def config(self) -> Dict[str, Any]:
         """Name and parameters; ranks compare these before the first exchange."""

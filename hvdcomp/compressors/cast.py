@@ -18,6 +18,7 @@ class _Cast(Compressor):
     """Send the elements in ``wire_dtype``; bytes = numel · itemsize(wire_dtype)."""
     _wire: torch.dtype = torch.float32
     linear = True
+    parameters = {}  # none, fp16 and bf16 take no parameters
 
     def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
         return numel * itemsize(self._wire)

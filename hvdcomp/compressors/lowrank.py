@@ -69,6 +69,8 @@ class PowerSGD(LayoutCompressor):
     need it (it decodes P̂Q'ᵀ).  Cost: two skinny matrix products (2·d·r multiply-adds each), a QR
     of n×r: compute-bound for large r, memory-bound (reads M twice) for r ≤ 4.  Not linear."""
 
+    parameters = {"rank": "an integer in [1, 65536]"}
+
     def __init__(self, rank: int = 4):
         self.rank = check_int("powersgd", "rank", rank, 1, 1 << 16)
 

@@ -47,6 +47,18 @@ class QSGD(LayoutCompressor):
         self.levels = check_int("qsgd", "levels", levels, 1, 127)
         self.rescale = check_bool("qsgd", "rescale", rescale)
 
+    parameters = {"levels": "an integer in [1, 127]", "rescale": "true or false"}
+
+    def contraction_problem(self) -> "str | None":
+        if self.rescale:
+            return None
+        s = self.levels
+        return (f"{self.spec()} is unbiased but no contraction: its error can reach ω‖x‖² with "
+                f"ω = min(d/s², √d/s) ≥ 1 for every chunk of d ≥ s² = {s * s} elements, and error "
+                "feedback amplifies such an error until the run diverges (NaN); use "
+                f"qsgd:levels={s},rescale=true (decodes Q(x)/(1 + ω), a contraction), or "
+                "algorithm psgd (no error feedback)")
+
     @property
     def bits(self) -> int:
         return (2 * self.levels).bit_length()

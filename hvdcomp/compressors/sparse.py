@@ -80,6 +80,8 @@ class TopK(LayoutCompressor):
     selection through numpy on CPU), then a gather of k values; bound by the selection and the
     scattered gathers, not by memory bandwidth.  Not linear."""
 
+    parameters = {"ratio": "a number in (0, 1]", "fp16_values": "true or false"}
+
     def __init__(self, ratio: float = 0.01, fp16_values: bool = False):
         self.ratio = check_ratio("topk", "ratio", ratio)
         self.fp16_values = check_bool("topk", "fp16_values", fp16_values)
@@ -132,6 +134,8 @@ class RandomK(Compressor):
     The generator runs on x's device: CPU and CUDA draw different indices for the same seed, so
     all ranks must use the same device type (they do in one job)."""
     linear = True
+
+    parameters = {"ratio": "a number in (0, 1]", "seed": "an integer in [0, 2^63 - 1]"}
 
     def __init__(self, ratio: float = 0.01, seed: int = 0):
         self.ratio = check_ratio("randomk", "ratio", ratio)
@@ -200,6 +204,8 @@ class DGC(LayoutCompressor):
 
     _ADAPT_ROUNDS = 10
     _UPPER, _LOWER = 1.3, 0.8
+
+    parameters = {"ratio": "a number in (0, 1]", "sample_ratio": "a number in (0, 1]"}
 
     def __init__(self, ratio: float = 0.001, sample_ratio: float = 0.01):
         self.ratio = check_ratio("dgc", "ratio", ratio)
