@@ -31,7 +31,8 @@ SMOOTHNESS = [1.0, 4.0, 9.0, 30.0]
 
 
 def in_sample(seed: int, t: int, i: int, p: float) -> bool:
-    """The shared draw, written out: u ~ U[0, 1) from generator crc32("seed:t:i"); i ∈ S_t iff u < p."""
+    """The shared draw, written out: u ~ U[0, 1) from generator crc32("seed:t:i"); i ∈ S_t iff
+    u < p."""
     if t == 0:
         return True
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{t}:{i}".encode()))
@@ -179,7 +180,7 @@ def test_through_the_exchange_matches_the_paper(name):
                                        msg=f"{name} rank {rank} step {step}")
 
 
-# --- end to end: hvdcomp train on 2 real ranks -----------------------------------------------------
+# --- end to end: hvdcomp train on 2 real ranks ----------------------------------------------------
 
 HVDCOMP = Path(sys.executable).parent / "hvdcomp"
 

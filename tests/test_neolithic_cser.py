@@ -30,7 +30,7 @@ N, D, STEPS = 4, 300, 7
 
 
 def oracle_topk(v: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep the ceil(ratio·d) largest |v_j| (values rounded to fp32, as top-k's wire carries them)."""
+    """Keep the ceil(ratio·d) largest |v_j|, rounded to fp32 as top-k's wire carries them."""
     k = min(v.numel(), max(1, math.ceil(round(ratio * v.numel(), 9))))
     out = torch.zeros_like(v)
     index = torch.argsort(v.abs(), descending=True, stable=True)[:k]
@@ -114,7 +114,7 @@ def test_multi_round_payload_is_r_payloads_and_contracts_more():
         make_algorithm("neolithic", up="sign", rounds=0)
 
 
-# --- CSER -------------------------------------------------------------------------------------------
+# --- CSER -----------------------------------------------------------------------------------------
 
 PERIOD, GAMMA = 3, 0.1
 
@@ -183,7 +183,7 @@ def test_cser_downlink_is_dense_and_period_is_checked():
         make_algorithm("cser", period=0)
 
 
-# --- end to end: hvdcomp train on 2 real ranks -----------------------------------------------------
+# --- end to end: hvdcomp train on 2 real ranks ----------------------------------------------------
 
 HVDCOMP = Path(sys.executable).parent / "hvdcomp"
 

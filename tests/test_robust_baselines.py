@@ -33,7 +33,7 @@ def cloud(seed=0, n=7, d=5):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-# --- the papers' rules, written out -----------------------------------------------------------------
+# --- the papers' rules, written out ---------------------------------------------------------------
 
 def krum_oracle(vectors, f):
     """Blanchard et al. 2017: score(i) = Σ of the n − f − 2 smallest ‖V_i − V_j‖², j ≠ i."""
@@ -56,7 +56,8 @@ def weiszfeld_oracle(vectors, nu=1e-5, iterations=4, ftol=1e-6):
     z = sum(a * v for a, v in zip(alphas, vectors))
     value = objective(z)
     for _ in range(iterations):
-        betas = [a / max(nu, float(torch.linalg.vector_norm(z - v))) for a, v in zip(alphas, vectors)]
+        betas = [a / max(nu, float(torch.linalg.vector_norm(z - v)))
+                 for a, v in zip(alphas, vectors)]
         z = sum(b * v for b, v in zip(betas, vectors)) / sum(betas)
         previous, value = value, objective(z)
         if abs(previous - value) < ftol * value:
@@ -156,7 +157,7 @@ def test_mimic_copies_one_honest_worker():
         attack_vectors("mimic", honest, 1, param=3)
 
 
-# --- the MoNNA driver with each rule, on the simulator ---------------------------------------------
+# --- the MoNNA driver with each rule, on the simulator --------------------------------------------
 
 RULES = {"krum": {}, "rfa": {}, "cclip": {"radius": 0.5}}
 
@@ -255,7 +256,7 @@ def test_driver_refuses_bad_rule_options_up_front():
         MoNNA(initial_params(), comm, lr=0.1, aggregator="nna", aggregator_options={"radius": 1})
 
 
-# --- end to end: hvdcomp train on 3 real ranks -----------------------------------------------------
+# --- end to end: hvdcomp train on 3 real ranks ----------------------------------------------------
 
 HVDCOMP = Path(sys.executable).parent / "hvdcomp"
 
