@@ -254,6 +254,18 @@ def test_driver_refuses_bad_rule_options_up_front():
         MoNNA(initial_params(), comm, lr=0.1, f=1, aggregator="krum")
     with pytest.raises(ValueError, match="has no option"):
         MoNNA(initial_params(), comm, lr=0.1, aggregator="nna", aggregator_options={"radius": 1})
+    with pytest.raises(ValueError, match="mimic: attack_param is the honest worker"):
+        MoNNA(initial_params(), comm, lr=0.1, f=1, attack="mimic", attack_param=3,
+              simulate_faults=True)
+
+
+def test_compression_factories_build_the_new_algorithms():
+    from hvdcomp.compression import Compression
+    assert Compression.neolithic(rounds=3).build().config() == {
+        "algorithm": "neolithic", "up": "sign", "down": "sign", "rounds": 3}
+    assert Compression.cser(period=4).build().config()["period"] == 4
+    built = Compression.ef21pp(rank=1, participation=0.25).build()
+    assert (built.rank, built.participation) == (1, 0.25)
 
 
 # --- end to end: hvdcomp train on 3 real ranks ----------------------------------------------------

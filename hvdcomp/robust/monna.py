@@ -95,6 +95,11 @@ class MoNNA:
                 raise ValueError("simulate_faults=True needs f ≥ 1 faulty workers")
         self.aggregator_options = dict(aggregator_options or {})
         self._check_aggregator(aggregator, f)
+        if simulate_faults and attack == "mimic" and attack_param is not None and (
+                isinstance(attack_param, bool) or not isinstance(attack_param, int)
+                or not 0 <= attack_param < self.n - f):
+            raise ValueError(f"mimic: attack_param is the honest worker to copy, an index in "
+                             f"[0, {self.n - f}), got {attack_param!r}")
         self.lr = float(lr)
         self.beta = float(beta)
         self.f = f
