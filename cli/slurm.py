@@ -1,4 +1,8 @@
-"""``hvdcomp slurm``: sweep specs (jobs/*.toml) as Slurm jobs. See docs/slurm.md."""
+"""``hvdcomp slurm``: sweep specs (jobs/*.toml) as Slurm jobs. See docs/slurm.md.
+
+Errors: a bad spec (every problem, one ``file:line: key: problem`` line each) or a missing Slurm
+command ends with exit code 2, a submission Slurm refuses with exit code 1; both as one message
+printed by the ``hvdcomp`` group (hvdcomp.errors.UserError), never a traceback."""
 from __future__ import annotations
 
 import json
@@ -12,28 +16,13 @@ OUT = click.option("--out", "output", type=click.Path(file_okay=False, path_type
                    help="Sweep directory (default: [sweep] output of the spec).")
 
 
-def _load(spec_path: Path):
-    from hvdcomp.sweep import SpecError, load_spec
+def _load(spec_path: Path, check_values: bool = True):
+    """The spec, checked completely (SpecError lists every problem; nothing is written before).
+    ``check_values``: also check the values the way hvdcomp train will (render, submit)."""
+    from hvdcomp.sweep import load_spec
     from hvdcomp.slurmjobs import sweep_paths
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as exc:
-        raise click.UsageError(str(exc)) from None
+    spec = load_spec(spec_path, validator=None if check_values else False)
     return spec, sweep_paths
-
-
-def _slurm_errors(func):
-    """Turn SlurmError into one message and exit code 1 (Slurm refused, not a usage mistake)."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from hvdcomp.slurmjobs import SlurmError
-        try:
-            return func(*args, **kwargs)
-        except SlurmError as exc:
-            raise click.ClickException(str(exc)) from None
-    return wrapper
 
 
 @click.group("slurm")
@@ -45,7 +34,6 @@ def command() -> None:
 @SPEC
 @OUT
 @click.option("--dry-run", is_flag=True, help="Print the scripts instead of writing them.")
-@_slurm_errors
 def render_cmd(spec: Path, output, dry_run: bool) -> None:
     """Write one sbatch script per sweep point to OUTPUT/scripts/."""
     from hvdcomp.slurmjobs import render
@@ -53,7 +41,7 @@ def render_cmd(spec: Path, output, dry_run: bool) -> None:
     paths = sweep_paths(sweep, output)
     scripts = render(sweep, paths, write=not dry_run)
     click.echo(f"# {sweep.name}: {len(scripts)} points, train options checked against "
-               f"{sweep.train_options.source}", err=True)
+               f"{sweep.train_options.source}{_values_note()}", err=True)
     for script in scripts:
         if dry_run:
             click.echo(f"# ===== {script.path}")
@@ -62,13 +50,18 @@ def render_cmd(spec: Path, output, dry_run: bool) -> None:
             click.echo(str(script.path))
 
 
+def _values_note() -> str:
+    from hvdcomp.sweep_check import TrainValidator
+    reason = TrainValidator().reason
+    return f"; values NOT checked: {reason}" if reason else ", values checked as hvdcomp train will"
+
+
 @command.command("submit")
 @SPEC
 @OUT
 @click.option("--dry-run", is_flag=True, help="Say what would be submitted; submit nothing.")
 @click.option("--sbatch-arg", "sbatch_args", multiple=True,
               help="Extra argument for sbatch (repeatable), e.g. --sbatch-arg=--hold.")
-@_slurm_errors
 def submit_cmd(spec: Path, output, dry_run: bool, sbatch_args) -> None:
     """Submit every point not finished and not already queued or running (sbatch --parsable)."""
     from hvdcomp.slurmjobs import submit
@@ -87,11 +80,10 @@ def submit_cmd(spec: Path, output, dry_run: bool, sbatch_args) -> None:
 @OUT
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
-@_slurm_errors
 def status_cmd(spec: Path, output, fmt: str) -> None:
     """A table of job states (squeue / scontrol / sacct), exit codes and output files."""
     from hvdcomp.slurmjobs import status
-    sweep, sweep_paths = _load(spec)
+    sweep, sweep_paths = _load(spec, check_values=False)
     rows = status(sweep, sweep_paths(sweep, output))
     if fmt == "json":
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
@@ -114,10 +106,9 @@ def status_cmd(spec: Path, output, fmt: str) -> None:
 @command.command("cancel")
 @SPEC
 @OUT
-@_slurm_errors
 def cancel_cmd(spec: Path, output) -> None:
     """scancel the sweep's jobs that are still pending or running."""
     from hvdcomp.slurmjobs import cancel
-    sweep, sweep_paths = _load(spec)
+    sweep, sweep_paths = _load(spec, check_values=False)
     cancelled = cancel(sweep, sweep_paths(sweep, output))
     click.echo(f"cancelled {len(cancelled)} job(s)" + (f": {' '.join(cancelled)}" if cancelled else ""))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .atomic import atomic_write_text
+from .errors import UserError
 from .sweep import SweepPoint, SweepSpec, TrainOptions, train_arguments
 
 #: Where the sbatch templates live: the repository's slurm/ folder (override with an env var).
@@ -39,8 +40,15 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
                    "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
 
 
-class SlurmError(RuntimeError):
-    """A Slurm command is missing or refused; the message carries what Slurm said."""
+class SlurmError(UserError, RuntimeError):
+    """Slurm cannot be used from here (a command missing, a job record or template unreadable):
+    something the user fixes; ``hvdcomp`` prints the message and exits 2."""
+
+
+class SlurmRefused(SlurmError):
+    """Slurm answered no (sbatch or scancel refused, no answer in time, jobs not finished): the
+    message carries what Slurm said; exit code 1, as a failed command rather than bad input."""
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +198,7 @@ def render(spec: SweepSpec, paths: SweepPaths, write: bool = True,
         for folder in (paths.scripts, paths.logs, paths.jobs, paths.runs):
             folder.mkdir(parents=True, exist_ok=True)
         for script in scripts:
-            atomic_write_text(script.path, script.text, mode=0o755)
+            atomic_write_text(script.path, script.text, mode=0o777)  # executable, less the umask
     return scripts
 
 
@@ -215,7 +223,10 @@ class JobRecord:
             return cls(**data)
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as exc:
+        except OSError as exc:  # a folder in its place, no permission
+            raise SlurmError(f"job record {path} is unreadable ({exc.strerror or exc}); "
+                             "remove it to resubmit") from None
+        except (ValueError, TypeError) as exc:  # not JSON, not UTF-8, other fields
             raise SlurmError(f"job record {path} is unreadable ({exc}); remove it to resubmit") from None
 
 
@@ -239,7 +250,7 @@ def _run(cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess
     try:
         return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise SlurmError(f"{' '.join(cmd)} did not answer within {timeout:.0f} s; "
+        raise SlurmRefused(f"{' '.join(cmd)} did not answer within {timeout:.0f} s; "
                          "is slurmctld up (scontrol ping)?") from None
 
 
@@ -248,11 +259,11 @@ def sbatch(script: Path, extra_args: Sequence[str] = ()) -> str:
     out = _run(["sbatch", "--parsable", *extra_args, str(script)])
     if out.returncode != 0:
         message = (out.stderr.strip() or out.stdout.strip() or f"exit code {out.returncode}")
-        raise SlurmError(f"sbatch refused {script}: {message}")
+        raise SlurmRefused(f"sbatch refused {script}: {message}")
     # --parsable prints "jobid" or "jobid;cluster"
     job_id = out.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        raise SlurmError(f"sbatch printed no job id for {script}: {out.stdout!r} {out.stderr!r}")
+        raise SlurmRefused(f"sbatch printed no job id for {script}: {out.stdout!r} {out.stderr!r}")
     return job_id
 
 
@@ -436,7 +447,7 @@ def cancel(spec: SweepSpec, paths: SweepPaths) -> List[str]:
     if active:
         out = _run(["scancel", *active])
         if out.returncode != 0:
-            raise SlurmError(f"scancel {' '.join(active)} failed: {out.stderr.strip() or out.stdout.strip()}")
+            raise SlurmRefused(f"scancel {' '.join(active)} failed: {out.stderr.strip() or out.stdout.strip()}")
     return active
 
 
@@ -449,6 +460,6 @@ def wait(spec: SweepSpec, paths: SweepPaths, timeout: float, poll: float = 1.0) 
             return rows
         if time.monotonic() > deadline:
             pending = [f"{r.point}={r.state}" for r in rows if r.state not in TERMINAL_STATES]
-            raise SlurmError(f"jobs still not finished after {timeout:.0f} s: {', '.join(pending)}")
+            raise SlurmRefused(f"jobs still not finished after {timeout:.0f} s: {', '.join(pending)}")
         time.sleep(poll)
 

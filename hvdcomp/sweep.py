@@ -12,9 +12,10 @@ This module only reads, validates and expands specs; :mod:`hvdcomp.slurmjobs` tu
 sbatch scripts. Every problem is a :class:`SpecError` that names the file, the line and the key,
 because a typo in a 64-point sweep should fail before anything reaches the queue.
 
-Train options are checked against the real ``hvdcomp train`` Click command when it imports (its
-parameter types convert and check the values, so a misspelt algorithm name is caught here), and
-against :data:`FALLBACK_TRAIN_OPTIONS` otherwise.
+Train options are checked against the real ``hvdcomp train`` Click command when it imports
+(:mod:`hvdcomp.sweep_options`), and their values the way train will check them in the job
+(:mod:`hvdcomp.sweep_check`); ``[cluster]`` keys are :mod:`hvdcomp.sweep_cluster`'s. Every problem
+found is reported at once, one ``file:line: key: problem`` line each.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import difflib
 import hashlib
 import itertools
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import UserError
+from .sweep_cluster import _CLUSTER_KEYS, _ENV_NAME, _NAME, LAUNCHERS, ClusterSettings  # noqa: F401
+from .sweep_options import (FALLBACK_TRAIN_OPTIONS, RANKS_KEY, RESERVED_TRAIN_OPTIONS,  # noqa: F401
+                            TrainOption, TrainOptions, train_options)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,112 +41,12 @@ else:  # pragma: no cover - Python < 3.11 uses the backport (a dependency there)
 
 
 class SpecError(UserError, ValueError):
-    """A sweep spec is malformed; the message names file, line and key, and the fix."""
+    """A sweep spec is malformed; the message names file, line and key, and the fix: one
+    ``file:line: key: problem`` line per problem found (``problems`` holds them)."""
 
-
-# ----------------------------------------------------------------------------------------------
-# Train options: the real Click command when it imports, else this list
-# ----------------------------------------------------------------------------------------------
-
-#: ``hvdcomp train`` options when ``hvdcomp.cli.train`` cannot be imported (the login node of a
-#: cluster may lack torch): name -> accepted Python types. Mirrors cli/train.py; ``bool`` marks a
-#: switch, a ``list`` a repeatable option.
-FALLBACK_TRAIN_OPTIONS: Dict[str, Tuple[type, ...]] = {
-    "model": (str,), "dataset": (str,), "data-dir": (str,), "non-iid": (float,),
-    "augment": (bool,), "algorithm": (str,), "compressor": (str,), "up": (str,), "down": (str,),
-    "down-compressor": (str,), "period": (int,), "algorithm-option": (list,),
-    "bucket-bytes": (int,), "epochs": (int,), "steps": (int,), "batch-size": (int,),
-    "lr": (float,), "momentum": (float,), "weight-decay": (float,), "nesterov": (bool,),
-    "schedule": (str,), "milestones": (str,), "warmup-epochs": (float,), "seed": (int,),
-    "out": (str,), "overwrite": (bool,), "resume": (bool,), "log-every": (int,),
-    "checkpoint-every": (int, str), "keep-checkpoints": (int,), "device": (str,), "quiet": (bool,),
-}
-
-#: Options the sweep sets itself in every script: the run directory and what to do with an
-#: earlier attempt's files.
-RESERVED_TRAIN_OPTIONS = {
-    "out": "the run directory is <output>/runs/<point name>",
-    "resume": "scripts resume from the last checkpoint by themselves",
-    "overwrite": "scripts start over by themselves when an earlier attempt left no checkpoint",
-}
-
-#: ``ranks`` is not a train option: it is the number of processes the launcher starts.
-RANKS_KEY = "ranks"
-
-
-@dataclass(frozen=True)
-class TrainOption:
-    """One ``hvdcomp train`` option as a spec sees it."""
-
-    name: str                       # long option without dashes: "batch-size"
-    flag: str                       # what goes on the command line: "--batch-size"
-    is_flag: bool = False           # boolean switch: rendered as --x / --no-x, never with a value
-    false_flag: Optional[str] = None  # "--no-x" when the switch has one
-    multiple: bool = False
-    convert: Callable[[Any], Any] = lambda value: value  # raises ValueError on a bad value
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """The option table specs are validated against, and where it came from."""
-
-    options: Dict[str, TrainOption]
-    source: str  # "hvdcomp.cli.train" or "fallback list (...why...)"
-
-    def lookup(self, key: str) -> Optional[TrainOption]:
-        return self.options.get(key.replace("_", "-"))
-
-
-def _convert_with_click(param) -> Callable[[Any], Any]:
-    import click
-
-    def convert(value):
-        try:
-            return param.type.convert(value, param, None)
-        except click.BadParameter as exc:
-            raise ValueError(exc.format_message()) from None
-    return convert
-
-
-def _convert_python(kinds: Tuple[type, ...]) -> Callable[[Any], Any]:
-    def convert(value):
-        # TOML already typed the value; only check it (an int is a fine float).
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise ValueError(f"expected {names}, got {type(value).__name__} {value!r}")
-        return value
-    return convert
-
-
-def train_options() -> TrainOptions:
-    """Introspect ``hvdcomp.cli.train.command``; fall back to the documented option list."""
-    try:
-        from hvdcomp.cli.train import command
-    except Exception as exc:  # noqa: BLE001 - any import failure means: validate against the list
-        reason = f"hvdcomp.cli.train not importable: {type(exc).__name__}: {exc}"
-        options = {name: TrainOption(name, f"--{name}", is_flag=kinds == (bool,),
-                                     multiple=kinds == (list,),
-                                     convert=_convert_python((str,) if kinds == (list,) else kinds))
-                   for name, kinds in FALLBACK_TRAIN_OPTIONS.items()}
-        return TrainOptions(options, f"fallback list ({reason})")
-    import click
-
-    options: Dict[str, TrainOption] = {}
-    for param in command.params:
-        if not isinstance(param, click.Option) or param.hidden:  # hidden: test-only options
-            continue
-        longs = [opt for opt in param.opts if opt.startswith("--")]
-        if not longs:
-            continue
-        false_flag = next((o for o in param.secondary_opts if o.startswith("--")), None)
-        option = TrainOption(longs[0][2:], longs[0], is_flag=bool(param.is_flag),
-                             false_flag=false_flag, multiple=bool(param.multiple),
-                             convert=_convert_with_click(param))
-        for opt in longs:
-            options[opt[2:]] = option
-    return TrainOptions(options, "hvdcomp.cli.train")
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,126 +90,6 @@ def find_line(text: str, table: Sequence[str], key: Optional[str] = None) -> int
     return header_line or 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Cluster settings
-# ----------------------------------------------------------------------------------------------
-
-_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-LAUNCHERS = ("srun", "mpirun")
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """The ``[cluster]`` table: where and how each point's job runs."""
-
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    time: str = "01:00:00"
-    nodes: Optional[int] = None            # None: ceil(ranks / tasks-per-node)
-    tasks_per_node: Optional[int] = None   # None: ceil(ranks / nodes)
-    cpus_per_task: int = 1
-    gpus_per_node: int = 0
-    gpu_bind: str = "local-rank"           # one GPU per rank; or any `srun --gpu-bind` value
-    mem: Optional[str] = None
-    cpus_per_node: Optional[int] = None    # for overcommit = "auto"; else asked of sinfo
-    overcommit: Any = "auto"               # True, False or "auto"
-    launcher: str = "srun"                 # "srun" (srun --mpi=<srun-mpi>) or "mpirun"
-    srun_mpi: str = "pmix"
-    launcher_args: Tuple[str, ...] = ()    # extra arguments to srun / mpirun
-    modules: Tuple[str, ...] = ()          # `module load` each, in order
-    setup: Tuple[str, ...] = ()            # shell lines run before the launch
-    env: Tuple[Tuple[str, str], ...] = ()  # exported, sorted by name
-    requeue: bool = True
-    sbatch_args: Tuple[str, ...] = ()      # extra "#SBATCH" options, e.g. "--constraint=a100"
-    hvdcomp: str = "hvdcomp"               # how to call hvdcomp inside the job
-    workdir: Optional[str] = None          # directory the job runs in; None: where you render
-
-    def layout(self, ranks: int) -> Tuple[int, int]:
-        """(nodes, tasks per node) for ``ranks`` processes."""
-        if self.nodes and self.tasks_per_node:
-            return self.nodes, self.tasks_per_node
-        if self.tasks_per_node:
-            return math.ceil(ranks / self.tasks_per_node), self.tasks_per_node
-        nodes = self.nodes or 1
-        return nodes, math.ceil(ranks / nodes)
-
-
-# key -> (attribute, check(value) -> converted value or raise ValueError with the expectation)
-def _is(kind, what):
-    def check(value):
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            raise ValueError(f"expected {what}, got {type(value).__name__} {value!r}")
-        return value
-    return check
-
-
-def _positive_int(value):
-    _is(int, "a positive integer")(value)
-    if value < 1:
-        raise ValueError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(value):
-    _is(int, "an integer >= 0")(value)
-    if value < 0:
-        raise ValueError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _string_list(value):
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"expected a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _time(value):
-    _is(str, 'a Slurm time such as "01:30:00" or "1-00:00:00"')(value)
-    if not _TIME.match(value):
-        raise ValueError(f'expected a Slurm time such as "01:30:00" or "1-00:00:00", got {value!r}')
-    return value
-
-
-def _launcher(value):
-    if value not in LAUNCHERS:
-        raise ValueError(f"expected one of {', '.join(map(repr, LAUNCHERS))}, got {value!r}")
-    return value
-
-
-def _overcommit(value):
-    if value is True or value is False or value == "auto":
-        return value
-    raise ValueError(f'expected true, false or "auto", got {value!r}')
-
-
-_CLUSTER_KEYS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
-    "partition": ("partition", _is(str, "a string")),
-    "account": ("account", _is(str, "a string")),
-    "qos": ("qos", _is(str, "a string")),
-    "time": ("time", _time),
-    "nodes": ("nodes", _positive_int),
-    "tasks-per-node": ("tasks_per_node", _positive_int),
-    "cpus-per-task": ("cpus_per_task", _positive_int),
-    "gpus-per-node": ("gpus_per_node", _non_negative_int),
-    "gpu-bind": ("gpu_bind", _is(str, "a string")),
-    "mem": ("mem", _is(str, 'a string such as "16G"')),
-    "cpus-per-node": ("cpus_per_node", _positive_int),
-    "overcommit": ("overcommit", _overcommit),
-    "launcher": ("launcher", _launcher),
-    "srun-mpi": ("srun_mpi", _is(str, 'a string such as "pmix"')),
-    "launcher-args": ("launcher_args", _string_list),
-    "modules": ("modules", _string_list),
-    "setup": ("setup", _string_list),
-    "env": ("env", None),  # a table, checked on its own
-    "requeue": ("requeue", _is(bool, "true or false")),
-    "sbatch-args": ("sbatch_args", _string_list),
-    "hvdcomp": ("hvdcomp", _is(str, "a command such as \"hvdcomp\"")),
-    "workdir": ("workdir", _is(str, "a directory")),
-}
-
 _SWEEP_KEYS = {"name", "output", "description"}
 _TOP_TABLES = {"sweep", "train", "matrix", "cluster"}
 _MATRIX_SPECIAL = {"exclude", "include"}
@@ -346,15 +129,42 @@ class SweepSpec:
 
 
 class _Context:
-    """File text and name, to turn a problem into ``file:line: message``."""
+    """File text and name, to turn a problem into ``file:line: key: message``; collects every
+    problem so that one run of render reports them all."""
 
     def __init__(self, path: Path, text: str):
         self.path, self.text = path, text
+        self.problems: List[str] = []
 
     def error(self, table: Sequence[str], key: Optional[str], message: str) -> SpecError:
         line = find_line(self.text, table, key)
         where = ".".join(list(table) + ([key] if key else [])) or "(top level)"
         return SpecError(f"{self.path}:{line}: {where}: {message}")
+
+    def report(self, table: Sequence[str], key: Optional[str], message: str) -> None:
+        self.add(self.error(table, key, message))
+
+    def add(self, error: SpecError) -> None:
+        for problem in error.problems:
+            if problem not in self.problems:
+                self.problems.append(problem)
+
+    def attempt(self, check: Callable[..., Any], *args, **kwargs) -> Any:
+        """``check(*args)``, or None after recording the SpecError it raised."""
+        try:
+            return check(*args, **kwargs)
+        except SpecError as exc:
+            self.add(exc)
+            return None
+
+    def raise_problems(self) -> None:
+        if not self.problems:
+            return
+        if len(self.problems) == 1:
+            raise SpecError(self.problems[0])
+        count = len(self.problems)
+        raise SpecError("\n".join(self.problems) + f"\n({count} problems in {self.path}; "
+                        "nothing was written or submitted)", self.problems)
 
 
 def _unknown_key_message(key: str, known: Iterable[str]) -> str:
@@ -419,161 +229,243 @@ def _check_train_value(ctx: _Context, table, key, value, options: TrainOptions,
     return option.name, value
 
 
-def load_spec(path: "str | Path", options: Optional[TrainOptions] = None) -> SweepSpec:
-    """Read, validate and expand a sweep spec. Raises :class:`SpecError`."""
+def load_spec(path: "str | Path", options: Optional[TrainOptions] = None,
+              validator: "Any | None" = None, workdir: "str | Path | None" = None) -> SweepSpec:
+    """Read, validate and expand a sweep spec. Raises :class:`SpecError` listing every problem.
+
+    ``validator``: a :class:`hvdcomp.sweep_check.TrainValidator` (default: one for this spec's
+    ``data-local`` and job directory, ``workdir`` or the current one), or False to check the
+    option types only."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise SpecError(f"{path}: cannot read the spec: {exc.strerror}") from None
+        raise SpecError(f"{path}: cannot read the spec: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: not a sweep spec: byte {exc.start} (0x{raw[exc.start]:02x}) "
+                        "is not UTF-8 text; a spec is a TOML text file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         where = re.search(r"at line (\d+)", str(exc))
         line = f":{where.group(1)}" if where else ""
         raise SpecError(f"{path}{line}: not valid TOML: {exc}") from None
-    return parse_spec(data, path, text, options)
+    return parse_spec(data, path, text, options, validator=validator, workdir=workdir)
 
 
 def parse_spec(data: Mapping[str, Any], path: Path, text: str,
-               options: Optional[TrainOptions] = None) -> SweepSpec:
+               options: Optional[TrainOptions] = None, validator: "Any | None" = None,
+               workdir: "str | Path | None" = None) -> SweepSpec:
+    """Check every table, expand the points, then check the values the way train will
+    (:mod:`hvdcomp.sweep_check`); every problem found is reported at once."""
     ctx = _Context(Path(path), text)
     options = options or train_options()
 
     for key, value in data.items():
         if key not in _TOP_TABLES:
-            raise ctx.error((), key, _unknown_key_message(key, _TOP_TABLES))
-        if not isinstance(value, dict):
-            raise ctx.error((), key, f"expected a table [{key}], got {type(value).__name__}")
+            ctx.report((), key, _unknown_key_message(key, _TOP_TABLES))
+        elif not isinstance(value, dict):
+            ctx.report((), key, f"expected a table [{key}], got {type(value).__name__}")
+    tables = {key: value for key, value in data.items()
+              if key in _TOP_TABLES and isinstance(value, dict)}
+    name, output, description = _parse_sweep_table(ctx, tables.get("sweep", {}))
+    sites: List[_ValueSite] = []
+    train = _parse_train_table(ctx, tables.get("train", {}), options, sites)
+    axes, excludes, includes = _parse_matrix(ctx, tables.get("matrix", {}), options, train, sites)
+    cluster = _parse_cluster(ctx, tables.get("cluster", {}))
+    ctx.raise_problems()   # the values below need a sound structure
 
-    # [sweep]
-    sweep = data.get("sweep", {})
+    keys = list(axes)
+    points, origins = _expand(ctx, train, axes, excludes, includes, cluster)
+    ctx.raise_problems()
+    if validator is None:
+        from .sweep_check import TrainValidator
+        validator = TrainValidator(cluster.data_local,
+                                   Path(cluster.workdir or workdir or Path.cwd()).resolve())
+    if validator:
+        from .sweep_check import check_values
+        check_values(ctx, validator, sites, points, origins, options, keys)
+    ctx.raise_problems()
+    return SweepSpec(path=Path(path), name=name, output=output, description=description,
+                     train=train, matrix_keys=tuple(keys), points=tuple(points), cluster=cluster,
+                     train_options=options)
+
+
+@dataclass(frozen=True)
+class _ValueSite:
+    """Where one train value was written: its table, the key whose line errors point at, and
+    the ``key: `` prefix for keys inside an include entry."""
+    table: Tuple[str, ...]
+    locate: str
+    key: str
+    canonical: str
+    value: Any
+    prefix: str = ""
+
+
+def _parse_sweep_table(ctx: _Context, sweep: Mapping[str, Any]) -> Tuple[str, str, str]:
     for key in sweep:
         if key not in _SWEEP_KEYS:
-            raise ctx.error(("sweep",), key, _unknown_key_message(key, _SWEEP_KEYS))
+            ctx.report(("sweep",), key, _unknown_key_message(key, _SWEEP_KEYS))
     for key in _SWEEP_KEYS & set(sweep):
         if not isinstance(sweep[key], str):
-            raise ctx.error(("sweep",), key, f"expected a string, got {sweep[key]!r}")
-    if "name" not in sweep:
-        raise ctx.error(("sweep",), None, 'missing key "name": add name = "my-sweep" under [sweep]')
-    if not _NAME.match(sweep["name"]):
-        raise ctx.error(("sweep",), "name", f"{sweep['name']!r} must be letters, digits, '.', '_' or '-'")
-    name = sweep["name"]
+            ctx.report(("sweep",), key, f"expected a string, got {sweep[key]!r}")
+    name = sweep.get("name")
+    if name is None:
+        ctx.report(("sweep",), None, 'missing key "name": add name = "my-sweep" under [sweep]')
+    elif isinstance(name, str) and not _NAME.match(name):
+        ctx.report(("sweep",), "name", f"{name!r} must be letters, digits, '.', '_' or '-'")
+    name = name if isinstance(name, str) else ""
     output = sweep.get("output", f"runs/{name}")
+    return name, output if isinstance(output, str) else "", str(sweep.get("description", ""))
 
-    # [train]
+
+def _parse_train_table(ctx: _Context, table: Mapping[str, Any], options: TrainOptions,
+                       sites: List[_ValueSite]) -> Dict[str, Any]:
     train: Dict[str, Any] = {}
-    for key, value in data.get("train", {}).items():
-        canonical, value = _check_train_value(ctx, ("train",), key, value, options)
-        train[canonical] = value
+    for key, value in table.items():
+        checked = ctx.attempt(_check_train_value, ctx, ("train",), key, value, options)
+        if checked is not None:
+            train[checked[0]] = checked[1]
+            sites.append(_ValueSite(("train",), key, key, checked[0], checked[1]))
+    return train
 
-    # [matrix]
-    matrix_table = data.get("matrix", {})
+
+def _parse_matrix(ctx: _Context, table: Mapping[str, Any], options: TrainOptions,
+                  train: Mapping[str, Any], sites: List[_ValueSite]):
+    """(axes, excludes, includes) of the [matrix] table."""
     axes: Dict[str, List[Any]] = {}
-    for key, values in matrix_table.items():
+    for key, values in table.items():
         if key in _MATRIX_SPECIAL:
             continue
         if not isinstance(values, list) or not values:
-            raise ctx.error(("matrix",), key, f"expected a non-empty list of values, got {values!r}")
-        checked = []
-        for value in values:
-            canonical, value = _check_train_value(ctx, ("matrix",), key, value, options)
-            checked.append(value)
-        if len({json.dumps(v, sort_keys=True) for v in checked}) != len(checked):
-            raise ctx.error(("matrix",), key, f"repeated values in {values!r}")
-        if canonical in train:
-            raise ctx.error(("matrix",), key, f"{key!r} is set in [train] too: keep it in one table")
-        axes[canonical] = checked
-
-    def check_entries(kind: str) -> List[Dict[str, Any]]:
-        entries = matrix_table.get(kind, [])
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ctx.error(("matrix",), kind, f"expected a list of inline tables like [{{algorithm = \"psgd\"}}], got {entries!r}")
-        result = []
-        for entry in entries:
-            converted = {}
-            for key, value in entry.items():
-                if key != RANKS_KEY and options.lookup(key) is None:
-                    raise ctx.error(("matrix",), kind, f"in {kind}: " + _unknown_key_message(
-                        key, sorted(set(axes) | {RANKS_KEY})))
-                canonical, value = _check_train_value(ctx, ("matrix",), key, value, options,
-                                                      locate=kind)
-                if kind == "exclude" and canonical not in axes:
-                    raise ctx.error(("matrix",), kind, f"exclude names {key!r}, which is not a matrix key")
-                converted[canonical] = value
-            result.append(converted)
-        return result
-
-    excludes = check_entries("exclude")
-    includes = check_entries("include")
-
-    # [cluster]
-    cluster_table = data.get("cluster", {})
-    cluster_kwargs: Dict[str, Any] = {}
-    for key, value in cluster_table.items():
-        if key not in _CLUSTER_KEYS:
-            raise ctx.error(("cluster",), key, _unknown_key_message(key, _CLUSTER_KEYS))
-        attr, check = _CLUSTER_KEYS[key]
-        if key == "env":
-            if not isinstance(value, dict):
-                raise ctx.error(("cluster",), key, "expected a table [cluster.env] of NAME = value")
-            env = {}
-            for var, val in value.items():
-                if not _ENV_NAME.match(var):
-                    raise ctx.error(("cluster", "env"), var, f"{var!r} is not a shell variable name")
-                if isinstance(val, (dict, list)):
-                    raise ctx.error(("cluster", "env"), var, f"expected a string or number, got {val!r}")
-                env[var] = (str(val).lower() if isinstance(val, bool) else str(val))
-            cluster_kwargs[attr] = tuple(sorted(env.items()))
+            ctx.report(("matrix",), key, f"expected a non-empty list of values, got {values!r}")
             continue
-        try:
-            cluster_kwargs[attr] = check(value)
-        except ValueError as exc:
-            raise ctx.error(("cluster",), key, str(exc)) from None
-    cluster = ClusterSettings(**cluster_kwargs)
-    if cluster.launcher == "mpirun" and cluster.gpu_bind not in ("local-rank", "none"):
-        raise ctx.error(("cluster",), "gpu-bind",
-                        f'with launcher = "mpirun" gpu-bind must be "local-rank" or "none", got {cluster.gpu_bind!r}')
-
-    # Expand: product of the axes, minus excludes, plus includes.
-    keys = list(axes)
-    varied_points: List[Dict[str, Any]] = []
-    for combo in itertools.product(*(axes[k] for k in keys)):
-        varied = dict(zip(keys, combo))
-        if any(all(varied.get(k) == v for k, v in ex.items()) for ex in excludes):
+        checked = [ctx.attempt(_check_train_value, ctx, ("matrix",), key, v, options) for v in values]
+        if any(c is None for c in checked):
             continue
-        varied_points.append(varied)
+        canonical = checked[0][0]
+        values = [c[1] for c in checked]
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            ctx.report(("matrix",), key, f"repeated values in {values!r}")
+        elif canonical in train:
+            ctx.report(("matrix",), key, f"{key!r} is set in [train] too: keep it in one table")
+        else:
+            axes[canonical] = values
+            sites += [_ValueSite(("matrix",), key, key, canonical, v) for v in values]
+    excludes = _matrix_entries(ctx, table, "exclude", options, axes, sites)
+    includes = _matrix_entries(ctx, table, "include", options, axes, sites)
     for entry in includes:
         overlap = set(entry) & set(train)
         if overlap:
-            raise ctx.error(("matrix",), "include", f"include sets {sorted(overlap)}, which [train] fixes")
-        varied_points.append(dict(entry))
-    if not keys and not includes:
-        varied_points = [{}]
+            ctx.report(("matrix",), "include", f"include sets {sorted(overlap)}, which [train] fixes")
+    return axes, excludes, includes
 
+
+def _matrix_entries(ctx: _Context, table: Mapping[str, Any], kind: str, options: TrainOptions,
+                    axes: Mapping[str, Any], sites: List[_ValueSite]) -> List[Dict[str, Any]]:
+    entries = table.get(kind, [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        ctx.report(("matrix",), kind, f"expected a list of inline tables like "
+                                      f"[{{algorithm = \"psgd\"}}], got {entries!r}")
+        return []
+    result = []
+    for entry in entries:
+        converted = {}
+        for key, value in entry.items():
+            if key != RANKS_KEY and options.lookup(key) is None:
+                ctx.report(("matrix",), kind, f"in {kind}: " + _unknown_key_message(
+                    key, sorted(set(axes) | {RANKS_KEY})))
+                continue
+            checked = ctx.attempt(_check_train_value, ctx, ("matrix",), key, value, options,
+                                  locate=kind)
+            if checked is None:
+                continue
+            if kind == "exclude" and checked[0] not in axes:
+                ctx.report(("matrix",), kind, f"exclude names {key!r}, which is not a matrix key")
+                continue
+            converted[checked[0]] = checked[1]
+            if kind == "include":
+                sites.append(_ValueSite(("matrix",), kind, key, checked[0], checked[1], f"{key}: "))
+        result.append(converted)
+    return result
+
+
+def _parse_cluster(ctx: _Context, table: Mapping[str, Any]) -> ClusterSettings:
+    kwargs: Dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _CLUSTER_KEYS:
+            ctx.report(("cluster",), key, _unknown_key_message(key, _CLUSTER_KEYS))
+            continue
+        attr, check = _CLUSTER_KEYS[key]
+        if key == "env":
+            env = _parse_env(ctx, value)
+            if env is not None:
+                kwargs[attr] = env
+            continue
+        try:
+            kwargs[attr] = check(value)
+        except ValueError as exc:
+            ctx.report(("cluster",), key, str(exc))
+    cluster = ClusterSettings(**kwargs)
+    if cluster.launcher == "mpirun" and cluster.gpu_bind not in ("local-rank", "none"):
+        ctx.report(("cluster",), "gpu-bind", f'with launcher = "mpirun" gpu-bind must be '
+                                             f'"local-rank" or "none", got {cluster.gpu_bind!r}')
+    return cluster
+
+
+def _parse_env(ctx: _Context, value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
+    if not isinstance(value, dict):
+        ctx.report(("cluster",), "env", "expected a table [cluster.env] of NAME = value")
+        return None
+    env = {}
+    for var, val in value.items():
+        if not _ENV_NAME.match(var):
+            ctx.report(("cluster", "env"), var, f"{var!r} is not a shell variable name")
+        elif isinstance(val, (dict, list)):
+            ctx.report(("cluster", "env"), var, f"expected a string or number, got {val!r}")
+        else:
+            env[var] = (str(val).lower() if isinstance(val, bool) else str(val))
+    return tuple(sorted(env.items()))
+
+
+def _expand(ctx: _Context, train, axes, excludes, includes, cluster: ClusterSettings):
+    """The points: product of the axes, minus excludes, plus includes; and where each came
+    from (None: the product; i: include entry i)."""
+    keys = list(axes)
+    varied_points: List[Tuple[Dict[str, Any], Optional[int]]] = []
+    for combo in itertools.product(*(axes[k] for k in keys)):
+        varied = dict(zip(keys, combo))
+        if not any(all(varied.get(k) == v for k, v in ex.items()) for ex in excludes):
+            varied_points.append((varied, None))
+    varied_points += [(dict(entry), i) for i, entry in enumerate(includes)]
+    if not keys and not includes:
+        varied_points = [({}, None)]
     points: List[SweepPoint] = []
+    origins: List[Optional[int]] = []
     seen: Dict[str, Dict[str, Any]] = {}
-    for varied in varied_points:
+    for varied, origin in varied_points:
         merged = {**train, **varied}
         ranks = merged.pop(RANKS_KEY, 1)
         nodes, per_node = cluster.layout(ranks)
         if nodes * per_node < ranks:
-            raise ctx.error(("cluster",), "nodes",
-                            f"{nodes} nodes x {per_node} tasks per node cannot hold {ranks} ranks")
+            ctx.report(("cluster",), "nodes",
+                       f"{nodes} nodes x {per_node} tasks per node cannot hold {ranks} ranks")
+            continue
         pname = point_name(varied, keys)
         if pname in seen:
-            if seen[pname] == varied:
-                continue  # an include that repeats a product point
-            raise ctx.error(("matrix",), None, f"two points share the name {pname!r}")
+            if seen[pname] != varied:
+                ctx.report(("matrix",), None, f"two points share the name {pname!r}")
+            continue  # an include that repeats a product point
         seen[pname] = varied
         points.append(SweepPoint(pname, ranks, merged, varied))
-    if not points:
-        raise ctx.error(("matrix",), "exclude", "every point is excluded: the sweep is empty")
-
-    return SweepSpec(path=Path(path), name=name, output=output,
-                     description=sweep.get("description", ""), train=train,
-                     matrix_keys=tuple(keys), points=tuple(points), cluster=cluster,
-                     train_options=options)
+        origins.append(origin)
+    if not points and not ctx.problems:
+        ctx.report(("matrix",), "exclude", "every point is excluded: the sweep is empty")
+    return points, origins
 
 
 def train_arguments(point: SweepPoint, options: TrainOptions) -> List[str]:

@@ -4,8 +4,10 @@ Everything here runs without Slurm; tests/test_slurm.py submits to a real cluste
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,6 +269,163 @@ def test_submit_without_sbatch_leaves_no_record(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     spec = write_spec(tmp_path, MINIMAL)
     result = CliRunner().invoke(cli, ["slurm", "submit", str(spec), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2                      # run it where Slurm is: bad usage
     assert "sbatch not found on PATH" in result.output
     assert list((tmp_path / "o" / "jobs").iterdir()) == []
+
+
+# --- values checked the way hvdcomp train checks them, before anything is written (issue 14) ----
+BAD_VALUES = MINIMAL.replace('model = "mlp"', 'model = "resnet99"').replace(
+    "epochs = 1", "epochs = 1\nlr = -0.1").replace(
+    'algorithm = ["psgd", "liec", "memsgd"]', 'algorithm = ["psgd", "liec", "lice"]').replace(
+    'compressor = ["none", "sign"]', 'compressor = ["none", "sign", "qsgd:levels=0"]').replace(
+    'exclude = [{ algorithm = "psgd", compressor = "sign" }]',
+    'include = [{ algorithm = "liec", compressor = "topk:ratio=2", ranks = 2 }]')
+
+
+def test_every_bad_value_is_reported_at_its_line(tmp_path: Path):
+    path = write_spec(tmp_path, BAD_VALUES)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    problems = info.value.problems
+    expected = [  # (needle of the line, key, words of train's own message)
+        ('model = "resnet99"', "train.model", "unknown model 'resnet99'"),
+        ("lr = -0.1", "train.lr", "--lr must be positive, got -0.1"),
+        ("algorithm = [", "matrix.algorithm", "unknown algorithm 'lice'"),
+        ("compressor = [", "matrix.compressor", "qsgd: levels must be an integer in [1, 127], got 0"),
+        ("include = [", "matrix.include", "compressor: --up/--compressor 'topk:ratio=2': "
+                                           "topk: ratio must be a number in (0, 1], got 2"),
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, (needle, key, words) in zip(problems, expected):
+        assert problem.startswith(f"{path}:{line_of(BAD_VALUES, needle)}: {key}: "), problem
+        assert words in problem, problem
+    assert str(info.value).endswith(f"(5 problems in {path}; nothing was written or submitted)")
+
+
+def test_cli_render_and_submit_refuse_bad_values_before_writing(tmp_path: Path, monkeypatch):
+    path = write_spec(tmp_path, BAD_VALUES)
+    out = tmp_path / "o"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no sbatch: it must not be reached
+    for command in ("render", "submit"):
+        result = CliRunner().invoke(cli, ["slurm", command, str(path), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert lines[0].startswith(f"Error: {path}:{line_of(BAD_VALUES, 'model =')}: train.model: ")
+        assert len(lines) == 6 and "Traceback" not in result.output
+        assert "sbatch" not in result.output
+        assert not out.exists()
+
+
+def test_a_refused_combination_is_reported_once_at_a_key_that_causes_it(tmp_path: Path):
+    """Once for all the points it spoils, at the first key whose removal cures it, preferring
+    one the message names (here --compressor)."""
+    text = MINIMAL.replace('algorithm = ["psgd", "liec", "memsgd"]', 'algorithm = ["liec", "monna"]'
+                           ).replace('compressor = ["none", "sign"]', 'compressor = ["sign"]'
+                                     ).replace('exclude = [{ algorithm = "psgd", compressor = "sign" }]', '')
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.problems == [
+        f"{path}:{line_of(text, 'compressor =')}: matrix.compressor: 2 points "
+        "algorithm-monna_compressor-sign_ranks-2, algorithm-monna_compressor-sign_ranks-4: "
+        "algorithm 'monna' exchanges whole models, uncompressed: drop --compressor/--up/--down "
+        "(robustness comes from the aggregator)"]
+
+
+CIFAR_SPEC = """\
+[sweep]
+name = "c"
+
+[train]
+model = "resnet20"
+dataset = "cifar10"
+data-dir = "cifar-data"
+epochs = 1
+device = "cuda"
+
+[cluster]
+{cluster}
+"""
+CIFAR_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+               "test_batch"]
+
+
+def test_data_dirs_are_checked_only_when_the_spec_says_they_are_local(tmp_path: Path):
+    # not local: the folder lives on the cluster; CUDA is the job's business too
+    spec = load_spec(write_spec(tmp_path, CIFAR_SPEC.format(cluster="")), workdir=tmp_path)
+    assert spec.points[0].options["data-dir"] == "cifar-data"
+    # local: train's own check runs here, relative to the job's directory
+    text = CIFAR_SPEC.format(cluster="data-local = true")
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, workdir=tmp_path)
+    assert info.value.problems == [
+        f"{path}:{line_of(text, 'data-dir')}: train.data-dir: point default: --data-dir "
+        f"{tmp_path / 'cifar-data'} is not a directory; it must hold cifar-10-batches-py/"
+        "{" + ",".join(CIFAR_FILES) + "} (nothing is downloaded)"]
+    folder = tmp_path / "cifar-data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in CIFAR_FILES:
+        (folder / name).write_bytes(b"")
+    load_spec(path, workdir=tmp_path)
+    # no data-dir at all is wrong wherever the data is
+    text = CIFAR_SPEC.format(cluster="").replace('data-dir = "cifar-data"\n', "")
+    with pytest.raises(SpecError, match="dataset 'cifar10' needs --data-dir"):
+        load_spec(write_spec(tmp_path, text, "no-dir.toml"), workdir=tmp_path)
+
+
+@pytest.mark.parametrize("options, ranks", [
+    ({"algorithm": "lice"}, 1), ({"lr": -0.1}, 1), ({"compressor": "qsgd:levels=0"}, 1),
+    ({"compressor": "qsgd:levels=1"}, 1), ({"model": "resnet99"}, 1),
+    ({"dataset": "synthetic:colour=3"}, 1), ({"algorithm": "monna", "compressor": "sign"}, 1),
+    ({"model": "resnet20", "dataset": "synthetic"}, 1), ({"epochs": 0}, 1),
+    ({"algorithm": "liec", "algorithm-option": ["beta=0.9"]}, 1), ({"batch-size": "many"}, 1),
+])
+def test_render_says_what_hvdcomp_train_says(tmp_path: Path, options, ranks):
+    """The same options given to the real `hvdcomp train` (one process: it stops before
+    training) and to the sweep: the same message, exit code 2 both."""
+    from hvdcomp.sweep_check import TrainValidator, option_arguments
+    validator = TrainValidator()
+    if not validator.available:
+        pytest.skip(validator.reason)
+    args = option_arguments(train_options(), {"epochs": 1, **options})
+    train = subprocess.run([sys.executable, "-m", "hvdcomp.cli.main", "train", *args, "--quiet",
+                            "--out", str(tmp_path / "run")],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert train.returncode == 2, train.stdout + train.stderr
+    said = train.stderr.strip().splitlines()[-1]
+    assert said.startswith("Error: ")
+    assert validator.check_arguments(args, ranks) == said[len("Error: "):]
+
+
+def test_a_binary_spec_is_one_clear_error(tmp_path: Path):
+    path = tmp_path / "spec.toml"
+    path.write_bytes(b'[sweep]\nname = "x"\n\x89PNG\r\n\x1a\n\x00\xff')
+    result = CliRunner().invoke(cli, ["slurm", "render", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == (f"Error: {path}:3: not a sweep spec: byte 19 (0x89) is not UTF-8 "
+                             "text; a spec is a TOML text file\n")
+
+
+def test_structural_problems_are_all_reported_too(tmp_path: Path):
+    text = MINIMAL.replace('time = "00:05:00"', 'time = "soon"\npartitoin = "gpu"').replace(
+        "epochs = 1", "epochs = 1\nbatchsize = 3")
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert [p.split(": ")[0] for p in info.value.problems] == [
+        f"{path}:{line_of(text, 'batchsize')}", f"{path}:{line_of(text, 'time =')}",
+        f"{path}:{line_of(text, 'partitoin')}"]
+
+
+def test_without_train_the_values_are_not_checked_and_render_says_so(tmp_path: Path):
+    """A login node without torch: a real import failure (torch made unimportable)."""
+    spec = write_spec(tmp_path, MINIMAL.replace("epochs = 1", "epochs = 1\nlr = -0.1"))
+    code = ("import sys; sys.modules['torch'] = None; from hvdcomp.cli.main import main; "
+            f"sys.argv = ['hvdcomp', 'slurm', 'render', {str(spec)!r}, '--dry-run']; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert "values NOT checked: hvdcomp train does not import here" in done.stderr
