@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import click
 
+from hvdcomp.bench.output import BenchError
+
 LINK_HELP = ("Launch 2 ranks across an emulated link of this rate (e.g. 1gbit, 100mbit, or "
              "'unshaped'): two network namespaces joined by a veth shaped with tc tbf. Root only; "
              "needs ip, tc, mpirun, unshare.")
@@ -30,19 +32,19 @@ def parse_sizes_option(text: str) -> List[float]:
     try:
         return parse_sizes(text)
     except ValueError as exc:
-        raise click.UsageError(f"--sizes: {exc}")
+        raise BenchError(f"--sizes: {exc}")
 
 
 def relaunch_over_link(link: str, subcommand: Sequence[str], options: Dict[str, object]) -> None:
     """Run ``hvdcomp bench <subcommand> <options>`` in 2 ranks across an emulated link and exit
-    with mpirun's exit code; click.UsageError (exit 2) when the link cannot be built here."""
+    with mpirun's exit code; BenchError (exit 2) when the link cannot be built here."""
     from hvdcomp import netns
 
     try:
         netns.parse_rate(link)
         netns.check_can_emulate()
     except (ValueError, netns.LinkError) as exc:
-        raise click.UsageError(f"--link: {exc}")
+        raise BenchError(f"--link: {exc}")
     argv = [sys.executable, "-m", "hvdcomp.cli.main", "bench", *subcommand]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
@@ -70,12 +72,37 @@ def init_horovod():
     return hvd
 
 
+def check_out_option(out: Optional[str]) -> Optional[str]:
+    """Before measuring: ``--out`` can be written (on rank 0, the one that writes it; the
+    launcher ends the other ranks when it exits 2). Returns it as an absolute path."""
+    if out is None:
+        return None
+    from hvdcomp.bench.output import check_output_file
+    from hvdcomp.train.config import detect_launcher
+    if detect_launcher()["rank"] != 0:
+        return os.path.abspath(out)
+    return str(check_output_file(out))
+
+
+def check_sizes_option(size_list: List[float], buffers: float) -> None:
+    """Every --sizes entry fits in memory, counting every rank this node runs."""
+    from hvdcomp.bench.output import check_sizes_fit
+    from hvdcomp.train.config import detect_launcher
+    local = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+    ranks_here = int(local) if local and local.isdigit() else detect_launcher()["world_size"]
+    check_sizes_fit(size_list, buffers * max(1, ranks_here))
+
+
+#: Buffers of the --sizes size one rank of `bench comm` holds at once: the gradient, the
+#: algorithm's error memories, payloads and decoded chunks.
+COMM_BUFFERS_PER_RANK = 8
+
+
 def emit(payload: Dict[str, object], as_json: bool, out: Optional[str], table) -> None:
-    """Rank 0's output: JSON or a rich table on stdout, and the JSON in ``out`` if given."""
+    """Rank 0's output: JSON or a rich table on stdout, and the JSON in ``out`` if given (written
+    last and atomically; if that fails the JSON goes to stdout too, so nothing measured is
+    lost, and the command exits 2)."""
     text = json.dumps(payload, indent=2)
-    if out:
-        with open(out, "w") as handle:
-            handle.write(text + "\n")
     if as_json:
         click.echo(text)
     else:
@@ -86,6 +113,14 @@ def emit(payload: Dict[str, object], as_json: bool, out: Optional[str], table) -
             # under mpirun stdout is a pipe or an 80-column pty: do not squeeze the table
             console = Console(width=180)
         console.print(table())
+    if out:
+        from hvdcomp.bench.output import BenchError, write_results
+        try:
+            write_results(out, text)
+        except BenchError:
+            if not as_json:
+                click.echo(text)
+            raise
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -120,19 +155,22 @@ def command(sizes, algorithms, compressors, patterns, baselines, warmup, repeats
     from hvdcomp.bench import comm as bench
 
     size_list = parse_sizes_option(sizes)
+    out = check_out_option(out)
     none = lambda text: [] if text.strip().lower() == "none" else split_list(text)  # noqa: E731
     try:
         methods = bench.plan_methods(none(algorithms), none(compressors) or ["none"],
                                      split_list(patterns), none(baselines))
     except ValueError as exc:
-        raise click.UsageError(str(exc))
+        raise BenchError(str(exc))
     if not methods:
-        raise click.UsageError("nothing to measure: give --algorithms or --baselines")
+        raise BenchError("nothing to measure: give --algorithms or --baselines")
+    if link is None:
+        check_sizes_option(size_list, COMM_BUFFERS_PER_RANK)
     if link is not None:
         relaunch_over_link(link, ["comm"], dict(
             sizes=sizes, algorithms=algorithms, compressors=compressors, patterns=patterns,
             baselines=baselines, warmup=warmup, repeats=repeats, seed=seed, iface=iface,
-            json=as_json, out=os.path.abspath(out) if out else None))
+            json=as_json, out=out))
 
     hvd = init_horovod()
     if hvd.size() < 2 and hvd.rank() == 0:

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from hvdcomp.bench.output import BenchError
+
 
 @click.command("compressors")
 @click.option("--sizes", default="1,4,16,64,256", show_default=True,
@@ -36,22 +38,24 @@ def command(sizes, compressor_list, repeats, warmup, device, finite_check, threa
     try:
         size_list = bench.parse_sizes(sizes)
     except ValueError as exc:
-        raise click.UsageError(f"--sizes: {exc}")
+        raise BenchError(f"--sizes: {exc}")
     specs = (bench.parse_spec_list(compressor_list) if compressor_list is not None
              else list(bench.DEFAULT_COMPRESSORS))
     if not specs:
-        raise click.UsageError("--compressors: give at least one compressor spec")
+        raise BenchError("--compressors: give at least one compressor spec")
     for spec in specs:
         try:
             from_spec(spec)
         except ValueError as exc:
-            raise click.UsageError(f"--compressors: {exc}")
+            raise BenchError(f"--compressors: {exc}")
     try:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA is not available on this machine")
     except (RuntimeError, ValueError) as exc:
-        raise click.UsageError(f"--device {device!r}: {exc}")
+        raise BenchError(f"--device {device!r}: {exc}")
+    from hvdcomp.bench.output import check_sizes_fit
+    check_sizes_fit(size_list, bench.BUFFERS_PER_MEASUREMENT, str(dev))  # BenchError: exit 2
 
     from rich.console import Console
     err = Console(stderr=True)

@@ -12,8 +12,10 @@ from typing import Dict
 
 import click
 
-from hvdcomp.cli.bench_comm import (LINK_HELP, emit, init_horovod, relaunch_over_link,
-                                    split_list)
+from hvdcomp.bench.output import BenchError
+
+from hvdcomp.cli.bench_comm import (LINK_HELP, check_out_option, emit, init_horovod,
+                                    relaunch_over_link, split_list)
 
 
 @click.command("train")
@@ -52,19 +54,20 @@ def command(model, batch_size, image_size, num_classes, algorithms, compressors,
     try:
         check_model_name(model)
     except ValueError as exc:
-        raise click.UsageError(f"--model: {exc}")
+        raise BenchError(f"--model: {exc}")
+    out = check_out_option(out)
     none = lambda text: [] if text.strip().lower() == "none" else split_list(text)  # noqa: E731
     try:
         methods = bench.plan_train_methods(none(algorithms), split_list(compressors),
                                            none(baselines))
     except ValueError as exc:
-        raise click.UsageError(str(exc))
+        raise BenchError(str(exc))
     if link is not None:
         relaunch_over_link(link, ["train"], dict(
             model=model, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
             algorithms=algorithms, compressors=compressors, baselines=baselines, pattern=pattern,
             warmup=warmup, steps=steps, seed=seed, json=as_json,
-            out=os.path.abspath(out) if out else None))
+            out=out))
 
     hvd = init_horovod()
     info = bench.run_info(hvd)

@@ -127,9 +127,16 @@ def check_comm_document(doc: dict, link=None) -> None:
 
 
 @pytest.mark.mpi
-def test_bench_comm_two_ranks_json_bytes_match_formulas():
-    doc = mpirun_hvdcomp(COMM_ARGS)
+def test_bench_comm_two_ranks_json_bytes_match_formulas(tmp_path):
+    out = tmp_path / "comm.json"
+    old_umask = os.umask(0o022)
+    try:
+        doc = mpirun_hvdcomp(COMM_ARGS + ["--out", str(out)])
+    finally:
+        os.umask(old_umask)
     check_comm_document(doc)
+    assert json.loads(out.read_text()) == doc                  # the file holds what was printed
+    assert out.stat().st_mode & 0o777 == 0o644                 # like any file under umask 022
     # at this size every row is within 2 % of its formula (sign adds a 4-byte scale per chunk,
     # top-k rounds k up per chunk)
     assert all(r["bytes_ok"] for r in doc["results"])
@@ -287,3 +294,53 @@ def test_plot_series_and_png(tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({"results": [{"method": "x"}]}))
         load([str(bad)])
+
+
+# --- options that cannot be honoured fail before measuring (issue 14) ---------------------------
+@pytest.mark.parametrize("out", ["missing-folder/r.json", "a-file/r.json", "a-folder"])
+@pytest.mark.parametrize("subcommand", ["comm", "train", "comm --link 1gbit"])
+def test_unwritable_out_fails_before_measuring(tmp_path, subcommand, out):
+    (tmp_path / "a-file").write_text("a file, not a folder")
+    (tmp_path / "a-folder").mkdir()
+    target = tmp_path / out
+    done = run_hvdcomp(["bench", *subcommand.split(), "--out", str(target)], timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"Error: --out {target}: ") or (
+        "--out" in done.stderr and out == "a-folder"), done.stderr   # click: "is a directory"
+    assert "measuring" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_results_are_printed_when_the_out_file_cannot_be_written(tmp_path, capsys):
+    """The disk refuses after measuring (here: the folder became a file): the JSON is shown."""
+    from hvdcomp.bench.output import BenchError
+    from hvdcomp.cli.bench_comm import emit
+    from rich.table import Table
+    (tmp_path / "was-a-folder").write_text("")
+    payload = {"results": [{"method": "x", "time_median_s": 0.5}]}
+    with pytest.raises(BenchError, match="they are printed above"):
+        emit(payload, False, str(tmp_path / "was-a-folder" / "r.json"), lambda: Table("method"))
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):]) == payload
+
+
+@pytest.mark.parametrize("sizes, words", [
+    ("1e12", "Error: --sizes: 1e+12 MiB needs about"),
+    ("inf", "Error: --sizes: size 'inf' must be a positive, finite number of MiB"),
+])
+def test_sizes_beyond_memory_are_one_error(sizes, words):
+    done = run_hvdcomp(["bench", "compressors", "--sizes", sizes], timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(words), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_memory_check_uses_what_the_machine_has():
+    from hvdcomp.bench.output import BenchError, available_memory, check_sizes_fit
+    with open("/proc/meminfo") as meminfo:
+        free = next(int(line.split()[1]) * 1024 for line in meminfo
+                    if line.startswith("MemAvailable:"))
+    assert abs(available_memory() - free) < free * 0.2 + 2**28   # it changes while we look
+    check_sizes_fit([1.0], copies=8)
+    with pytest.raises(BenchError, match="2 buffers of that size"):
+        check_sizes_fit([free / 2**20], copies=2)

@@ -8,6 +8,8 @@ each other and with the copy directly.  ``roundtrip_gbps`` is size / (t_compress
 """
 from __future__ import annotations
 
+import math
+import contextlib
 import platform
 import statistics
 import time
@@ -21,6 +23,9 @@ from ..compressors import from_spec
 
 MIB = 1 << 20
 DEFAULT_SIZES_MB = (1, 4, 16, 64, 256)
+#: Buffers of the input's size one measurement holds at once, with room for the compressors'
+#: intermediates (QSGD's int64 codes are two of them): what --sizes is checked against.
+BUFFERS_PER_MEASUREMENT = 8
 DEFAULT_COMPRESSORS = ("none", "fp16", "bf16", "topk:ratio=0.01", "randomk:ratio=0.01", "sign",
                        "blocksign:block=1024", "dgc:ratio=0.01", "qsgd:levels=4",
                        "powersgd:rank=4")
@@ -67,8 +72,8 @@ def parse_sizes(text: str) -> List[float]:
             value = float(item)
         except ValueError:
             raise ValueError(f"size {item!r} is not a number of MiB") from None
-        if not value > 0:
-            raise ValueError(f"size {item!r} must be a positive number of MiB")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"size {item!r} must be a positive, finite number of MiB")
         sizes.append(value)
     if not sizes:
         raise ValueError("give at least one size in MiB, e.g. 1,16,64")
@@ -145,38 +150,62 @@ def bench_compressors(specs: Sequence[str] = DEFAULT_COMPRESSORS,
     results = []
     try:
         for size in sizes_mib:
-            numel = max(1, int(size * MIB) // 4)
-            gen = torch.Generator().manual_seed(seed)
-            x = torch.randn(numel, generator=gen).to(dev)
-            copy_target = torch.empty_like(x)
-            nbytes_in = numel * 4
-            for compressor in compressors:
-                progress(f"{compressor.spec()} @ {size:g} MiB")
-                payload = compressor.compress(x, seed)
-                times = interleaved_times(
-                    [lambda: copy_target.copy_(x),
-                     lambda: compressor.compress(x, seed),
-                     lambda: compressor.decompress(payload, numel, torch.float32, seed)],
-                    dev, warmup, repeats)
-                memcpy_s, compress_s, decompress_s = (statistics.median(t) for t in times)
-                roundtrip = nbytes_in / (compress_s + decompress_s) / 1e9
-                memcpy = nbytes_in / memcpy_s / 1e9
-                # ratio per repeat (copy and compressor timed back to back), then the median:
-                # steadier than a ratio of medians when the machine's load changes
-                paired = statistics.median(copy / (comp + decomp)
-                                           for copy, comp, decomp in zip(*times))
-                results.append(CompressorResult(
-                    compressor=compressor.spec(), size_mib=size, numel=numel,
-                    compress_gbps=nbytes_in / compress_s / 1e9,
-                    decompress_gbps=nbytes_in / decompress_s / 1e9,
-                    roundtrip_gbps=roundtrip, memcpy_gbps=memcpy,
-                    roundtrip_vs_memcpy=paired,
-                    bits_per_element=8 * payload.numel() / numel,
-                    formula_bits_per_element=8 * compressor.payload_nbytes(numel) / numel,
-                    compress_s=compress_s, decompress_s=decompress_s))
-                del payload
-            del copy_target
+            with _allocation_errors(size, device):
+                results += _bench_size(compressors, size, dev, warmup, repeats, seed, progress)
     finally:
         compressor_base.set_finite_check(old_mode)
         torch.set_num_threads(old_threads)
+    return results
+
+
+@contextlib.contextmanager
+def _allocation_errors(size_mib: float, device: str):
+    """An allocation that fails (a size the up-front check let through, memory taken meanwhile)
+    becomes one clear BenchError instead of torch's allocator traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        out_of_memory = isinstance(exc, MemoryError) or "alloc" in str(exc).lower() \
+            or type(exc).__name__ == "OutOfMemoryError"
+        if not out_of_memory:
+            raise
+        from .output import BenchError
+        raise BenchError(f"--sizes: {size_mib:g} MiB does not fit in the memory of {device} "
+                         f"({str(exc).splitlines()[0][:200]}); give smaller sizes") from None
+
+
+def _bench_size(compressors, size, dev, warmup, repeats, seed, progress) -> List[CompressorResult]:
+    """Every compressor on one buffer of ``size`` MiB."""
+    results = []
+    numel = max(1, int(size * MIB) // 4)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=gen).to(dev)
+    copy_target = torch.empty_like(x)
+    nbytes_in = numel * 4
+    for compressor in compressors:
+        progress(f"{compressor.spec()} @ {size:g} MiB")
+        payload = compressor.compress(x, seed)
+        times = interleaved_times(
+            [lambda: copy_target.copy_(x),
+             lambda: compressor.compress(x, seed),
+             lambda: compressor.decompress(payload, numel, torch.float32, seed)],
+            dev, warmup, repeats)
+        memcpy_s, compress_s, decompress_s = (statistics.median(t) for t in times)
+        roundtrip = nbytes_in / (compress_s + decompress_s) / 1e9
+        memcpy = nbytes_in / memcpy_s / 1e9
+        # ratio per repeat (copy and compressor timed back to back), then the median:
+        # steadier than a ratio of medians when the machine's load changes
+        paired = statistics.median(copy / (comp + decomp)
+                                   for copy, comp, decomp in zip(*times))
+        results.append(CompressorResult(
+            compressor=compressor.spec(), size_mib=size, numel=numel,
+            compress_gbps=nbytes_in / compress_s / 1e9,
+            decompress_gbps=nbytes_in / decompress_s / 1e9,
+            roundtrip_gbps=roundtrip, memcpy_gbps=memcpy,
+            roundtrip_vs_memcpy=paired,
+            bits_per_element=8 * payload.numel() / numel,
+            formula_bits_per_element=8 * compressor.payload_nbytes(numel) / numel,
+            compress_s=compress_s, decompress_s=decompress_s))
+        del payload
+    del copy_target
     return results
