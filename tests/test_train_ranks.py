@@ -24,15 +24,18 @@ EPOCHS = 10
 #: * dgc uses its own sparsifier at 1% density (its sampled-threshold top-k);
 #: * ef21sgdm keeps a *normalised* momentum v = (1−η)v + ηg (η = 0.1) in place of SGD's heavy
 #:   ball v = 0.9v + g, whose steps are 1/(1−0.9) = 10 times longer at the same lr; lr 0.5 = 10×
-#:   P-SGD's 0.05 gives it the same effective step.
+#:   P-SGD's 0.05 gives it the same effective step;
+#: * the others default to their papers' SGD momentum 0; they get P-SGD's momentum 0.9 here so
+#:   that every run takes the same steps and only the exchange differs.
+SAME_SGD = ["--momentum", "0.9"]
 ALGORITHM_ARGS = {
-    "memsgd": ["--compressor", "sign"],
-    "doublesqueeze": ["--compressor", "sign"],
-    "liec": ["--compressor", "sign", "--period", "32"],
-    "ef21": ["--compressor", "sign"],
-    "ef21w": ["--compressor", "sign"],
+    "memsgd": ["--compressor", "sign", *SAME_SGD],
+    "doublesqueeze": ["--compressor", "sign", *SAME_SGD],
+    "liec": ["--compressor", "sign", "--period", "32", *SAME_SGD],
+    "ef21": ["--compressor", "sign", *SAME_SGD],
+    "ef21w": ["--compressor", "sign", *SAME_SGD],
     "ef21sgdm": ["--compressor", "sign", "--lr", "0.5"],
-    "ef21bc": ["--compressor", "sign"],
+    "ef21bc": ["--compressor", "sign", *SAME_SGD],
     "dgc": ["--compressor", "dgc:ratio=0.01"],
 }
 #: Accuracy margin against P-SGD after EPOCHS epochs. The digits test split has 359 images, so one

@@ -138,12 +138,37 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def _settings_rows(config: Dict[str, Any]) -> List[tuple]:
+    """The optimiser settings the run used (defaults are the paper's; others were asked for)."""
+    if "momentum" not in config:
+        return []
+    rows = []
+    if config.get("algorithm") != "monna":   # MoNNA's momentum β is one of its options
+        from .uncompressed import describe_momentum
+        rows.append(("lr / SGD momentum / weight decay",
+                     f"{config.get('lr')} / {describe_momentum(config)} / "
+                     f"{config.get('weight_decay')}"))
+    if config.get("algorithm_options"):
+        rows.append(("algorithm options", ", ".join(
+            f"{k}={v}" for k, v in sorted(config["algorithm_options"].items()))))
+    return rows
+
+
+def _message_rows(summary: Dict[str, Any]) -> List[tuple]:
+    """One uplink message of the compressed tensors against the same tensors dense; the run's
+    ratio above also pays for warm-up, dense small tensors and every copy sent."""
+    per_message = summary.get("compression_per_message")
+    return [] if per_message is None else [
+        ("compression per uplink message", f"{per_message:.1f}x (compressed tensors, last step)")]
+
+
 def print_summary(summary: Dict[str, Any], config: Dict[str, Any], file=None) -> None:
     """The end-of-run table on rank 0 (rich; plain text when rich is missing)."""
     ratio = summary.get("compression_ratio")
     rows = [
         ("algorithm", f"{config['algorithm']} (up {config['up']}, down {config['down']})"),
         ("model / dataset", f"{config['model']} / {config['dataset']}"),
+        *_settings_rows(config),
         ("ranks (launcher)", f"{config['world_size']} ({config['launcher']})"),
         ("final test accuracy", f"{100 * summary['final_accuracy']:.2f}%"),
         ("best test accuracy", f"{100 * summary['best_accuracy']:.2f}%"),
@@ -154,7 +179,9 @@ def print_summary(summary: Dict[str, Any], config: Dict[str, Any], file=None) ->
          f"{summary['time_comm']:.1f} s"),
         ("bytes sent up / down per rank",
          f"{human_bytes(summary['bytes_up'])} / {human_bytes(summary['bytes_down'])}"),
-        ("compression vs P-SGD", "n/a (one rank)" if ratio is None else f"{ratio:.1f}x"),
+        ("compression vs P-SGD, whole run",
+         "n/a (one rank)" if ratio is None else f"{ratio:.1f}x"),
+        *_message_rows(summary),
         ("run directory", str(summary.get("run_dir", ""))),
     ]
     try:

@@ -19,6 +19,7 @@ compressed buckets weighs against the same tensors dense, at the last step's com
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -67,19 +68,17 @@ def parameter_groups(model: torch.nn.Module, cfg, small_tensor_bytes: int) -> Li
     return groups
 
 
-def describe_momentum(cfg) -> str:
-    """One line for the summary: which momentum each kind of tensor trains with."""
+def describe_momentum(config: Dict[str, Any]) -> str:
+    """For the summary, from a run's config record: the SGD momentum of each kind of tensor."""
+    cfg = SimpleNamespace(algorithm=config.get("algorithm"),
+                          algorithm_options=config.get("algorithm_options") or {})
+    text = f"{config.get('momentum', 0.0):g}" + (" Nesterov" if config.get("nesterov") else "")
     own = uncompressed_group_options(cfg)
-    text = f"SGD momentum {cfg.momentum:g}"
-    if cfg.nesterov:
-        text += " (Nesterov)"
     if own is None:
         return text
-    inside = {"dgc": "momentum correction", "ef21sgdm": "estimator v"}[cfg.algorithm]
-    dense = f"{own['momentum']:g}" + (f", dampening {own['dampening']:g}"
+    dense = f"{own['momentum']:g}" + (f" (dampening {own['dampening']:g})"
                                        if own["dampening"] else "")
-    return (f"{text} on compressed tensors (the method's {inside} is inside the update); "
-            f"{dense} on the tensors it sends dense")
+    return f"{text} (compressed; momentum inside the method), {dense} (tensors sent dense)"
 
 
 def message_compression(optimizer) -> Dict[str, float]:
