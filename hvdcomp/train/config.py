@@ -262,7 +262,9 @@ def detect_launcher(env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Which launcher started this process, and the rank / world size it announced.
 
     Order matters: ``horovodrun`` (Gloo) sets HOROVOD_RANK; ``horovodrun`` with MPI runs
-    ``mpirun`` and passes HOROVOD_* variables through; Open MPI's ``mpirun`` sets
+    ``mpirun --tag-output -x NCCL_SOCKET_IFNAME=<nics> ...`` (horovod/runner/mpi_run.py), which
+    sets no HOROVOD_* variable but leaves OMPI_MCA_orte_tag_output=1 and NCCL_SOCKET_IFNAME in
+    every rank (a plain ``mpirun`` sets neither unless asked to); Open MPI's ``mpirun`` sets
     OMPI_COMM_WORLD_* and points its children at itself (OMPI_MCA_orte_hnp_uri, or PMIX_SERVER_URI
     from mpirun's PMIx server); ``srun`` sets SLURM_STEP_ID and SLURM_PROCID for each task (with
     --mpi=pmix Open MPI's OMPI_COMM_WORLD_* may be set too, but without mpirun's head-node URI);
@@ -277,8 +279,10 @@ def detect_launcher(env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         return None
 
     horovod_vars = [k for k in env if k.startswith("HOROVOD_")]
-    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env or (
-            "OMPI_COMM_WORLD_SIZE" in env and "HOROVOD_HOSTNAME" in env):
+    horovodrun_mpi = "OMPI_COMM_WORLD_SIZE" in env and (
+        "HOROVOD_HOSTNAME" in env
+        or (env.get("OMPI_MCA_orte_tag_output") == "1" and "NCCL_SOCKET_IFNAME" in env))
+    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env or horovodrun_mpi:
         name = "horovodrun"
     elif "OMPI_COMM_WORLD_SIZE" in env and "SLURM_STEP_ID" in env and not (
             "OMPI_MCA_orte_hnp_uri" in env or "OMPI_MCA_orte_local_daemon_uri" in env):

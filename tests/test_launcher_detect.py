@@ -1,0 +1,38 @@
+"""Which launcher a run records (config.json "launcher"), asked of real launchers: the environment
+``horovodrun --mpi`` and plain ``mpirun`` give their ranks, not a hand-written imitation of it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from multirank import launcher_env, require, run_command
+
+PRINT_LAUNCHER = ("from hvdcomp.train.config import detect_launcher; d = detect_launcher(); "
+                  "print('launcher=%s rank=%d size=%d' % (d['name'], d['rank'], d['world_size']))")
+
+
+def _launchers_seen(cmd) -> list:
+    done = run_command(cmd, timeout=120, env=launcher_env())
+    assert done.returncode == 0, done.stdout
+    # horovodrun tags each line ("[1,0]<stdout>:launcher=..."): keep what follows the tag
+    return sorted(line.split("launcher=", 1)[1] for line in done.stdout.splitlines()
+                  if "launcher=" in line)
+
+
+@pytest.mark.mpi
+def test_horovodrun_with_mpi_is_recorded_as_horovodrun():
+    require("mpi")
+    horovodrun = str(Path(sys.executable).with_name("horovodrun"))
+    seen = _launchers_seen([horovodrun, "--mpi", "-np", "2", "-H", "localhost:2",
+                            sys.executable, "-c", PRINT_LAUNCHER])
+    assert seen == ["horovodrun rank=0 size=2", "horovodrun rank=1 size=2"]
+
+
+@pytest.mark.mpi
+def test_plain_mpirun_is_recorded_as_mpirun():
+    require("mpi")
+    seen = _launchers_seen(["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none",
+                            sys.executable, "-c", PRINT_LAUNCHER])
+    assert seen == ["mpirun rank=0 size=2", "mpirun rank=1 size=2"]
