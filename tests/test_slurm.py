@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -210,6 +211,12 @@ def test_held_jobs_are_skipped_then_cancelled(slurm_cluster, job_env, tmp_path: 
         assert result.exit_code == 0, result.output
         states = {r.point: r.state for r in slurmjobs.status(spec, paths)}
         assert set(states.values()) == {"PENDING"}
+        # records and scripts get the user's umask like any file (a colleague may read them)
+        umask = os.umask(0)
+        os.umask(umask)
+        for point in spec.points:
+            assert stat.S_IMODE(paths.record(point.name).stat().st_mode) == 0o666 & ~umask
+            assert stat.S_IMODE(paths.script(point.name).stat().st_mode) == 0o777 & ~umask
 
         again = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out)])
         assert again.exit_code == 0 and again.stdout.count("skipped: pending") == len(spec.points)
@@ -230,6 +237,29 @@ def test_rejected_submission_records_nothing(slurm_cluster, job_env, tmp_path: P
     assert "sbatch refused" in result.output
     assert "invalid partition" in result.output.lower()  # Slurm's own words
     assert list((out / "jobs").iterdir()) == []
+
+
+def test_a_bad_value_never_reaches_the_queue(slurm_cluster, job_env, tmp_path: Path):
+    """Values train would refuse in the job (a negative learning rate, a batch size of 0)
+    stops submit with file:line: key: problem lines: no job is queued, nothing is written."""
+    name = f"bad-values-{os.getpid()}"
+    text = re.sub(r'(?m)^name = ".*"$', f'name = "{name}"', SMOKE.read_text(), count=1)
+    text = text.replace("lr = 0.1", "lr = -0.1", 1).replace("batch-size = 32", "batch-size = 0", 1)
+    spec_path = tmp_path / "bad.toml"
+    spec_path.write_text(text)
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"{spec_path}:{_line(text, 'lr = -0.1')}: train.lr: --lr must be positive" in result.stderr
+    assert f"{spec_path}:{_line(text, 'batch-size = 0')}: train.batch-size: " in result.stderr
+    assert not out.exists()
+    queued = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%j"], capture_output=True,
+                            text=True, timeout=60)
+    assert queued.returncode == 0 and f"{name}." not in queued.stdout
+
+
+def _line(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
 @pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[p.name for p in SHIPPED_SPECS])
