@@ -429,3 +429,13 @@ def test_without_train_the_values_are_not_checked_and_render_says_so(tmp_path: P
                           cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert "values NOT checked: hvdcomp train does not import here" in done.stderr
+
+
+def test_render_to_a_folder_it_cannot_write_is_one_error(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    spec = write_spec(tmp_path, MINIMAL)
+    result = CliRunner().invoke(cli, ["slurm", "render", str(spec), "--out", str(blocker / "o")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: cannot write the sweep directory {blocker / 'o'}: ")
+    assert "Traceback" not in result.output
