@@ -284,20 +284,16 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
 def _prefix(named, comm) -> str:
     """A name prefix the same on every rank and different for each optimizer of a process: a
     checksum of the parameters, numbered when optimizers of one world share it (ranks build
-    their optimizers in the same order, as Horovod requires too)."""
+    their optimizers in the same order, as Horovod requires too). Ranks outside a process set
+    count too, so that later optimizers keep the same numbers on every rank."""
     signature = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in named)
     checksum = zlib.crc32(signature.encode())
-    counts = _counts_for(comm)
-    index = counts[(comm.rank, checksum)]
-    counts[(comm.rank, checksum)] += 1
-    return f"hvdcomp.{checksum:08x}.{index}"
-
-
-def _counts_for(comm) -> Counter:
-    # a simulated world (all ranks in one process) counts for itself and is forgotten with it
     world = getattr(comm, "world", None)
-    if world is None:
-        return _SIGNATURES
-    if world not in _WORLD_SIGNATURES:
-        _WORLD_SIGNATURES[world] = Counter()
-    return _WORLD_SIGNATURES[world]
+    if world is None:        # one rank per process (Horovod)
+        counts, key = _SIGNATURES, checksum
+    else:                    # a simulated world: all its ranks in this process, counted apart
+        counts = _WORLD_SIGNATURES.setdefault(world, Counter())
+        key = (comm.rank, checksum)
+    index = counts[key]
+    counts[key] += 1
+    return f"hvdcomp.{checksum:08x}.{index}"

@@ -102,7 +102,7 @@ def named_parameter_list(param_groups, named_parameters) -> List[Tuple[str, torc
         (dups if name in seen else seen).add(name)
     if dups:
         raise ValueError("Parameter names in named_parameters must be unique. "
-                         "Found duplicates: %s" % ", ".join(sorted(dups)))
+                         "Found duplicates: %s" % ", ".join(dups))
     all_ids = {id(v) for group in param_groups for v in group["params"]}
     unnamed = all_ids - {id(v) for _, v in named}
     if unnamed:
@@ -187,7 +187,7 @@ def build_setup(optimizer, *, named_parameters, compression, backward_passes_per
                    bucket_bytes=bucket_bytes, small_tensor_bytes=small_tensor_bytes,
                    pattern=pattern, trainable=trainable)
     comm, world = _communicator(comm, process_set)
-    prefix = prefix_for(trainable, comm) if comm is not None else ""
+    prefix = prefix_for(trainable, comm)
     reducer = None
     if comm is not None and stateful:
         from .optimizer_buckets import BucketReducer
