@@ -18,13 +18,10 @@ Per run the table shows the options that differ between the runs, then:
   :func:`hvdcomp.train.results.psgd_bytes_per_step`), when the run recorded its model size;
 - throughput (``samples_per_s``).
 
-Figures (``--plot``) follow the LIEC-SGD paper's: test accuracy against epochs, against
-wall-clock time and against bytes communicated, one line per run.
+Figures (``--plot``): see :mod:`hvdcomp.plots`.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -33,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UserError
+from .labels import method_name
 
 #: summary.json fields a completed run must have (docs/design.md).
 SUMMARY_FIELDS = ("final_accuracy", "best_accuracy", "wall_time", "bytes_up", "bytes_down")
@@ -297,7 +295,8 @@ def normalise_target(target: Optional[float]) -> Optional[float]:
 
 def compare(runs: Sequence[Run], target: Optional[float] = None,
             columns: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    """One row per run: ``run`` (path), the option columns, then :data:`METRIC_COLUMNS`."""
+    """One row per run: ``run`` (path), ``method`` (:func:`hvdcomp.labels.method_name`), the
+    option columns, then :data:`METRIC_COLUMNS`."""
     columns = list(columns if columns is not None else option_columns(runs))
     psgd_by_settings: Dict[str, Run] = {}
     for run in sorted(runs, key=lambda r: str(r.path)):
@@ -306,7 +305,7 @@ def compare(runs: Sequence[Run], target: Optional[float] = None,
     rows = []
     for run in runs:
         s = run.summary
-        row: Dict[str, Any] = {"run": str(run.path)}
+        row: Dict[str, Any] = {"run": str(run.path), "method": method_name(run.config)}
         for key in columns:
             row[key] = run.config.get(key)
         row["final_accuracy"] = s["final_accuracy"]
@@ -338,12 +337,33 @@ def compare(runs: Sequence[Run], target: Optional[float] = None,
     return rows
 
 
+#: Columns of ``--curves`` that come first, in this order; other record keys follow.
+CURVE_COLUMNS = ("run", "method", "seed", "event", "step", "epoch", "wall_time", "samples", "loss",
+                 "train_accuracy", "test_loss", "test_accuracy", "bytes_up", "bytes_down",
+                 "time_compute", "time_compress", "time_comm", "lr")
+
+
+def curves(runs: Sequence[Run]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Every metrics record of every run (``step`` and ``epoch`` events, in step order) as one
+    row with the run and its method; and the columns, :data:`CURVE_COLUMNS` first."""
+    rows, extra = [], []
+    for run in runs:
+        records = sorted(run.steps + run.epochs,
+                         key=lambda r: (r.get("step", 0), r.get("event") == "epoch"))
+        for record in records:
+            rows.append({"run": str(run.path), "method": method_name(run.config),
+                         "seed": run.config.get("seed"), **record})
+            extra += [k for k in record if k not in CURVE_COLUMNS and k not in extra]
+    present = {k for row in rows for k in row}
+    return rows, [k for k in CURVE_COLUMNS if k in present] + extra
+
+
 def _ratio(baseline: float, sent: float) -> Optional[float]:
     return baseline / sent if sent > 0 else None
 
 
 # ----------------------------------------------------------------------------------------------
-# Grouping, sorting, formatting
+# Grouping and sorting (formats: hvdcomp.collect_table)
 # ----------------------------------------------------------------------------------------------
 
 def _sort_value(value: Any):
@@ -378,120 +398,9 @@ def group_rows(rows: List[Dict[str, Any]], keys: Sequence[str]) -> List[Tuple[Di
     return sorted(groups.values(), key=lambda g: [_sort_value(g[0][k]) for k in keys])
 
 
-def _display(column: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if column in ("final_accuracy", "best_accuracy") and _is_number(value):
-        return f"{100 * value:.2f}%"
-    if column in ("bytes_up", "bytes_down") and _is_number(value):
-        return _human_bytes(value)
-    if column in ("compression_ratio", "ratio_up", "ratio_down") and _is_number(value):
-        return f"{value:.1f}x"
-    if column in ("wall_time", "time_to_target") and _is_number(value):
-        return f"{value:.1f} s"
-    if column == "samples_per_s" and _is_number(value):
-        return f"{value:.0f}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (dict, list)):
-        return _canonical(value)
-    return str(value)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
-#: Columns of the human-readable formats (the machine formats keep every column).
-DISPLAY_METRICS = ("final_accuracy", "best_accuracy", "time_to_target", "wall_time", "bytes_up",
-                   "bytes_down", "compression_ratio", "samples_per_s")
-HEADERS = {"final_accuracy": "final acc", "best_accuracy": "best acc",
-           "time_to_target": "time to target", "epochs_to_target": "epochs to target",
-           "wall_time": "wall-clock", "bytes_up": "sent up/rank", "bytes_down": "sent down/rank",
-           "compression_ratio": "vs P-SGD", "samples_per_s": "samples/s"}
-
-
-def display_columns(rows: Sequence[Dict[str, Any]], option_cols: Sequence[str]) -> List[str]:
-    cols = ["run"] + list(option_cols)
-    return cols + [c for c in DISPLAY_METRICS if rows and c in rows[0]]
-
-
-def _relative_runs(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Rows whose ``run`` is shortened to the path below the runs' common folder."""
-    # absolute, so that runs given as relative and absolute paths share a common folder
-    paths = [os.path.abspath(r["run"]) for r in rows]
-    if len(paths) < 2:
-        common = str(Path(paths[0]).parent) if paths else ""
-    else:
-        common = os.path.commonpath(paths)
-    out = []
-    for row, path in zip(rows, paths):
-        relative = os.path.relpath(path, common) if common else row["run"]
-        out.append({**row, "run": relative if relative != "." else Path(path).name})
-    return out
-
-
-def to_markdown(groups, columns: Sequence[str]) -> str:
-    parts = []
-    for values, rows in groups:
-        if values:
-            parts.append("### " + ", ".join(f"{k} = {_display(k, v)}" for k, v in values.items()))
-            parts.append("")
-        header = [HEADERS.get(c, c) for c in columns]
-        parts.append("| " + " | ".join(header) + " |")
-        parts.append("|" + "|".join("---:" if c in DISPLAY_METRICS else "---" for c in columns) + "|")
-        for row in _relative_runs(rows):
-            cells = [_display(c, row.get(c)).replace("|", "\\|") for c in columns]
-            parts.append("| " + " | ".join(cells) + " |")
-        parts.append("")
-    return "\n".join(parts)
-
-
-def to_csv(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: (_canonical(row.get(c)) if isinstance(row.get(c), (dict, list))
-                             else row.get(c)) for c in columns})
-    return buffer.getvalue()
-
-
-def to_json(rows: Sequence[Dict[str, Any]], skipped: Sequence[Skipped]) -> str:
-    return json.dumps({"runs": list(rows),
-                       "skipped": [{"path": str(s.path), "kind": s.kind, "reason": s.reason}
-                                   for s in skipped]}, indent=2, default=str)
-
-
-def rich_tables(groups, columns: Sequence[str]):
-    from rich.table import Table
-    tables = []
-    for values, rows in groups:
-        title = ", ".join(f"{k} = {_display(k, v)}" for k, v in values.items()) or None
-        table = Table(title=title)
-        for c in columns:
-            table.add_column(HEADERS.get(c, c), justify="right" if c in DISPLAY_METRICS else "left",
-                             overflow="fold", no_wrap=(c == "run"))
-        for row in _relative_runs(rows):
-            table.add_row(*[_display(c, row.get(c)) for c in columns])
-        tables.append(table)
-    return tables
-
-
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
-
-FIGURES = (  # (file stem, x key in epoch records, x label)
-    ("accuracy-vs-epoch", "epoch", "epoch"),
-    ("accuracy-vs-time", "wall_time", "wall-clock time (s)"),
-    ("accuracy-vs-bytes", "bytes", "bytes sent per rank, up + down (MiB)"),
-)
-
 
 def _pyplot():
     try:
@@ -520,55 +429,24 @@ def check_plot_dir(outdir: "str | Path") -> Path:
     return outdir
 
 
-def _label(run: Run, keys: Sequence[str]) -> str:
-    parts = [f"{k}={_display(k, run.config.get(k))}" for k in keys if k in run.config]
-    return ", ".join(parts) or run.path.name
-
-
 def plot(runs: Sequence[Run], outdir: "str | Path", group_by: Sequence[str] = (),
          formats: Sequence[str] = ("png",)) -> List[Path]:
-    """Write accuracy-vs-{epoch,time,bytes} figures, one set per group; returns the files."""
+    """Write the figures of :mod:`hvdcomp.plots`, one set per group; returns the files."""
+    from .collect_table import display as _display
+    from .plots import figures
     plt = _pyplot()
     outdir = check_plot_dir(outdir)
     group_keys = [normalise_key(k) for k in group_by]
-    label_keys = [k for k in option_columns(runs) if k not in group_keys]
-    groups: Dict[str, Tuple[Dict[str, Any], List[Run]]] = {}
-    for run in runs:
-        values = {k: run.config.get(k) for k in group_keys}
-        groups.setdefault(_canonical(values), (values, []))[1].append(run)
     written = []
-    for values, members in sorted(groups.values(), key=lambda g: [_sort_value(g[0][k]) for k in group_keys]):
+    for values, members in _group_runs(runs, group_keys):
         suffix = "".join(f"_{k}-{_display(k, v)}" for k, v in values.items())
         suffix = "".join(ch if ch.isalnum() or ch in "._-=" else "-" for ch in suffix)
         title = ", ".join(f"{k} = {_display(k, v)}" for k, v in values.items())
-        for stem, x_key, x_label in FIGURES:
-            fig, ax = plt.subplots(figsize=(6.4, 4.2))
-            for run in sorted(members, key=lambda r: _label(r, label_keys)):
-                points = []
-                for record in run.epochs:
-                    y = record.get("test_accuracy")
-                    if x_key == "bytes":
-                        up, down = record.get("bytes_up"), record.get("bytes_down")
-                        x = (up + down) / 2**20 if _is_number(up) and _is_number(down) else None
-                    else:
-                        x = record.get(x_key)
-                    if _is_number(x) and _is_number(y):
-                        points.append((x, 100 * y))
-                if points:
-                    xs, ys = zip(*points)
-                    ax.plot(xs, ys, marker="o", markersize=3, label=_label(run, label_keys))
-            ax.set_xlabel(x_label)
-            ax.set_ylabel("test accuracy (%)")
-            if title:
-                ax.set_title(title)
-            ax.grid(True, alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize="small")
-            fig.tight_layout()
+        for stem, fig in figures(plt, members, title):
             try:
                 for fmt in formats:
                     path = outdir / f"{stem}{suffix}.{fmt}"
-                    fig.savefig(path)
+                    fig.savefig(path, dpi=150)
                     written.append(path)
             except OSError as exc:  # a full disk, a folder removed meanwhile
                 raise CollectError(f"--plot {outdir}: writing {path.name} failed "
@@ -576,3 +454,11 @@ def plot(runs: Sequence[Run], outdir: "str | Path", group_by: Sequence[str] = ()
             finally:
                 plt.close(fig)
     return written
+
+
+def _group_runs(runs: Sequence[Run], keys: Sequence[str]):
+    groups: Dict[str, Tuple[Dict[str, Any], List[Run]]] = {}
+    for run in runs:
+        values = {k: run.config.get(k) for k in keys}
+        groups.setdefault(_canonical(values), (values, []))[1].append(run)
+    return sorted(groups.values(), key=lambda g: [_sort_value(g[0][k]) for k in keys])

@@ -170,7 +170,7 @@ def test_cli_json_csv_markdown(runs_root: Path):
     result = runner.invoke(cli, ["collect", str(runs_root), "--format", "markdown", "--group-by", "seed"])
     assert result.exit_code == 0, result.output
     assert "### seed = 0" in result.stdout and "### seed = 2" in result.stdout
-    assert "| liec-sign | liec | sign | sign |" in result.stdout.replace("  ", " ")
+    assert "| LIEC-SGD (sign ↑↓) | liec-sign |" in result.stdout
     assert "25.0x" in result.stdout and "88.00%" in result.stdout
 
     result = runner.invoke(cli, ["collect", str(runs_root)])  # rich table
@@ -197,22 +197,23 @@ def test_plots_are_written(runs_root: Path, tmp_path: Path):
                                       "--plot-format", "png", "--plot-format", "svg"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"accuracy-vs-{x}.{fmt}" for x in ("epoch", "time", "bytes")
-                           for fmt in ("png", "svg"))
-    png = (out / "accuracy-vs-bytes.png").read_bytes()
+    assert names == sorted(f"{stem}.{fmt}" for stem in ("accuracy", "loss-vs-bits", "step-time",
+                                                        "bytes") for fmt in ("png", "svg"))
+    png = (out / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    svg = (out / "accuracy-vs-epoch.svg").read_text()
-    # one line per completed run: the legend names each algorithm
-    for algorithm in ("psgd", "liec", "memsgd", "ef21"):
-        assert f"algorithm={algorithm}" in svg
+    svg = (out / "accuracy.svg").read_text()
+    # one line per completed run: the legend names each method as its paper does
+    for name in ("P-SGD", "LIEC-SGD (sign ↑↓)", "EF21 (top-k 1 % ↑)"):
+        assert name in svg
 
 
 def test_plots_grouped(runs_root: Path, tmp_path: Path):
     pytest.importorskip("matplotlib")
     runs, _ = collect.load_runs([runs_root])
-    written = collect.plot(runs, tmp_path / "g", group_by=["seed"])
-    assert len(written) == 4 * 3  # four seeds, three figures each
+    written = collect.plot(runs, tmp_path / "g", group_by=["seed"], formats=("png", "pdf"))
+    assert len(written) == 4 * 4 * 2  # four seeds, four figures each, two formats
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
+    assert (tmp_path / "g" / "accuracy_seed-0.pdf").read_bytes()[:4] == b"%PDF"
 
 
 def test_cli_table_with_relative_and_absolute_run_paths(runs_root: Path, monkeypatch):

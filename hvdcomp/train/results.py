@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..atomic import atomic_write_text
+from ..labels import directions, method_name
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -163,10 +164,13 @@ def _message_rows(summary: Dict[str, Any]) -> List[tuple]:
 
 
 def print_summary(summary: Dict[str, Any], config: Dict[str, Any], file=None) -> None:
-    """The end-of-run table on rank 0 (rich; plain text when rich is missing)."""
+    """The end-of-run table on rank 0 (see :func:`write_table`). The compressors are named as
+    they travel (:mod:`hvdcomp.labels`): MEM-SGD's and EF21's downlink is dense whatever
+    ``down`` says."""
     ratio = summary.get("compression_ratio")
     rows = [
-        ("algorithm", f"{config['algorithm']} (up {config['up']}, down {config['down']})"),
+        ("algorithm", f"{config['algorithm']}: {method_name(config)}"),
+        ("what travels", directions(config)),
         ("model / dataset", f"{config['model']} / {config['dataset']}"),
         *_settings_rows(config),
         ("ranks (launcher)", f"{config['world_size']} ({config['launcher']})"),
@@ -184,16 +188,29 @@ def print_summary(summary: Dict[str, Any], config: Dict[str, Any], file=None) ->
         *_message_rows(summary),
         ("run directory", str(summary.get("run_dir", ""))),
     ]
+    write_table(rows, file)
+
+
+def write_table(rows: List[tuple], file=None) -> None:
+    """A rich table on a terminal; plain ``key  value`` lines (no colour codes, no box, nothing
+    cut short) when the output is a file, a pipe or a Slurm log, or rich is missing."""
+    from .progress import is_terminal
+    stream = file or sys.stdout
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
+        Console = None
+    terminal = is_terminal() and (file is None or file is sys.stdout)
+    if Console is None or not terminal:
+        print("hvdcomp train: summary", file=stream)
         for key, value in rows:
-            print(f"{key:32s} {value}", file=file or sys.stdout)
+            print(f"  {key:32s} {value}", file=stream)
+        stream.flush()
         return
     table = Table(title="hvdcomp train: summary", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")   # a long run-directory path wraps, never ends in "…"
     for key, value in rows:
         table.add_row(key, value)
     Console(file=file).print(table)
