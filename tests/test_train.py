@@ -214,6 +214,7 @@ def _bad_input_cases(tmp_path):
         (["--algorithm", "monna", "--algorithm-option", "f=1"], "n > 2f"),
         (["--algorithm", "monna", "--algorithm-option", "attack=sign_flip"], "needs f"),
         (["--model", "cnn", "--dataset", "synthetic"], "needs images"),
+        (["--pattern", "allreduce", "--compressor", "sign"], "pattern 'allreduce' needs a linear"),
     ]
 
 
@@ -307,3 +308,61 @@ def test_a_live_run_locks_its_folder_and_stale_temporaries_are_removed(tmp_path)
     code, stdout, stderr = _hvdcomp("--algorithm", "psgd", "--steps", "3", "--out", out,
                                     "--overwrite", "--quiet")
     assert code == 0, stderr
+
+
+def _corrupt_cifar(root: Path) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"\x00not a pickle")
+    return root
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "5000"], "do not fill one batch of 5000 per rank; lower --batch-size"),
+    (["--dataset", "cifar10", "--data-dir", "CORRUPT", "--model", "logreg"],
+     "not a CIFAR python pickle"),
+])
+def test_problems_found_while_loading_data_are_one_line_too(args, message, tmp_path):
+    _horovod()
+    args = [str(_corrupt_cifar(tmp_path / "cifar")) if a == "CORRUPT" else a for a in args]
+    code, stdout, stderr = _hvdcomp(*args, "--out", tmp_path / "out", "--quiet")
+    lines = [line for line in (stdout + stderr).splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), (stdout, stderr)
+    assert message in lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    for switch in (["--debug"], []):
+        env = {**os.environ, "HVDCOMP_DEBUG": "1"} if not switch else None
+        proc = subprocess.run([str(HVDCOMP), *switch, "train", "--compressor", "zip", "--out",
+                               str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr
+        assert "unknown compressor 'zip'" in proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 kB tmpfs (root only): room for the run's logs, not for its first checkpoint."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_training_is_one_line_and_exit_1(small_disk):
+    _horovod()
+    out = small_disk / "run"
+    code, stdout, stderr = _hvdcomp("--algorithm", "liec", "--steps", "20", "--checkpoint-every",
+                                    "10steps", "--quiet", "--out", out)
+    lines = [line for line in (stdout + stderr).splitlines() if line.strip()]
+    assert code == 1, (stdout, stderr)
+    assert len(lines) == 1 and lines[0].startswith("Error: No space left on device: "), lines
+    assert "/checkpoints/ckpt-" in lines[0]
+    assert not (out / "summary.json").exists()
+    assert not list((out / "checkpoints").glob(".*.tmp"))   # the failed write cleaned up

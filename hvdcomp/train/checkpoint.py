@@ -74,7 +74,15 @@ def save_checkpoint(directory: Path, state: Dict[str, Any], keep: int = 2) -> Pa
     directory.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, **state}
     path = checkpoint_path(directory, int(state["step"]))
-    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    try:
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    except RuntimeError as exc:
+        # torch.save's zip writer turns a failed write (a full disk) into "unexpected pos":
+        # report the OSError underneath, naming the file, as any other write would
+        cause = exc.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from exc
     _point_latest(directory, path)
     for old in list_checkpoints(directory)[:-keep]:
         if old != path:
