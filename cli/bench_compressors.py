@@ -12,7 +12,8 @@ from hvdcomp.bench.output import BenchError
 
 @click.command("compressors")
 @click.option("--sizes", default="1,4,16,64,256", show_default=True,
-              help="Comma-separated fp32 buffer sizes in MiB.")
+              help="Comma-separated fp32 buffer sizes in MiB (each must fit in the memory "
+                   "available; checked before measuring).")
 @click.option("--compressors", "compressor_list", default=None,
               help="Comma-separated compressor specs, e.g. 'sign,topk:ratio=0.01,fp16_values=true' "
                    "(a key=value after a comma continues the previous spec). Default: one of each.")

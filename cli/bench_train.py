@@ -43,7 +43,8 @@ from hvdcomp.cli.bench_comm import (LINK_HELP, check_out_option, emit, init_horo
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Also write the JSON to this file.")
+              help="Also write the JSON to this file (checked before measuring, written "
+                   "atomically at the end).")
 @click.option("--link", default=None, help=LINK_HELP)
 def command(model, batch_size, image_size, num_classes, algorithms, compressors, baselines,
             pattern, warmup, steps, seed, as_json, out, link):
