@@ -44,6 +44,7 @@ from .data import (Dataset, augment_generator, epoch_order, eval_indices, load_d
                    shard_indices, steps_per_epoch)
 from .models import build_model
 from .results import (RunDirectory, compression_ratio, environment_facts, print_summary)
+from .progress import ProgressReporter
 
 #: Exit status of a run stopped by --stop-after-steps (it exits like a crash: no summary).
 STOPPED_EXIT_CODE = 3
@@ -348,7 +349,8 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
                                   "config": cfg.to_dict(), "world_size": world, "ranks": everyone,
                                   "progress": own_progress}, keep=cfg.keep_checkpoints)
 
-    bar = _ProgressBar(enabled=rank == 0 and not quiet, total=total_steps, done=start_step)
+    bar = ProgressReporter(enabled=rank == 0 and not quiet, total=total_steps, done=start_step,
+                           steps_per_epoch=spe)
     order, order_epoch = None, -1
     last_eval: Dict[str, float] = {}
     model.train()
@@ -463,41 +465,3 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
         return summary
     return None
 
-
-class _ProgressBar:
-    """A rich progress bar on rank 0 when stderr is a terminal; otherwise one line per epoch."""
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled = enabled
-        self.progress = None
-        self.task = None
-        if enabled and sys.stderr.isatty():
-            try:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                           TimeElapsedColumn, TimeRemainingColumn)
-            except ImportError:
-                return
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                                     TimeRemainingColumn(), transient=False)
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=total, completed=done, status="")
-
-    def advance(self, loss: float) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=1, status=f"loss {loss:.4f}")
-
-    def epoch_line(self, record: Dict[str, Any], quiet: bool) -> None:
-        if not self.enabled or quiet:
-            return
-        line = (f"epoch {record['epoch']:.2f}  step {record['step']}  loss {record['loss']:.4f}  "
-                f"test acc {100 * record['test_accuracy']:.2f}%  {record['wall_time']:.1f}s")
-        if self.progress is not None:
-            self.progress.console.print(line)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
