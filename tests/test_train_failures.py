@@ -2,6 +2,7 @@
 message, never a hang and never a silently wrong result."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,12 +44,13 @@ def _rank_pids(out: Path):
     return pids
 
 
-@pytest.mark.mpi
-def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path):
+@contextlib.contextmanager
+def training_job(out: Path, *extra):
+    """2 ranks training for a long time; yields ``(launcher process, {rank: pid})`` once three
+    records are logged. The launcher's process group is killed on the way out if it still runs."""
     multirank.require("mpi")
-    out = tmp_path / "dead"
     argv = [str(HVDCOMP), "train", "--out", str(out), "--quiet", "--epochs", "200",
-            "--log-every", "1"]
+            "--log-every", "1", *map(str, extra)]
     proc = subprocess.Popen(multirank.launch_command(2, "mpi", argv), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=multirank.launcher_env(),
                             start_new_session=True)
@@ -59,12 +61,19 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path):
             time.sleep(0.5)
         pids = _rank_pids(out)
         assert 1 in pids, f"rank 1 not found; ranks seen: {pids}"
-        os.kill(pids[1], signal.SIGKILL)           # rank 1 dies mid-training
-        output, _ = proc.communicate(timeout=120)  # the job must end on its own, not hang
+        yield proc, pids
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.mpi
+def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path):
+    out = tmp_path / "dead"
+    with training_job(out) as (proc, pids):
+        os.kill(pids[1], signal.SIGKILL)           # rank 1 dies mid-training
+        output, _ = proc.communicate(timeout=120)  # the job must end on its own, not hang
     assert proc.returncode != 0
     assert "signal 9" in output or "exited on signal" in output or "killed" in output.lower(), output
     assert not (out / "summary.json").exists()
