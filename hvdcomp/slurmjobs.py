@@ -1,20 +1,23 @@
-"""Sweep points as Slurm jobs: render sbatch scripts, submit, watch and cancel them.
+"""Sweep points as Slurm jobs: render sbatch scripts, submit them as job arrays, their status.
 
 The sweep directory (``[sweep] output`` of the spec, or ``--out``) holds everything::
 
     OUTPUT/
       scripts/<point>.sbatch     one script per point, deterministic names (render)
-      logs/<point>.<jobid>.out   Slurm's output of each job (appended across requeues)
+      scripts/array-<hash>.sbatch  one job array per group of points with the same resources
+      logs/<array>_<task>.out    Slurm's output of each job (appended across requeues), linked
+                                 from logs/<point>.<array>_<task>.out
       jobs/<point>.json          the job record: job id, script, times, earlier job ids (submit)
+      jobs/<point>.exit/         each rank's exit code, for the job's (srun)
       runs/<point>/              the run directory ``hvdcomp train --out`` writes (docs/design.md)
 
 A job record is written atomically (temporary file + ``os.replace``) and only after ``sbatch``
 printed a job id, so a missing ``sbatch`` or a rejected submission never leaves half a record.
-States come from ``squeue`` (pending and running jobs), ``scontrol show job`` (exit codes of
-recently finished jobs) and ``sacct`` (older ones; ``sacct -c`` where there is no slurmdbd).
+States come from :mod:`hvdcomp.slurmquery`; :mod:`hvdcomp.slurmwait` waits for them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,28 +30,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .atomic import atomic_write_text
-from .errors import UserError
+from .shipped_files import TEMPLATES_ENV, template_dir
+from .slurmquery import (TERMINAL_STATES, SlurmError, SlurmRefused, active,  # noqa: F401
+                         job_states, sbatch, scancel)
 from .sweep import SweepPoint, SweepSpec, TrainOptions, train_arguments
 
-#: Where the sbatch templates live: the repository's slurm/ folder (override with an env var).
-TEMPLATE_DIR = Path(os.environ.get("HVDCOMP_SLURM_TEMPLATES",
-                                   Path(__file__).resolve().parent.parent / "slurm"))
 TEMPLATE_NAME = "job.sbatch.j2"
-
-#: Slurm job states after which a job will not run again by itself.
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                   "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
-
-
-class SlurmError(UserError, RuntimeError):
-    """Slurm cannot be used from here (a command missing, a job record or template unreadable):
-    something the user fixes; ``hvdcomp`` prints the message and exits 2."""
-
-
-class SlurmRefused(SlurmError):
-    """Slurm answered no (sbatch or scancel refused, no answer in time, jobs not finished): the
-    message carries what Slurm said; exit code 1, as a failed command rather than bad input."""
-    exit_code = 1
+ARRAY_TEMPLATE_NAME = "array.sbatch.j2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +74,9 @@ class SweepPaths:
 
     def log(self, point: str, job_id: str) -> Path:
         return self.logs / f"{point}.{job_id}.out"
+
+    def exit_codes(self, point: str) -> Path:
+        return self.jobs / f"{point}.exit"
 
 
 def sweep_paths(spec: SweepSpec, output: "str | Path | None" = None) -> SweepPaths:
@@ -133,19 +124,23 @@ def _overwrite_arguments(options: TrainOptions) -> str:
     return option.flag if option is not None and option.is_flag else ""
 
 
-def _template():
+def _template(name: str = TEMPLATE_NAME):
+    """A template from the package (or from ``$HVDCOMP_SLURM_TEMPLATES`` when set)."""
     try:
         import jinja2
     except ImportError:  # pragma: no cover - jinja2 is a dependency
         raise SlurmError("rendering sbatch scripts needs jinja2: pip install jinja2") from None
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+    folder = template_dir()
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)),
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     try:
-        return env.get_template(TEMPLATE_NAME)
+        return env.get_template(name)
     except jinja2.TemplateNotFound:
-        raise SlurmError(f"sbatch template {TEMPLATE_DIR / TEMPLATE_NAME} not found; "
-                         "set HVDCOMP_SLURM_TEMPLATES to the folder that holds it") from None
+        where = (f"in {folder} (${TEMPLATES_ENV})" if os.environ.get(TEMPLATES_ENV)
+                 else f"in the installed package ({folder}); reinstall hvdcomp or set "
+                      f"{TEMPLATES_ENV} to a folder that holds it")
+        raise SlurmError(f"sbatch template {name} not found {where}") from None
 
 
 def render_point(spec: SweepSpec, point: SweepPoint, paths: SweepPaths,
@@ -173,7 +168,9 @@ def render_point(spec: SweepSpec, point: SweepPoint, paths: SweepPaths,
         partition=cluster.partition, account=cluster.account, qos=cluster.qos, mem=cluster.mem,
         gpus_per_node=cluster.gpus_per_node, gpu_bind=cluster.gpu_bind,
         overcommit=overcommit, ranks_per_node_cpus=cpus_wanted, cpus_per_node=cpus_there,
-        requeue=cluster.requeue, sbatch_args=cluster.sbatch_args,
+        requeue=cluster.requeue, requeue_warning=cluster.requeue_warning,
+        max_requeues=cluster.max_requeues, sbatch_args=cluster.sbatch_args,
+        exit_dir_q=q(str(paths.exit_codes(point.name))),
         workdir_q=q(str(workdir)), run_dir_q=q(str(paths.run_dir(point.name))),
         modules=[q(m) for m in cluster.modules], setup=cluster.setup,
         env=[(name, q(value)) for name, value in cluster.env],
@@ -195,10 +192,15 @@ def render(spec: SweepSpec, paths: SweepPaths, write: bool = True,
     scripts = [RenderedScript(p, paths.script(p.name), render_point(spec, p, paths, cpus, workdir))
                for p in spec.points]
     if write:
-        for folder in (paths.scripts, paths.logs, paths.jobs, paths.runs):
-            folder.mkdir(parents=True, exist_ok=True)
-        for script in scripts:
-            atomic_write_text(script.path, script.text, mode=0o777)  # executable, less the umask
+        try:
+            for folder in (paths.scripts, paths.logs, paths.jobs, paths.runs):
+                folder.mkdir(parents=True, exist_ok=True)
+            for script in scripts:
+                atomic_write_text(script.path, script.text, mode=0o777)  # executable, less umask
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise SlurmError(f"cannot write the sweep directory {paths.root}: "
+                             f"{exc.strerror or exc}{where}; choose another --out") from None
     return scripts
 
 
@@ -215,6 +217,7 @@ class JobRecord:
     log: str
     submitted_at: float
     previous_job_ids: List[str]
+    array_script: str = ""   # the job array script that submitted it (empty: a single job)
 
     @classmethod
     def load(cls, path: Path) -> Optional["JobRecord"]:
@@ -237,106 +240,6 @@ def load_records(spec: SweepSpec, paths: SweepPaths) -> Dict[str, JobRecord]:
         if record is not None:
             records[point.name] = record
     return records
-
-
-# ----------------------------------------------------------------------------------------------
-# Talking to Slurm
-# ----------------------------------------------------------------------------------------------
-
-def _run(cmd: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    if shutil.which(cmd[0]) is None:
-        raise SlurmError(f"{cmd[0]} not found on PATH: run this on a Slurm login node "
-                         f"(or load the Slurm module) so that {cmd[0]} is available")
-    try:
-        return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise SlurmRefused(f"{' '.join(cmd)} did not answer within {timeout:.0f} s; "
-                         "is slurmctld up (scontrol ping)?") from None
-
-
-def sbatch(script: Path, extra_args: Sequence[str] = ()) -> str:
-    """Submit ``script``; return the job id. Raises SlurmError with Slurm's message."""
-    out = _run(["sbatch", "--parsable", *extra_args, str(script)])
-    if out.returncode != 0:
-        message = (out.stderr.strip() or out.stdout.strip() or f"exit code {out.returncode}")
-        raise SlurmRefused(f"sbatch refused {script}: {message}")
-    # --parsable prints "jobid" or "jobid;cluster"
-    job_id = out.stdout.strip().split(";")[0]
-    if not job_id.isdigit():
-        raise SlurmRefused(f"sbatch printed no job id for {script}: {out.stdout!r} {out.stderr!r}")
-    return job_id
-
-
-@dataclass
-class JobState:
-    job_id: str
-    state: str          # PENDING, RUNNING, COMPLETED, FAILED, ... or UNKNOWN
-    exit_code: Optional[str] = None  # "3:0" (exit status:signal) when known
-    reason: str = ""
-    source: str = ""    # which command told us
-
-
-def _squeue_states(job_ids: Sequence[str]) -> Dict[str, JobState]:
-    if not job_ids or shutil.which("squeue") is None:
-        return {}
-    out = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r"])
-    states = {}
-    if out.returncode == 0:
-        for line in out.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3 and parts[0] in job_ids:
-                reason = "" if parts[2] in ("None", "(null)") else parts[2]
-                states[parts[0]] = JobState(parts[0], parts[1], None, reason, "squeue")
-    return states
-
-
-def _scontrol_state(job_id: str) -> Optional[JobState]:
-    if shutil.which("scontrol") is None:
-        return None
-    out = _run(["scontrol", "show", "job", "-o", job_id])
-    if out.returncode != 0:
-        return None
-    fields = dict(re.findall(r"(\w+)=(\S*)", out.stdout))
-    if "JobState" not in fields:
-        return None
-    reason = fields.get("Reason", "")
-    return JobState(job_id, fields["JobState"], fields.get("ExitCode"),
-                    "" if reason == "None" else reason, "scontrol")
-
-
-def _sacct_state(job_id: str) -> Optional[JobState]:
-    if shutil.which("sacct") is None:
-        return None
-    # With slurmdbd: the accounting database; without it, -c reads the job completion log.
-    for extra in ([], ["-c"]):
-        out = _run(["sacct", *extra, "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"])
-        if out.returncode != 0:
-            continue
-        for line in out.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3 and parts[0] == job_id:
-                state = parts[1].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-                return JobState(job_id, state, parts[2], "", "sacct" + (" -c" if extra else ""))
-    return None
-
-
-def job_states(job_ids: Sequence[str]) -> Dict[str, JobState]:
-    """The state of each job: squeue first, then scontrol for the exit code of finished ones,
-    then sacct for jobs the controller has forgotten. Unknown jobs get state UNKNOWN."""
-    job_ids = list(dict.fromkeys(job_ids))
-    if job_ids and not any(shutil.which(c) for c in ("squeue", "scontrol", "sacct")):
-        raise SlurmError("none of squeue, scontrol, sacct is on PATH: run this where Slurm is")
-    states = _squeue_states(job_ids)
-    for job_id in job_ids:
-        known = states.get(job_id)
-        if known is not None and known.state not in TERMINAL_STATES:
-            continue  # pending/running: squeue says all there is to say
-        detail = _scontrol_state(job_id) or _sacct_state(job_id)
-        if detail is not None:
-            states[job_id] = detail
-        elif known is None:
-            states[job_id] = JobState(job_id, "UNKNOWN", None, "not known to squeue, scontrol or sacct", "")
-    return states
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +268,7 @@ def run_progress(run_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Submit, status, cancel
+# Submit (as job arrays), status, cancel
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -375,37 +278,109 @@ class SubmitOutcome:
     job_id: Optional[str] = None
 
 
+def _directives(text: str) -> List[str]:
+    """A point script's ``#SBATCH`` lines that ask for resources (all but its name and output):
+    points with the same ones can be tasks of one job array."""
+    return [line for line in text.splitlines() if line.startswith("#SBATCH ")
+            and not line.startswith(("#SBATCH --job-name=", "#SBATCH --output="))]
+
+
+def render_array(spec: SweepSpec, paths: SweepPaths, scripts: Sequence[RenderedScript],
+                 max_concurrent: Optional[int]) -> str:
+    """The job array script whose task i runs ``scripts[i]`` (``sbatch --array=0-N%K``)."""
+    last = len(scripts) - 1
+    array = ("0" if last == 0 else f"0-{last}") + (f"%{max_concurrent}" if max_concurrent else "")
+    return _template(ARRAY_TEMPLATE_NAME).render(
+        sweep_name=spec.name, spec_path=str(spec.path), job_name=spec.name,
+        log_pattern=str(paths.logs / "%A_%a.out"), array=array,
+        max_concurrent=max_concurrent, directives=_directives(scripts[0].text),
+        points=[shlex.quote(s.point.name) for s in scripts], scripts_dir=str(paths.scripts),
+        scripts_q=shlex.quote(str(paths.scripts)))
+
+
+def _array_groups(scripts: Sequence[RenderedScript]) -> List[List[RenderedScript]]:
+    """Scripts grouped by their resource directives, in the order of their first point."""
+    groups: Dict[tuple, List[RenderedScript]] = {}
+    for script in scripts:
+        groups.setdefault(tuple(_directives(script.text)), []).append(script)
+    return list(groups.values())
+
+
+def _write_record(paths: SweepPaths, record: JobRecord) -> None:
+    try:
+        atomic_write_text(paths.record(record.point), json.dumps(asdict(record), indent=2) + "\n")
+    except OSError as exc:  # the job is queued: say which, so it can be cancelled
+        raise SlurmError(f"{record.point}: job {record.job_id} was submitted but its record "
+                         f"{paths.record(record.point)} could not be written "
+                         f"({exc.strerror or exc}); `scancel {record.job_id}` or keep it, "
+                         "and free the disk before submitting again") from None
+
+
+def _submit_array(spec: SweepSpec, paths: SweepPaths, group: Sequence[RenderedScript],
+                  records: Dict[str, JobRecord], sbatch_args: Sequence[str],
+                  max_concurrent: Optional[int]) -> List[SubmitOutcome]:
+    """sbatch one job array for ``group``; record each point as task ``<array>_<i>`` and link
+    its output file under the point's name."""
+    text = render_array(spec, paths, group, max_concurrent)
+    array_script = paths.scripts / f"array-{hashlib.sha1(text.encode()).hexdigest()[:10]}.sbatch"
+    try:
+        atomic_write_text(array_script, text, mode=0o777)
+    except OSError as exc:
+        raise SlurmError(f"cannot write {array_script}: {exc.strerror or exc}") from None
+    array_id = sbatch(array_script, sbatch_args)
+    outcomes = []
+    for index, script in enumerate(group):
+        name, job_id = script.point.name, f"{array_id}_{index}"
+        log = paths.log(name, job_id)
+        try:
+            log.unlink(missing_ok=True)
+            log.symlink_to(f"{job_id}.out")  # Slurm writes logs/<array>_<task>.out
+        except OSError:
+            log = paths.logs / f"{job_id}.out"  # no links here: the record names Slurm's file
+        old = records.get(name)
+        _write_record(paths, JobRecord(
+            point=name, job_id=job_id, script=str(script.path), run_dir=str(paths.run_dir(name)),
+            log=str(log), submitted_at=time.time(),
+            previous_job_ids=(old.previous_job_ids + [old.job_id]) if old else [],
+            array_script=str(array_script)))
+        outcomes.append(SubmitOutcome(name, "submitted", job_id))
+    return outcomes
+
+
 def submit(spec: SweepSpec, paths: SweepPaths, dry_run: bool = False,
            sbatch_args: Sequence[str] = (), workdir: "str | Path | None" = None,
-           on_outcome=None) -> List[SubmitOutcome]:
-    """Render and submit every point that is neither finished nor pending/running.
+           on_outcome=None, max_concurrent: Optional[int] = None) -> List[SubmitOutcome]:
+    """Render, then submit every point that is neither finished nor pending/running, as one
+    job array per group of points with the same resources, at most ``max_concurrent`` (default:
+    the spec's ``max-concurrent``) of each array running at once.
 
-    Stops at the first refused submission (raising SlurmError): the points before it are
-    submitted and recorded, the refused one has no record."""
+    Stops at the first refused submission (raising SlurmError): the arrays before it are
+    submitted and recorded, the refused one's points have no new record."""
+    report = on_outcome or (lambda outcome: None)
+    max_concurrent = max_concurrent or spec.cluster.max_concurrent
     scripts = render(spec, paths, write=not dry_run, workdir=workdir)
     records = load_records(spec, paths)
     states = job_states([r.job_id for r in records.values()]) if records else {}
-    outcomes = []
+    outcomes, to_submit = [], []
     for script in scripts:
         name = script.point.name
         record = records.get(name)
         if run_finished(paths.run_dir(name)):
             outcome = SubmitOutcome(name, "skipped: finished", record.job_id if record else None)
-        elif record is not None and states[record.job_id].state not in TERMINAL_STATES | {"UNKNOWN"}:
-            outcome = SubmitOutcome(name, f"skipped: {states[record.job_id].state.lower()}", record.job_id)
+        elif record is not None and record.job_id in active(states):
+            state = states[record.job_id].state.lower()
+            outcome = SubmitOutcome(name, f"skipped: {state}", record.job_id)
         elif dry_run:
             outcome = SubmitOutcome(name, "would submit")
         else:
-            job_id = sbatch(script.path, sbatch_args)
-            previous = (record.previous_job_ids + [record.job_id]) if record else []
-            new_record = JobRecord(point=name, job_id=job_id, script=str(script.path),
-                                   run_dir=str(paths.run_dir(name)), log=str(paths.log(name, job_id)),
-                                   submitted_at=time.time(), previous_job_ids=previous)
-            atomic_write_text(paths.record(name), json.dumps(asdict(new_record), indent=2) + "\n")
-            outcome = SubmitOutcome(name, "submitted", job_id)
+            to_submit.append(script)
+            continue
         outcomes.append(outcome)
-        if on_outcome is not None:
-            on_outcome(outcome)
+        report(outcome)
+    for group in _array_groups(to_submit):
+        for outcome in _submit_array(spec, paths, group, records, sbatch_args, max_concurrent):
+            outcomes.append(outcome)
+            report(outcome)
     return outcomes
 
 
@@ -429,8 +404,8 @@ def status(spec: SweepSpec, paths: SweepPaths) -> List[PointStatus]:
         record = records.get(point.name)
         run_dir = paths.run_dir(point.name)
         if record is None:
-            rows.append(PointStatus(point.name, None, "NOT SUBMITTED", None, "", run_progress(run_dir),
-                                    None, str(run_dir)))
+            rows.append(PointStatus(point.name, None, "NOT SUBMITTED", None, "",
+                                    run_progress(run_dir), None, str(run_dir)))
             continue
         state = states[record.job_id]
         rows.append(PointStatus(point.name, record.job_id, state.state, state.exit_code,
@@ -442,24 +417,7 @@ def cancel(spec: SweepSpec, paths: SweepPaths) -> List[str]:
     """scancel every recorded job that is not finished; returns their ids."""
     records = load_records(spec, paths)
     states = job_states([r.job_id for r in records.values()]) if records else {}
-    active = [r.job_id for r in records.values()
-              if states[r.job_id].state not in TERMINAL_STATES | {"UNKNOWN"}]
-    if active:
-        out = _run(["scancel", *active])
-        if out.returncode != 0:
-            raise SlurmRefused(f"scancel {' '.join(active)} failed: {out.stderr.strip() or out.stdout.strip()}")
-    return active
-
-
-def wait(spec: SweepSpec, paths: SweepPaths, timeout: float, poll: float = 1.0) -> List[PointStatus]:
-    """Poll until every submitted point's job is in a terminal state (or ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = status(spec, paths)
-        if all(r.state in TERMINAL_STATES or r.job_id is None for r in rows):
-            return rows
-        if time.monotonic() > deadline:
-            pending = [f"{r.point}={r.state}" for r in rows if r.state not in TERMINAL_STATES]
-            raise SlurmRefused(f"jobs still not finished after {timeout:.0f} s: {', '.join(pending)}")
-        time.sleep(poll)
-
+    running = active(states)
+    if running:
+        scancel(running)
+    return running

@@ -36,7 +36,10 @@ class ClusterSettings:
     modules: Tuple[str, ...] = ()          # `module load` each, in order
     setup: Tuple[str, ...] = ()            # shell lines run before the launch
     env: Tuple[Tuple[str, str], ...] = ()  # exported, sorted by name
-    requeue: bool = True
+    requeue: bool = True                   # requeue on preemption and before the time limit
+    requeue_warning: int = 60              # seconds before the time limit Slurm warns the job
+    max_requeues: int = 5                  # requeues before the time limit, per job
+    max_concurrent: Optional[int] = None   # array tasks running at once (sbatch --array=...%K)
     sbatch_args: Tuple[str, ...] = ()      # extra "#SBATCH" options, e.g. "--constraint=a100"
     hvdcomp: str = "hvdcomp"               # how to call hvdcomp inside the job
     workdir: Optional[str] = None          # directory the job runs in; None: where you render
@@ -121,6 +124,9 @@ _CLUSTER_KEYS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "setup": ("setup", _string_list),
     "env": ("env", None),  # a table, checked on its own
     "requeue": ("requeue", _is(bool, "true or false")),
+    "requeue-warning": ("requeue_warning", _positive_int),
+    "max-requeues": ("max_requeues", _non_negative_int),
+    "max-concurrent": ("max_concurrent", _positive_int),
     "sbatch-args": ("sbatch_args", _string_list),
     "hvdcomp": ("hvdcomp", _is(str, "a command such as \"hvdcomp\"")),
     "workdir": ("workdir", _is(str, "a directory")),

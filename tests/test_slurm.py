@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hvdcomp import slurmjobs
+from hvdcomp import slurmjobs, slurmquery
+from hvdcomp.slurmwait import wait
 from hvdcomp.cli.main import cli
 from hvdcomp.sweep import load_spec
 
@@ -129,7 +130,7 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
         result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out)])
         assert result.exit_code == 0, result.output
         assert result.stdout.count("submitted job") == len(spec.points)
-        rows = slurmjobs.wait(spec, paths, timeout=480)
+        rows = wait(spec, paths, timeout=480, poll=1)
     finally:
         _cancel_all(spec, paths)
     logs = {r.point: Path(r.log).read_text() if r.log and Path(r.log).exists() else "" for r in rows}
@@ -138,6 +139,9 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
         assert row.run == "completed"
         record = json.loads(paths.record(row.point).read_text())
         assert record["job_id"] == row.job_id and record["previous_job_ids"] == []
+    # Both points ask for the same resources: one job array, task i = point i.
+    assert sorted(r.job_id.split("_")[1] for r in rows) == ["0", "1"]
+    assert len({r.job_id.split("_")[0] for r in rows}) == 1
 
     status = runner.invoke(cli, ["slurm", "status", str(SMOKE), "--out", str(out)])
     assert status.exit_code == 0 and status.stdout.count("COMPLETED") == len(spec.points)
@@ -165,8 +169,9 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
 
 
 def test_failing_job_shows_failed_with_exit_code(slurm_cluster, job_env, tmp_path: Path):
-    """A run train refuses (CIFAR-10 from a folder that does not exist) ends FAILED, and status
-    shows the exit code train gave (2, a usage error)."""
+    """A 2-rank run train refuses (CIFAR-10 from a folder that does not exist) ends FAILED with
+    the exit code train gave (2, a usage error) -- not srun's 143 for the rank it terminated --
+    on both points; `wait` exits 1 naming them and `logs` shows a point's output."""
     _needs_train()
     spec_path = tmp_path / "fail.toml"
     spec_path.write_text(f"""
@@ -178,28 +183,45 @@ dataset = "cifar10"
 data-dir = "{tmp_path / 'no-such-folder'}"
 epochs = 1
 algorithm = "psgd"
-ranks = 1
+ranks = 2
+[matrix]
+seed = [0, 1]
 [cluster]
 time = "00:05:00"
+tasks-per-node = 2
 setup = ["if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi"]
+[cluster.env]
+OMP_NUM_THREADS = 1
 """)
     out = tmp_path / "sweep"
     spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
+    runner = CliRunner()
     try:
-        result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
+        result = runner.invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
         assert result.exit_code == 0, result.output
-        slurmjobs.wait(spec, paths, timeout=240)
+        waited = runner.invoke(cli, ["slurm", "wait", str(spec_path), "--out", str(out),
+                                     "--timeout", "300", "--poll", "2"])
     finally:
         _cancel_all(spec, paths)
-    result = CliRunner().invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out), "--format", "json"])
+    assert waited.exit_code == 1, waited.output
+    assert "2/2 finished (2 failed)" in waited.stderr
+    assert "2 of 2 points did not complete" in waited.stderr
+    result = runner.invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out), "--format", "json"])
     assert result.exit_code == 0, result.output
-    [row] = json.loads(result.stdout)
-    log = Path(row["log"]).read_text()
-    assert row["state"] == "FAILED", log
-    assert row["exit_code"] == "2:0", log
-    assert "exited with 2" in log
-    table = CliRunner().invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out)])
-    assert "FAILED" in table.stdout and "2:0" in table.stdout
+    rows = json.loads(result.stdout)
+    assert len(rows) == 2
+    for row in rows:
+        log = Path(row["log"]).read_text()
+        assert (row["state"], row["exit_code"]) == ("FAILED", "2:0"), log
+        assert "hvdcomp train exited with 2" in log
+    table = runner.invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out)])
+    assert table.stdout.count("FAILED") == 2 and table.stdout.count("2:0") == 2
+    alias = runner.invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out), "--json"])
+    assert json.loads(alias.stdout) == rows
+    shown = runner.invoke(cli, ["slurm", "logs", str(spec_path), rows[0]["point"], "--out", str(out)])
+    assert shown.exit_code == 0 and shown.stdout == Path(rows[0]["log"]).read_text()
+    unknown = runner.invoke(cli, ["slurm", "logs", str(spec_path), "seed-7", "--out", str(out)])
+    assert unknown.exit_code == 2 and "no point 'seed-7'" in unknown.stderr
 
 
 def test_held_jobs_are_skipped_then_cancelled(slurm_cluster, job_env, tmp_path: Path):
@@ -207,10 +229,18 @@ def test_held_jobs_are_skipped_then_cancelled(slurm_cluster, job_env, tmp_path: 
     spec, paths = load_spec(SMOKE), slurmjobs.SweepPaths(out)
     runner = CliRunner()
     try:
-        result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out), "--sbatch-arg=--hold"])
+        result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out),
+                                     "--sbatch-arg=--hold", "--max-concurrent", "1"])
         assert result.exit_code == 0, result.output
         states = {r.point: r.state for r in slurmjobs.status(spec, paths)}
         assert set(states.values()) == {"PENDING"}
+        # one job array for both points, at most one task running at once (Slurm's word for it)
+        array_ids = {json.loads(paths.record(p.name).read_text())["job_id"].split("_")[0]
+                     for p in spec.points}
+        assert len(array_ids) == 1
+        shown = subprocess.run(["scontrol", "show", "job", "-o", array_ids.pop()],
+                               capture_output=True, text=True, timeout=60).stdout
+        assert "ArrayTaskThrottle=1" in shown, shown
         # records and scripts get the user's umask like any file (a colleague may read them)
         umask = os.umask(0)
         os.umask(umask)
@@ -223,7 +253,7 @@ def test_held_jobs_are_skipped_then_cancelled(slurm_cluster, job_env, tmp_path: 
 
         cancel = runner.invoke(cli, ["slurm", "cancel", str(SMOKE), "--out", str(out)])
         assert cancel.exit_code == 0 and f"cancelled {len(spec.points)} job(s)" in cancel.stdout
-        rows = slurmjobs.wait(spec, paths, timeout=60)
+        rows = wait(spec, paths, timeout=60, poll=1)
         assert {r.state for r in rows} == {"CANCELLED"}
     finally:
         _cancel_all(spec, paths)
@@ -255,7 +285,7 @@ def test_a_bad_value_never_reaches_the_queue(slurm_cluster, job_env, tmp_path: P
     assert not out.exists()
     queued = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%j"], capture_output=True,
                             text=True, timeout=60)
-    assert queued.returncode == 0 and f"{name}." not in queued.stdout
+    assert queued.returncode == 0 and name not in queued.stdout
 
 
 def _line(text: str, needle: str) -> int:
@@ -278,3 +308,85 @@ def test_shipped_scripts_pass_sbatch_test_only(slurm_cluster, job_env, spec_path
                                    capture_output=True, text=True, timeout=60)
         assert test_only.returncode == 0, f"{script.path}: {test_only.stderr}"
         assert "to start at" in test_only.stderr
+
+
+REQUEUE_STEPS = 2000
+
+
+def test_requeued_job_resumes_exactly(slurm_cluster, job_env, tmp_path: Path):
+    """USR1 to the batch script -- what Slurm sends `requeue-warning` seconds before the time
+    limit (#SBATCH --signal=B:USR1@60) -- requeues the job; its next start resumes from the latest
+    checkpoint, and the run ends exactly as an uninterrupted run of the same options does."""
+    _needs_train()
+    train = {"model": "mlp", "dataset": "digits", "algorithm": "psgd", "seed": 0,
+             "steps": REQUEUE_STEPS, "checkpoint-every": "100steps"}
+    spec_path = tmp_path / "requeue.toml"
+    spec_path.write_text('[sweep]\nname = "requeue"\n[train]\nranks = 1\n'
+                         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
+                         + '[cluster]\ntime = "00:10:00"\nmax-requeues = 1\n'
+                         'setup = ["if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi"]\n'
+                         '[cluster.env]\nOMP_NUM_THREADS = 1\n')
+    out = tmp_path / "sweep"
+    spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
+    [point] = spec.points
+    try:
+        result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        job_id = json.loads(paths.record(point.name).read_text())["job_id"]
+        checkpoints = paths.run_dir(point.name) / "checkpoints"
+        deadline = time.monotonic() + 300
+        while not list(checkpoints.glob("ckpt-*.pt")):
+            state = slurmquery.job_states([job_id])[job_id].state
+            assert state in ("PENDING", "RUNNING") and time.monotonic() < deadline, state
+            time.sleep(0.5)
+        signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id],
+                                   capture_output=True, text=True, timeout=60)
+        assert signalled.returncode == 0, signalled.stderr
+        [row] = wait(spec, paths, timeout=600, poll=1)
+    finally:
+        _cancel_all(spec, paths)
+    log = Path(row.log).read_text()
+    assert (row.state, row.exit_code, row.run) == ("COMPLETED", "0:0", "completed"), log
+    assert f"time limit near: requeueing job {job_id}" in log
+    assert "(restart 1)" in log and "resuming from the latest checkpoint" in log
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "Restarts=1" in shown, shown
+
+    reference = tmp_path / "uninterrupted"
+    args = [a for k, v in train.items() for a in (f"--{k}", str(v))]
+    done = subprocess.run([str(VENV_BIN / "hvdcomp"), "train", *args, "--quiet", "--out", str(reference)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    resumed = json.loads((Path(row.run_dir) / "summary.json").read_text())
+    whole = json.loads((reference / "summary.json").read_text())
+    assert resumed["steps"] == whole["steps"] == REQUEUE_STEPS
+    for key in ("final_test_loss", "final_accuracy", "best_accuracy"):
+        assert resumed[key] == whole[key], key
+
+
+def test_queries_ask_again_after_a_transient_failure(slurm_cluster, tmp_path: Path, monkeypatch):
+    """A slurmctld that is busy for a moment ("Socket timed out") is asked again; an answer
+    ("Invalid job id") is not. The first call of this squeue fails as a busy controller makes
+    it fail; later calls are the real squeue."""
+    real = shutil.which("squeue")
+    calls = tmp_path / "calls"
+    shim = tmp_path / "bin" / "squeue"
+    shim.parent.mkdir()
+    shim.write_text(f"""#!/bin/bash
+echo "$*" >> {calls}
+if [ "$(wc -l < {calls})" = 1 ]; then
+    echo "squeue: error: slurm_load_jobs error: Socket timed out on send/recv operation" >&2
+    exit 1
+fi
+exec {real} "$@"
+""")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+    answer = slurmquery.query(["squeue", "-h", "-o", "%i"], delays=(0.1, 0.1))
+    assert answer.returncode == 0 and len(calls.read_text().splitlines()) == 2
+    calls.write_text("primed\n")
+    refused = slurmquery.query(["squeue", "-h", "-j", "999999999"], delays=(0.1, 0.1))
+    assert refused.returncode != 0 and "Invalid job id" in refused.stderr
+    assert len(calls.read_text().splitlines()) == 2  # asked once

@@ -60,13 +60,15 @@ if [ "$AUTH" = munge ]; then auth_lines=$'AuthType=auth/munge\nCredType=cred/mun
 else auth_lines=$'AuthType=auth/none\nCredType=cred/none'; fi
 
 # JobCompType=jobcomp/filetxt lets `sacct -c` report finished jobs without slurmdbd;
-# MinJobAge keeps finished jobs visible to squeue/scontrol for an hour.
+# MinJobAge keeps finished jobs visible to squeue/scontrol for an hour; cred_expire (default 120 s)
+# is also how long a requeued job waits before it may start again: 30 s keeps requeue tests short.
 new_conf="# written by hvdcomp slurm/cluster/start.sh -- one node, loopback only
 ClusterName=hvdcomp
 SlurmctldHost=${HOST}(127.0.0.1)
 SlurmUser=slurm
 SlurmdUser=root
 ${auth_lines}
+AuthInfo=cred_expire=30
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=/var/lib/slurm/slurmctld
