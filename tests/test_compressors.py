@@ -698,14 +698,15 @@ def test_bench_records_match_the_payload_formula():
 
 def test_bench_cli_refuses_bad_options_with_exit_code_2():
     from click.testing import CliRunner
-    from hvdcomp.cli.bench import command as bench_group
+    from hvdcomp.cli.main import cli
     runner = CliRunner()
     for args in (["compressors", "--sizes", "0"], ["compressors", "--compressors", "topk:ratio=2"],
                  ["compressors", "--compressors", "nosuch"]):
-        result = runner.invoke(bench_group, args)
+        result = runner.invoke(cli, ["bench", *args])
         assert result.exit_code == 2, result.output
-    result = runner.invoke(bench_group, ["compressors", "--sizes", "0.01", "--repeats", "1",
-                                         "--compressors", "sign", "--json"])
+        assert result.stderr.startswith("Error: --") and len(result.stderr.splitlines()) == 1
+    result = runner.invoke(cli, ["bench", "compressors", "--sizes", "0.01", "--repeats", "1",
+                                 "--compressors", "sign", "--json"])
     assert result.exit_code == 0, result.output
     import json
     record = json.loads(result.output)
