@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import UserError
-from .sweep_cluster import _CLUSTER_KEYS, _ENV_NAME, _NAME, LAUNCHERS, ClusterSettings  # noqa: F401
+from .sweep_cluster import (_CLUSTER_KEYS, _ENV_NAME, _NAME, LAUNCHERS,  # noqa: F401
+                            ClusterSettings, time_seconds)
 from .sweep_options import (FALLBACK_TRAIN_OPTIONS, RANKS_KEY, RESERVED_TRAIN_OPTIONS,  # noqa: F401
                             TrainOption, TrainOptions, train_options)
 
@@ -149,6 +150,10 @@ class _Context:
             if problem not in self.problems:
                 self.problems.append(problem)
 
+    def _line_of(self, problem: str) -> int:
+        line = problem[len(str(self.path)) + 1:].split(":", 1)[0]
+        return int(line) if line.isdigit() else 0
+
     def attempt(self, check: Callable[..., Any], *args, **kwargs) -> Any:
         """``check(*args)``, or None after recording the SpecError it raised."""
         try:
@@ -160,6 +165,7 @@ class _Context:
     def raise_problems(self) -> None:
         if not self.problems:
             return
+        self.problems.sort(key=self._line_of)  # in the order of the file
         if len(self.problems) == 1:
             raise SpecError(self.problems[0])
         count = len(self.problems)
@@ -276,11 +282,10 @@ def parse_spec(data: Mapping[str, Any], path: Path, text: str,
     train = _parse_train_table(ctx, tables.get("train", {}), options, sites)
     axes, excludes, includes = _parse_matrix(ctx, tables.get("matrix", {}), options, train, sites)
     cluster = _parse_cluster(ctx, tables.get("cluster", {}))
-    ctx.raise_problems()   # the values below need a sound structure
-
     keys = list(axes)
-    points, origins = _expand(ctx, train, axes, excludes, includes, cluster)
-    ctx.raise_problems()
+    # points only from a sound structure; each value is checked on its own regardless
+    points, origins = ([], []) if ctx.problems else _expand(ctx, train, axes, excludes,
+                                                            includes, cluster)
     if validator is None:
         from .sweep_check import TrainValidator
         validator = TrainValidator(cluster.data_local,
@@ -411,6 +416,11 @@ def _parse_cluster(ctx: _Context, table: Mapping[str, Any]) -> ClusterSettings:
         except ValueError as exc:
             ctx.report(("cluster",), key, str(exc))
     cluster = ClusterSettings(**kwargs)
+    if cluster.requeue and cluster.requeue_warning >= time_seconds(cluster.time):
+        ctx.report(("cluster",), "requeue-warning" if "requeue-warning" in table else "time",
+                   f"requeue-warning = {cluster.requeue_warning} s is not shorter than time = "
+                   f"{cluster.time!r}: each start would requeue itself at once; lower "
+                   "requeue-warning, raise time, or set requeue = false")
     if cluster.launcher == "mpirun" and cluster.gpu_bind not in ("local-rank", "none"):
         ctx.report(("cluster",), "gpu-bind", f'with launcher = "mpirun" gpu-bind must be '
                                              f'"local-rank" or "none", got {cluster.gpu_bind!r}')

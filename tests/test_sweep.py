@@ -105,6 +105,12 @@ def test_names_are_deterministic_and_safe():
     (('tasks-per-node = 2', 'tasks-per-node = 2\n[cluster.env]\n"NCCL-X" = 1'), "NCCL-X", "shell variable"),
     (('exclude = [{ algorithm = "psgd", compressor = "sign" }]', 'exclude = [{ algoritm = "psgd" }]'),
      "exclude", "algoritm"),
+    (('tasks-per-node = 2', 'tasks-per-node = 2\nrequeue-warning = 300'), "requeue-warning",
+     "requeue-warning = 300 s is not shorter than time = '00:05:00'"),
+    (('time = "00:05:00"', 'time = "1"'), "time =", "not shorter than time = '1'"),
+    (('tasks-per-node = 2', 'tasks-per-node = 2\nmax-concurrent = 0'), "max-concurrent",
+     "positive integer"),
+    (('tasks-per-node = 2', 'tasks-per-node = 2\nmax-requeues = -1'), "max-requeues", ">= 0"),
 ])
 def test_errors_name_file_line_and_key(tmp_path: Path, mutation, needle, message):
     text = MINIMAL.replace(*mutation)
@@ -440,3 +446,36 @@ def test_render_to_a_folder_it_cannot_write_is_one_error(tmp_path: Path):
     assert result.exit_code == 2
     assert result.stderr.startswith(f"Error: cannot write the sweep directory {blocker / 'o'}: ")
     assert "Traceback" not in result.output
+
+
+def test_points_with_equal_resources_form_one_job_array(tmp_path: Path):
+    """Submit groups points by their #SBATCH resource lines: MINIMAL's 2-rank and 4-rank points
+    make two arrays; task i of an array runs the script of point i; %K caps each."""
+    spec = load_spec(write_spec(tmp_path, MINIMAL.replace('time = "00:05:00"',
+                                                          'time = "00:05:00"\nmax-concurrent = 2')))
+    paths = slurmjobs.SweepPaths(tmp_path / "sweep")
+    scripts = slurmjobs.render(spec, paths, write=True)
+    groups = slurmjobs._array_groups(scripts)
+    assert [sorted(s.point.ranks for s in g) for g in groups] == [[2] * 5, [4] * 5]
+    for group in groups:
+        text = slurmjobs.render_array(spec, paths, group, spec.cluster.max_concurrent)
+        assert "#SBATCH --array=0-4%2\n" in text
+        assert f"#SBATCH --ntasks={group[0].point.ranks}\n" in text
+        assert f"#SBATCH --output={paths.logs / '%A_%a.out'}\n" in text
+        bash_n = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
+        assert bash_n.returncode == 0, bash_n.stderr
+        # what task 3 runs, asked of bash itself
+        names = subprocess.run(["bash", "-c", text.split("exec bash")[0] + 'echo "${POINTS[3]}"'],
+                               capture_output=True, text=True)
+        assert names.stdout.strip() == group[3].point.name
+
+
+def test_structure_and_value_problems_come_together_in_file_order(tmp_path: Path):
+    text = MINIMAL.replace('time = "00:05:00"', 'time = "soon"').replace(
+        "epochs = 1", "epochs = 1\nlr = -1.0")
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert [p.split(": ")[0] for p in info.value.problems] == [
+        f"{path}:{line_of(text, 'lr = -1.0')}", f"{path}:{line_of(text, 'time =')}"]
+    assert "--lr must be positive" in info.value.problems[0]
