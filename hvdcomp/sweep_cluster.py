@@ -92,6 +92,20 @@ def _time(value):
     return value
 
 
+def time_seconds(value: str) -> int:
+    """Seconds in a Slurm time (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``,
+    ``D-HH:MM:SS``), as sbatch reads them."""
+    days, _, clock = value.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # after a day count the first field is hours
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 1:  # minutes alone
+        hours, minutes, seconds = 0, parts[0], 0
+    else:
+        hours, minutes, seconds = ([0] + parts)[-3:]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def _launcher(value):
     if value not in LAUNCHERS:
         raise ValueError(f"expected one of {', '.join(map(repr, LAUNCHERS))}, got {value!r}")
