@@ -479,14 +479,3 @@ def test_structure_and_value_problems_come_together_in_file_order(tmp_path: Path
     assert [p.split(": ")[0] for p in info.value.problems] == [
         f"{path}:{line_of(text, 'lr = -1.0')}", f"{path}:{line_of(text, 'time =')}"]
     assert "--lr must be positive" in info.value.problems[0]
-
-
-def test_structure_and_value_problems_come_together_in_file_order(tmp_path: Path):
-    text = MINIMAL.replace('time = "00:05:00"', 'time = "soon"').replace(
-        "epochs = 1", "epochs = 1\nlr = -1.0")
-    path = write_spec(tmp_path, text)
-    with pytest.raises(SpecError) as info:
-        load_spec(path)
-    assert [p.split(": ")[0] for p in info.value.problems] == [
-        f"{path}:{line_of(text, 'lr = -1.0')}", f"{path}:{line_of(text, 'time =')}"]
-    assert "--lr must be positive" in info.value.problems[0]
