@@ -103,6 +103,9 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write loss, accuracy, bytes per direction and time components per step "
+                   "as TensorBoard events into RUN_DIR/tensorboard (needs: pip install tensorboard).")
 @click.option("--stall-timeout", type=float, default=None, metavar="SECONDS",
               help="End the job when a collective waits this long for the other ranks "
                    "(default 60, or HVDCOMP_STALL_TIMEOUT; 0 turns the guard off).")
@@ -112,7 +115,7 @@ def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compres
             pattern, period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr, momentum,
             weight_decay, nesterov, schedule, milestones, warmup_epochs, seed, out, overwrite,
             resume, log_every, checkpoint_every, keep_checkpoints, device, quiet, stall_timeout,
-            stop_after_steps) -> None:
+            stop_after_steps, tensorboard) -> None:
     """Data-parallel training with compressed, error-compensated gradient exchange.
 
     Launch with `mpirun -np N hvdcomp train ...`, `srun --mpi=pmix hvdcomp train ...`,
@@ -135,7 +138,9 @@ def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compres
             weight_decay=weight_decay, nesterov=nesterov, schedule=schedule.strip().lower(),
             milestones=_fractions(milestones), warmup_epochs=warmup_epochs, seed=seed, out=out,
             log_every=log_every, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, device=device)
+            keep_checkpoints=keep_checkpoints, device=device, tensorboard=tensorboard)
+        if tensorboard:
+            _require_tensorboard()
         prepared = prepare(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
@@ -167,6 +172,16 @@ def _runtime_failure(exc: BaseException) -> None:
         message = str(exc)
     click.echo(f"Error{rank_tag()}: {message}", err=True)
     sys.exit(1)
+
+
+def _require_tensorboard() -> None:
+    """--tensorboard needs torch.utils.tensorboard and the tensorboard package it imports."""
+    from hvdcomp.train.config import ConfigError
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"--tensorboard needs the tensorboard package ({exc}): "
+                          "pip install tensorboard, or leave out --tensorboard") from None
 
 
 def _fractions(text: str):

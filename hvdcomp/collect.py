@@ -42,12 +42,12 @@ NOT_SETTINGS_FOR_BASELINE = {
     "algorithm", "up", "down", "compressor", "down_compressor", "period", "algorithm_options",
     "bucket_bytes", "momentum", "nesterov",
     "out", "resume", "quiet", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-    "data_dir", "launcher",
+    "data_dir", "launcher", "tensorboard",
 }
 #: Config keys never shown as option columns (they differ between runs without meaning a
 #: different experiment).
 NOT_OPTION_COLUMNS = {"out", "resume", "quiet", "log_every", "checkpoint_every",
-                      "keep_checkpoints", "data_dir", "launcher"}
+                      "keep_checkpoints", "data_dir", "launcher", "tensorboard"}
 #: Where a run may record its model size: dense fp32 gradient bytes, or parameter counts.
 GRADIENT_BYTES_KEYS = ("gradient_bytes_per_step", "gradient_bytes")
 PARAMETER_COUNT_KEYS = ("num_parameters", "parameters", "model_parameters", "n_parameters")

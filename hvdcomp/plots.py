@@ -26,7 +26,7 @@ from .labels import method_name
 
 #: Config keys that do not make another series: bookkeeping and the seed (averaged over).
 NOT_SERIES_KEYS = {"seed", "out", "resume", "quiet", "log_every", "checkpoint_every",
-                   "keep_checkpoints", "data_dir", "launcher", "device"}
+                   "keep_checkpoints", "data_dir", "launcher", "device", "tensorboard"}
 #: Keys already said by the method's name.
 IN_METHOD_NAME = {"algorithm", "up", "down", "compressor", "down_compressor"}
 #: Metric names a run may use for the squared gradient norm (EF21's y axis).

@@ -104,6 +104,7 @@ class TrainConfig:
     checkpoint_every: Optional[str] = None  # "3" / "3epochs" / "100steps"
     keep_checkpoints: int = 2
     device: str = "cpu"
+    tensorboard: bool = False  # also write TensorBoard event files into RUN_DIR/tensorboard
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
@@ -183,7 +184,7 @@ class TrainConfig:
 #: Options that may differ between an interrupted run and its --resume (they do not change the
 #: trajectory of the parameters).
 RESUME_MAY_DIFFER = ("out", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-                     "data_dir")
+                     "data_dir", "tensorboard")
 
 
 def resume_mismatch(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:

@@ -69,6 +69,7 @@ class RunDirectory:
         self.checkpoints = self.root / "checkpoints"
         self.metrics_path = self.root / "metrics.jsonl"
         self._metrics = None
+        self._tensorboard = None
 
     def start(self, config: Dict[str, Any], env: Dict[str, Any], resume_step: Optional[int]) -> None:
         """Write config.json and env.json; open metrics.jsonl (fresh, or cut back to the resumed
@@ -85,11 +86,20 @@ class RunDirectory:
             kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self._metrics = open(self.metrics_path, "a", buffering=1)
+        if config.get("tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter   # checked by the CLI up front
+            # a resumed run drops the events past its checkpoint, as metrics.jsonl does
+            self._tensorboard = SummaryWriter(
+                str(self.root / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, record: Dict[str, Any]) -> None:
         """Append one record and flush it to the OS, so a killed run keeps what it measured."""
         self._metrics.write(json.dumps(record, default=float) + "\n")
         self._metrics.flush()
+        if self._tensorboard is not None:
+            for tag, value in tensorboard_scalars(record).items():
+                self._tensorboard.add_scalar(tag, value, global_step=int(record["step"]))
 
     def finish(self, summary: Dict[str, Any]) -> None:
         atomic_write_json(self.root / "summary.json", summary)
@@ -99,6 +109,36 @@ class RunDirectory:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+#: TensorBoard tag of each metrics.jsonl field, per event; other numeric fields: ``event/key``.
+TENSORBOARD_TAGS = {
+    "step": {"loss": "train/loss", "lr": "train/lr", "bytes_up": "bytes/up", "bytes_down": "bytes/down",
+             "time_compute": "time/compute", "time_compress": "time/compress",
+             "time_comm": "time/comm", "wall_time": "time/wall"},
+    "epoch": {"loss": "epoch/train_loss", "train_accuracy": "epoch/train_accuracy",
+              "test_accuracy": "epoch/test_accuracy", "test_loss": "epoch/test_loss"},
+}
+#: Fields that are positions, not measurements (the x axis already says them).
+NOT_SCALARS = {"event", "step", "epoch", "samples"}
+
+
+def tensorboard_scalars(record: Dict[str, Any]) -> Dict[str, float]:
+    """The scalars of one metrics record under their TensorBoard tags. Bytes and times are
+    cumulative per rank, as in metrics.jsonl; an epoch record's counters repeat its step's."""
+    event = str(record.get("event", ""))
+    tags = TENSORBOARD_TAGS.get(event, {})
+    scalars = {}
+    for key, value in record.items():
+        if key in NOT_SCALARS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if event == "epoch" and key not in tags:
+            continue   # bytes and times: logged with the step record of the same step
+        scalars[tags.get(key, f"{event}/{key}")] = float(value)
+    return scalars
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
