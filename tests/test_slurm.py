@@ -165,7 +165,9 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
     assert rows["psgd"]["compression_ratio"] == pytest.approx(1.0)
     for algorithm, row in rows.items():
         assert 0 <= row["final_accuracy"] <= 1 and row["final_accuracy"] == summaries[algorithm]["final_accuracy"]
-    assert len(list((tmp_path / "fig").glob("*.png"))) == 3
+    # the figures themselves (which, and what they show) are tests/test_collect.py's
+    assert all(p.stat().st_size > 0 for p in (tmp_path / "fig").glob("*.png"))
+    assert list((tmp_path / "fig").glob("*.png"))
 
 
 def test_failing_job_shows_failed_with_exit_code(slurm_cluster, job_env, tmp_path: Path):
