@@ -53,10 +53,10 @@ class Net(nn.Module):
 
 def synthetic_mnist(n, seed):
     """MNIST-shaped data: ten fixed templates (the same on every rank) plus noise."""
-    templates = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(1234))
+    templates = 3 * torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(1234))
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=gen)
-    return templates[labels] + 0.8 * torch.randn(n, 1, 28, 28, generator=gen), labels
+    return templates[labels] + 0.5 * torch.randn(n, 1, 28, 28, generator=gen), labels
 
 
 def metric_average(val, name):

@@ -68,7 +68,7 @@ class RandomKCompressor(_HorovodCompressor):
 
     The indices come from ``(seed, numel, n-th call for this numel)``: ranks must compress their
     tensors in the same order (true when every rank runs the same model; Horovod's hooks fire in
-    autograd order). Unscaled (contractive, δ = k/d); without error feedback it is biased — with
+    autograd order), and each process needs its own object (in-process simulated ranks too). Unscaled (contractive, δ = k/d); without error feedback it is biased — with
     error feedback use ``Compression.memsgd("randomk:ratio=...")`` instead.
     """
 
@@ -155,11 +155,13 @@ class Compression:
         return AlgorithmCompression("doublesqueeze", up=up, down=down)
 
     @staticmethod
-    def liec(up: Any = "sign", down: Optional[Any] = None, period: int = 32) -> AlgorithmCompression:
+    def liec(up: Any = "sign", down: Optional[Any] = None,
+             period: int = 32) -> AlgorithmCompression:
         return AlgorithmCompression("liec", up=up, down=down, period=period)
 
     @staticmethod
-    def ef21(up: Any = "topk:ratio=0.01", down: Optional[Any] = None, **hyper) -> AlgorithmCompression:
+    def ef21(up: Any = "topk:ratio=0.01", down: Optional[Any] = None,
+             **hyper) -> AlgorithmCompression:
         return AlgorithmCompression("ef21", up=up, down=down, **hyper)
 
     @staticmethod
