@@ -96,11 +96,14 @@ def layout(runs: Sequence[Run], keep: Sequence[str] = ()) -> Layout:
 
 def preamble(lay: Layout) -> List[str]:
     lines = []
-    if lay.same:
+    same = {k: v for k, v in lay.same.items() if v is not None}   # unset: nothing to say
+    if same:
         lines.append("same in every run: " + ", ".join(f"{k}={display(k, v)}"
-                                                        for k, v in lay.same.items()))
+                                                        for k, v in same.items()))
     for method, settings in sorted(lay.by_method.items()):
-        lines.append(f"{method}: " + ", ".join(f"{k}={display(k, v)}" for k, v in settings.items()))
+        said = [f"{k}={display(k, v)}" for k, v in settings.items() if v is not None]
+        if said:
+            lines.append(f"{method}: " + ", ".join(said))
     return lines + [NOTE]
 
 

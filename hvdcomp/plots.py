@@ -165,6 +165,10 @@ def loss_figure(plt, series: Sequence[Series], title: str):
         _draw(ax, s, colors[s.label], lambda run: run.steps, _bits, lambda r: r.get(key))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda value, _: f"{value:g}")   # 0.4, not 4×10⁻¹
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("bits sent per rank, up + down")
     ax.set_ylabel(y_label)
     ax.grid(True, which="both", alpha=0.3)
