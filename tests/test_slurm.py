@@ -226,6 +226,31 @@ OMP_NUM_THREADS = 1
     assert unknown.exit_code == 2 and "no point 'seed-7'" in unknown.stderr
 
 
+def test_the_job_exit_code_is_the_failed_ranks_not_sruns(slurm_cluster, job_env, tmp_path: Path):
+    """Rank 0 fails with 3 while rank 1 is still busy: srun --kill-on-bad-exit terminates rank 1
+    and itself exits 143 (128 + SIGTERM), yet the job must end with the code of the rank that
+    failed. The program the job runs ([cluster] hvdcomp) is a stand-in that fails this way on
+    purpose -- train's own failures rarely lose that race, and this checks the script around it."""
+    rank = tmp_path / "rank.sh"
+    rank.write_text('#!/bin/bash\nif [ "${SLURM_PROCID:-0}" = 0 ]; then sleep 1; exit 3; fi\n'
+                    "sleep 120\n")
+    rank.chmod(0o755)
+    spec_path = tmp_path / "race.toml"
+    spec_path.write_text(f'[sweep]\nname = "race"\n[train]\nranks = 2\nsteps = 1\n[cluster]\n'
+                         f'time = "00:05:00"\ntasks-per-node = 2\nhvdcomp = "{rank}"\n')
+    out = tmp_path / "sweep"
+    spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
+    try:
+        result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        [row] = wait(spec, paths, timeout=240, poll=1)
+    finally:
+        _cancel_all(spec, paths)
+    log = Path(row.log).read_text()
+    assert "srun exited with 143; the first rank to fail was 0, with 3" in log
+    assert (row.state, row.exit_code) == ("FAILED", "3:0"), log
+
+
 def test_held_jobs_are_skipped_then_cancelled(slurm_cluster, job_env, tmp_path: Path):
     out = tmp_path / "sweep"
     spec, paths = load_spec(SMOKE), slurmjobs.SweepPaths(out)
