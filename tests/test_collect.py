@@ -337,3 +337,82 @@ def test_plot_folder_without_permission(shared_root: Path):
         f"Error: --plot {shared_root / 'runs'}: cannot write figures there (Permission denied); "
         "choose another folder")
     assert done.stdout == ""
+
+
+# --- a readable table, sort keys spelled as headers, curves as CSV (issue 17) --------------------
+def test_table_shows_methods_and_only_the_settings_that_vary(tmp_path: Path):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root, f"psgd-s{seed}", {"algorithm": "psgd", "up": "none", "down": "none",
+                                          "momentum": 0.9, "seed": seed}, [0.5, 0.9], (100, 100))
+        write_run(root, f"memsgd-s{seed}", {"algorithm": "memsgd", "up": "topk", "down": "topk",
+                                            "momentum": 0.0, "seed": seed}, [0.4, 0.8], (10, 100))
+    result = CliRunner().invoke(cli, ["collect", str(root), "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| method"))
+    # seed varies within a method: a column; momentum is fixed per method: said once per method
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "method", "run", "seed", "final acc", "best acc", "wall time", "bytes up", "bytes down",
+        "vs psgd", "samples/s"]
+    assert "same in every run: model=mlp, dataset=digits, epochs=3, batch_size=32, lr=0.05, " \
+           "world_size=2  " in lines
+    assert "MEM-SGD (top-k 1 % ↑): momentum=0  " in lines and "P-SGD: momentum=0.9  " in lines
+    # MEM-SGD's downlink is dense: its name says so, whatever config.json's "down" holds
+    assert sum(line.startswith("| MEM-SGD (top-k 1 % ↑) | memsgd-s") for line in lines) == 2
+    assert "topk" not in result.stdout.replace("top-k", "")
+
+
+@pytest.mark.parametrize("key", ["final_acc", "final acc", "final-acc", "final_accuracy"])
+def test_sort_by_takes_the_header_as_written(runs_root: Path, key: str):
+    result = CliRunner().invoke(cli, ["collect", str(runs_root), "--format", "csv",
+                                      "--sort-by", f"-{key}"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [float(r["final_accuracy"]) for r in rows] == [0.90, 0.88, 0.70, 0.4, 0.3]
+
+
+def test_sort_by_other_headers_and_a_bad_key(runs_root: Path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv", "--sort-by", "-vs_psgd"])
+    assert result.exit_code == 0, result.output
+    ratios = [r["compression_ratio"] for r in csv.DictReader(io.StringIO(result.stdout))]
+    # as in test_compare_values: randomk-seed5 (dense from 500 parameters) 2 (N-1)/N * 4 * 500
+    # * 30 / 60, memsgd-seed1 4000 * 30 / 1500, liec 6000 / 240, psgd itself; ef21 none: last
+    assert [float(r) for r in ratios[:4]] == pytest.approx([1000.0, 80.0, 25.0, 1.0])
+    assert ratios[-1] == ""
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv", "--sort-by", "method"])
+    methods = [r["method"] for r in csv.DictReader(io.StringIO(result.stdout))]
+    assert methods == sorted(methods) and "LIEC-SGD (sign ↑↓)" in methods
+    result = runner.invoke(cli, ["collect", str(runs_root), "--sort-by", "final_acuracy"])
+    assert result.exit_code == 2
+    assert "final_acc" in result.output and "vs_psgd" in result.output   # the choices, as headers
+
+
+def test_curves_as_csv_and_json(runs_root: Path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["collect", str(runs_root), "--curves"])   # csv by default
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    # five completed runs, 3 epochs each, one step and one epoch record per epoch
+    assert len(rows) == 5 * 3 * 2
+    assert list(rows[0])[:6] == ["run", "method", "seed", "event", "step", "epoch"]
+    liec = [r for r in rows if r["run"].endswith("liec-sign")]
+    assert [r["event"] for r in liec] == ["step", "epoch"] * 3
+    assert [float(r["test_accuracy"]) for r in liec if r["event"] == "epoch"] == [0.40, 0.85, 0.88]
+    assert [float(r["bytes_up"]) for r in liec if r["event"] == "epoch"] == [40, 80, 120]
+    assert {r["method"] for r in liec} == {"LIEC-SGD (sign ↑↓)"}
+
+    result = runner.invoke(cli, ["collect", str(runs_root), "--curves", "--format", "json"])
+    data = json.loads(result.stdout)
+    assert len(data["curves"]) == 30 and len(data["skipped"]) == 4
+
+    result = runner.invoke(cli, ["collect", str(runs_root), "--curves", "--format", "table"])
+    assert result.exit_code == 2 and "--curves" in result.output and "csv or json" in result.output
+
+
+def test_table_in_a_file_has_no_colour_codes(runs_root: Path):
+    result = CliRunner().invoke(cli, ["collect", str(runs_root)], env={"FORCE_COLOR": None})
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" not in result.stdout and "…" not in result.stdout
+    assert "LIEC-SGD (sign ↑↓)" in result.stdout and "final acc" in result.stdout
