@@ -1,12 +1,18 @@
 """``hvdcomp.allreduce``: the compressed exchange for one tensor, for custom training loops.
 
-    avg = hvdcomp.allreduce(grad, name="layer1.weight", compression=hvdcomp.Compression.liec("sign"))
-    handle = hvdcomp.allreduce_async(grad, name="layer1.weight", compression=...)
-    avg = hvdcomp.synchronize(handle)
+    compression = hvdcomp.Compression.liec("sign")   # once, before the loop: it owns the state
+    for step in range(steps):
+        ...
+        avg = hvdcomp.allreduce(grad, name="layer1.weight", compression=compression)
+        # or: handle = hvdcomp.allreduce_async(grad, name="layer1.weight", compression=compression)
+        #     avg = hvdcomp.synchronize(handle)
 
 Error feedback is state, so each ``name`` keeps its own algorithm object (built from the first
 ``compression`` given for it) for the life of the process; call :func:`reset` to drop them. Every
-call with a name is one round of that name's algorithm. A compression with Horovod's Compressor
+call with a name is one round of that name's algorithm, and every call must pass the *same*
+compression object: ``Compression.liec("sign")`` written inside the loop builds a new one each
+step, which the second call refuses (ValueError) rather than silently restarting the error
+feedback. A compression with Horovod's Compressor
 interface (``Compression.fp16``, ``.randomk(r)``, a user's own) is applied as ``hvd.allreduce``
 would: ``compress``, average, ``decompress``.
 """
