@@ -21,7 +21,9 @@ from hvdcomp.shipped_files import TEMPLATES_ENV, example_specs
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_every_spec_in_jobs_ships_as_an_example():
+def test_every_spec_in_jobs_is_an_example():
+    """In a checkout the examples are jobs/ itself (hvdcomp/shipped/jobs links to it); the wheel
+    test below checks that the wheel carries them all."""
     assert sorted(example_specs()) == sorted(p.stem for p in (REPO / "jobs").glob("*.toml"))
 
 
@@ -110,6 +112,15 @@ def test_the_installed_wheel_renders_and_trains_anywhere(tmp_path: Path):
     for script in scripts:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
         assert f"cd {elsewhere}\n" in script.read_text()
+
+    listed = run(str(env / "bin" / "hvdcomp"), "slurm", "examples")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(line.split()[0] for line in listed.stdout.splitlines()) == \
+        sorted(p.stem for p in (REPO / "jobs").glob("*.toml"))
+    copied = run(str(env / "bin" / "hvdcomp"), "slurm", "examples", "--copy", "mine")
+    assert copied.returncode == 0, copied.stderr
+    assert os.access(elsewhere / "mine" / "cluster" / "start.sh", os.X_OK)
+    assert (elsewhere / "mine" / "smoke-digits.toml").is_file()
 
     trained = run(str(env / "bin" / "hvdcomp"), "train", "--steps", "3", "--quiet",
                   "--out", "run")
