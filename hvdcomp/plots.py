@@ -232,7 +232,7 @@ def bytes_figure(plt, series: Sequence[Series], title: str):
     ax.set_yticks(range(len(series)), [s.label for s in series])
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlim(right=largest * 20)   # room for the value at the end of the longest bar
+    ax.set_xlim(right=largest * 6)   # room for the value at the end of the longest bar
     ax.set_xlabel("bytes per step and rank (log scale)")
     ax.grid(True, axis="x", alpha=0.3)
     if title:
