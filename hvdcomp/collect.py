@@ -6,7 +6,8 @@ roots that holds a ``config.json``. A run enters the table only when its ``summa
 (unparsable JSON, a damaged line inside ``metrics.jsonl``, missing summary fields) are listed as
 skipped with the reason, never a crash.
 
-Per run the table shows the options that differ between the runs, then:
+Per run a row holds its method name (:func:`hvdcomp.labels.method_name`), the options that differ
+between the runs, then:
 
 - final and best test accuracy (``summary.json``; fractions, shown in percent);
 - time to a target accuracy: ``wall_time`` of the first epoch record whose ``test_accuracy``
@@ -18,7 +19,8 @@ Per run the table shows the options that differ between the runs, then:
   :func:`hvdcomp.train.results.psgd_bytes_per_step`), when the run recorded its model size;
 - throughput (``samples_per_s``).
 
-Figures (``--plot``): see :mod:`hvdcomp.plots`.
+Also here: every metrics record as a row (:func:`curves`, ``--curves``). Formats and which
+options become columns: :mod:`hvdcomp.collect_table`; figures (``--plot``): :mod:`hvdcomp.plots`.
 """
 from __future__ import annotations
 
