@@ -177,8 +177,9 @@ def _runtime_failure(exc: BaseException) -> None:
 def _require_tensorboard() -> None:
     """--tensorboard needs torch.utils.tensorboard and the tensorboard package it imports."""
     from hvdcomp.train.config import ConfigError
+    import importlib
     try:
-        import torch.utils.tensorboard  # noqa: F401
+        importlib.import_module("torch.utils.tensorboard")
     except ImportError as exc:
         raise ConfigError(f"--tensorboard needs the tensorboard package ({exc}): "
                           "pip install tensorboard, or leave out --tensorboard") from None
