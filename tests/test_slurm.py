@@ -130,9 +130,13 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
         result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out)])
         assert result.exit_code == 0, result.output
         assert result.stdout.count("submitted job") == len(spec.points)
-        rows = wait(spec, paths, timeout=480, poll=1)
+        waited = runner.invoke(cli, ["slurm", "wait", str(SMOKE), "--out", str(out),
+                                     "--timeout", "480", "--poll", "2", "--format", "json"])
+        rows = [slurmjobs.PointStatus(**row) for row in json.loads(waited.stdout)]
     finally:
         _cancel_all(spec, paths)
+    assert waited.exit_code == 0, waited.output
+    assert waited.stderr.splitlines()[-1] == "[smoke-digits] 2/2 finished (2 completed)"
     logs = {r.point: Path(r.log).read_text() if r.log and Path(r.log).exists() else "" for r in rows}
     for row in rows:
         assert (row.state, row.exit_code) == ("COMPLETED", "0:0"), f"{row}\n{logs[row.point]}"
