@@ -68,8 +68,8 @@ def wait(spec: SweepSpec, paths: SweepPaths, timeout: Optional[float] = None,
         if deadline is not None and time.monotonic() > deadline:
             going = [f"{r.point}={r.state}" for r in rows if r.job_id and r.state not in _DONE]
             raise SlurmRefused(f"jobs still not finished after {timeout:.0f} s: {', '.join(going)}")
-        pause = interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))
-        time.sleep(pause)
+        left = None if deadline is None else deadline - time.monotonic()
+        time.sleep(interval if left is None else max(0.0, min(interval, left)))
         interval = min(interval * 1.5, max_poll)
 
 

@@ -76,8 +76,9 @@ def _fresh_environment(tmp_path: Path) -> Path:
     [wheel] = wheels.glob("hvdcomp-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True,
                    timeout=300)
-    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"),
-                                "install", "--no-deps", "-q", str(wheel)],
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python",
+                                str(env / "bin" / "python"), "install", "--no-deps", "-q",
+                                str(wheel)],
                                capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     env_site = subprocess.run([str(env / "bin" / "python"), "-c",

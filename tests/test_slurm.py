@@ -355,7 +355,8 @@ def test_requeued_job_resumes_exactly(slurm_cluster, job_env, tmp_path: Path):
     spec_path.write_text('[sweep]\nname = "requeue"\n[train]\nranks = 1\n'
                          + "".join(f"{k} = {json.dumps(v)}\n" for k, v in train.items())
                          + '[cluster]\ntime = "00:10:00"\nmax-requeues = 1\n'
-                         'setup = ["if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi"]\n'
+                         'setup = ["if [ -f .venv/bin/activate ]; then '
+                         'source .venv/bin/activate; fi"]\n'
                          '[cluster.env]\nOMP_NUM_THREADS = 1\n')
     out = tmp_path / "sweep"
     spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
@@ -386,8 +387,8 @@ def test_requeued_job_resumes_exactly(slurm_cluster, job_env, tmp_path: Path):
 
     reference = tmp_path / "uninterrupted"
     args = [a for k, v in train.items() for a in (f"--{k}", str(v))]
-    done = subprocess.run([str(VENV_BIN / "hvdcomp"), "train", *args, "--quiet", "--out", str(reference)],
-                          capture_output=True, text=True, timeout=600,
+    done = subprocess.run([str(VENV_BIN / "hvdcomp"), "train", *args, "--quiet",
+                           "--out", str(reference)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     resumed = json.loads((Path(row.run_dir) / "summary.json").read_text())
