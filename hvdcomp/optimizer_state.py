@@ -119,7 +119,10 @@ def broadcast(comm, loaded: Optional[Dict[str, Any]], root: int, name: str):
 def broadcast_root() -> Optional[int]:
     """``root_rank`` when the caller of ``state_dict()`` is ``hvd.broadcast_optimizer_state``
     (which every rank calls), else None."""
-    frame = sys._getframe(2)
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # called from the bottom of the stack: nobody's broadcast
+        return None
     code = frame.f_code
     if code.co_name == "broadcast_optimizer_state" and \
             frame.f_globals.get("__name__", "").startswith("horovod.torch"):
