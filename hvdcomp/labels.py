@@ -25,6 +25,9 @@ DISPLAY_NAMES = {
     "multiround": "multi-round", "cser": "CSER", "monna": "MoNNA",
 }
 DENSE = "dense 32-bit"
+#: MoNNA's aggregators as its paper writes them.
+AGGREGATORS = {"nna": "NNA", "trimmed_mean": "trimmed mean", "krum": "Krum", "rfa": "RFA",
+               "cclip": "CClip"}
 
 
 def _percent(fraction: Any) -> str:
@@ -95,6 +98,11 @@ def method_name(config: Dict[str, Any]) -> str:
     compresses, with arrows for the directions (↑ up, ↓ down)."""
     algorithm = str(config.get("algorithm", "?"))
     name = DISPLAY_NAMES.get(algorithm, algorithm)
+    if algorithm == "monna":   # whole models, uncompressed: what differs is how they are merged
+        options = config.get("algorithm_options") or {}
+        aggregator = str(options.get("aggregator", "nna"))
+        attack = f", {options['attack']} attack" if options.get("attack") else ""
+        return f"{name} ({AGGREGATORS.get(aggregator, aggregator)}{attack})"
     up_spec = str(config.get("up") or "none")
     up = compressor_label(up_spec)
     down = compressor_label(downlink_spec(config)) if sends_downlink(config) else None

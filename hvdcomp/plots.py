@@ -77,8 +77,11 @@ def _short(value: Any) -> str:
 
 
 def _bits(record: Dict[str, Any]) -> Optional[float]:
+    """Bits sent so far (up + down); None for none (one rank): a log axis has no zero."""
     up, down = record.get("bytes_up"), record.get("bytes_down")
-    return 8.0 * (up + down) if _is_number(up) and _is_number(down) else None
+    if not (_is_number(up) and _is_number(down)) or up + down <= 0:
+        return None
+    return 8.0 * (up + down)
 
 
 def _curve(records: Sequence[Dict[str, Any]], x_of, y_of) -> List[Tuple[float, float]]:
@@ -226,12 +229,16 @@ def bytes_figure(plt, series: Sequence[Series], title: str):
         positions = [i + offset for i in range(len(series))]
         ax.barh(positions, values, height=height, color=color, label=label)
         for y, value in zip(positions, values):
-            ax.annotate(human_bytes(value), (max(value, 1.0), y), xytext=(3, 0),
-                        textcoords="offset points", va="center", fontsize="x-small")
+            # a run on one rank sends nothing: said at the axis, where a log scale has no zero
+            where = (value, y) if value > 0 else (0.0, y)
+            ax.annotate(human_bytes(value), where, xytext=(3, 0), textcoords="offset points",
+                        xycoords="data" if value > 0 else ax.get_yaxis_transform(),
+                        va="center", fontsize="x-small")
         largest = max([largest, *values])
     ax.set_yticks(range(len(series)), [s.label for s in series])
     ax.invert_yaxis()
-    ax.set_xscale("log")
+    if largest > 1.0:
+        ax.set_xscale("log")
     ax.set_xlim(right=largest * 6)   # room for the value at the end of the longest bar
     ax.set_xlabel("bytes per step and rank (log scale)")
     ax.grid(True, axis="x", alpha=0.3)

@@ -37,6 +37,11 @@ ANSI = re.compile(r"\x1b\[")
     ({"algorithm": "psgd", "up": "none", "down": "none"}, "P-SGD", "up dense 32-bit, down dense"),
     ({"algorithm": "doublesqueeze", "up": "sign", "down": "topk:ratio=0.05"},
      "DoubleSqueeze (sign ↑, top-k 5 % ↓)", "up sign, down top-k 5 %"),
+    ({"algorithm": "monna", "up": "none", "down": "none",
+      "algorithm_options": {"f": 1, "attack": "sign_flip"}},
+     "MoNNA (NNA, sign_flip attack)", "up dense 32-bit, whole models exchanged"),
+    ({"algorithm": "monna", "up": "none", "down": "none",
+      "algorithm_options": {"aggregator": "mean"}}, "MoNNA (mean)", "up dense 32-bit, whole"),
 ])
 def test_labels_say_what_travels(config, name, travels):
     assert method_name(config) == name

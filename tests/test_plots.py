@@ -144,3 +144,28 @@ def test_gradient_norm_against_bits_when_the_runs_have_it(tmp_path: Path):
     assert ax.get_ylabel() == "‖∇f(x)‖²"
     assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([1.0, 1 / 3])   # step records
     plt.close(fig)
+
+
+def test_runs_on_one_rank_send_nothing_and_say_so(tmp_path: Path):
+    """One process sends no bytes: no point on a log axis (and no warning), 0 B at the bars."""
+    import warnings
+    for seed in (0, 1):
+        write_run(tmp_path / "runs", f"single-{seed}", {"algorithm": "liec", "up": "sign",
+                                                        "down": "sign", "seed": seed,
+                                                        "world_size": 1},
+                  [0.5, 0.6], (0, 0), summary_extra=TIMES)
+    runs, _ = collect.load_runs([tmp_path / "runs"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figures = dict(plots.figures(plt, runs))
+        for fig in figures.values():
+            fig.canvas.draw()
+    assert not drawn_lines(figures["accuracy"].axes[2])
+    assert [t.get_text() for t in figures["bytes"].axes[0].texts] == ["0 B", "0 B"]
+    assert drawn_lines(figures["accuracy"].axes[0])   # accuracy against epochs is still there
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def drawn_lines(ax):
+    return [line for line in ax.get_lines() if len(line.get_xdata())]
