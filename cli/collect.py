@@ -40,6 +40,13 @@ def command(dirs, fmt, curves, target, group_by, sort_by, plot_dir, plot_formats
     if curves and fmt in ("table", "markdown"):
         raise click.BadParameter(f"--curves prints one row per record: use --format csv or json, "
                                  f"not {fmt}", param_hint="--format")
+    ignored = [name for name, given in (("--target", target is not None), ("--sort-by", sort_by),
+                                        ("--group-by", group_by and plot_dir is None)) if given]
+    if curves and ignored:
+        verb = "shape" if len(ignored) > 1 else "shapes"
+        raise click.BadParameter(f"{' and '.join(ignored)} {verb} the summary table, which "
+                                 "--curves does not print; leave them out",
+                                 param_hint="--curves")
     fmt = fmt or ("csv" if curves else "table")
     try:
         target = c.normalise_target(target)

@@ -409,6 +409,8 @@ def test_curves_as_csv_and_json(runs_root: Path):
 
     result = runner.invoke(cli, ["collect", str(runs_root), "--curves", "--format", "table"])
     assert result.exit_code == 2 and "--curves" in result.output and "csv or json" in result.output
+    result = runner.invoke(cli, ["collect", str(runs_root), "--curves", "--sort-by", "seed"])
+    assert result.exit_code == 2 and "--sort-by shapes the summary table" in result.output
 
 
 def test_table_in_a_file_has_no_colour_codes(runs_root: Path):
