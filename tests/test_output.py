@@ -77,6 +77,14 @@ def test_summary_in_a_file_is_plain_text_with_the_whole_path(monkeypatch):
     assert "down topk" not in text
 
 
+def test_summary_in_a_legacy_encoding_does_not_fail_the_run():
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="latin-1")
+    print_summary(SUMMARY, CONFIG, file=stream)
+    text = raw.getvalue().decode("latin-1")
+    assert "MEM-SGD (top-k 1 % ?)" in text and SUMMARY["run_dir"] in text
+
+
 # --- progress ----------------------------------------------------------------------------------
 def test_plain_progress_lines_every_tenth_and_per_epoch(capsys, monkeypatch):
     monkeypatch.delenv("FORCE_COLOR", raising=False)

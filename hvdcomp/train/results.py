@@ -243,9 +243,11 @@ def write_table(rows: List[tuple], file=None) -> None:
         Console = None
     terminal = is_terminal() and (file is None or file is sys.stdout)
     if Console is None or not terminal:
-        print("hvdcomp train: summary", file=stream)
-        for key, value in rows:
-            print(f"  {key:32s} {value}", file=stream)
+        # a log in a legacy encoding gets '?' for the arrows rather than a failed run
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        lines = ["hvdcomp train: summary", *(f"  {key:32s} {value}" for key, value in rows)]
+        for line in lines:
+            print(line.encode(encoding, errors="replace").decode(encoding), file=stream)
         stream.flush()
         return
     table = Table(title="hvdcomp train: summary", show_header=False)
