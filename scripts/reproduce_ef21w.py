@@ -6,7 +6,7 @@ small: the EF21 paper's logistic regression with the non-convex regulariser λ �
 
     EF21      γ = 1/(L + L_QM·ξ(α))      L_QM = √(mean L_i²)
     EF21-W    γ = 1/(L + L_AM·ξ(α))      L_AM = mean L_i  (≤ L_QM: a larger step)
-    top-1 without error feedback, at EF21-W's γ
+    top-1 without error feedback, and MEM-SGD's error feedback (EF14), at EF21-W's γ
 
 Prints, as a markdown table, the rounds each needs to reach ‖∇f(x)‖ < 10⁻³ (at most 6000) and the
 final ‖∇f‖.  Runs the algorithms' five steps of hvdcomp.algorithms in one process (one server,
@@ -85,6 +85,8 @@ def main() -> None:
          [make_algorithm("ef21w", up=TOP1, smoothness=smooth, rank=i) for i in range(N)]),
         ("top-1, no error feedback", gamma_ef21w,
          [make_algorithm("psgd", up=TOP1, down="none") for _ in range(N)]),
+        ("MEM-SGD (EF14) + top-1", gamma_ef21w,
+         [make_algorithm("memsgd", up=TOP1) for _ in range(N)]),
     ]
     print(f"L_i from {min(smooth):.3g} to {max(smooth):.3g}; L = {big_l:.3g}; "
           f"L_QM = {math.sqrt(sum(s * s for s in smooth) / N):.3g}, L_AM = {sum(smooth) / N:.3g}")

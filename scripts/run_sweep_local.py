@@ -46,6 +46,9 @@ def main() -> int:
     paths = sweep_paths(spec)
     hvdcomp = Path(sys.executable).with_name("hvdcomp")
     env = {**os.environ, **MPI_ENV, **dict(spec.cluster.env or ())}
+    # every rank shares this machine's cores (oversubscribed): a rank that starts or evaluates
+    # minutes late is slow, not stalled
+    env.setdefault("HVDCOMP_STALL_TIMEOUT", "900")
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     failed = []
