@@ -149,6 +149,8 @@ def _check_conservation(algorithm, up, down, n=3, d=700, steps=6, pattern="two_p
     mean_i u_i + mean_i e_i' + e_s' = mean_i g_i + mean_i e_i + e_s."""
     grads = gradients(seed=7, steps=steps, n=n, d=d)
     hyper = {"period": 4} if algorithm == "liec" else {}
+    if not ALGORITHMS[algorithm].compresses_downlink:
+        down = None   # MEM-SGD's downlink is dense; a compressor for it would be refused
     results = simulate(n, run_exchange, algorithm, grads, up, down, pattern, hyper, 1)
     layout = results[0]["layouts"]["b0"]
     if pattern != "two_phase":  # replicated server: every rank holds the whole server error
@@ -289,10 +291,12 @@ def oracle_compressor(spec: str, d: int, n: int):
 def test_sharded_exchange_matches_single_server_oracle(algorithm, up, down, n, d):
     grads = gradients(seed=11, steps=5, n=n, d=d)
     hyper = {"period": 3} if algorithm == "liec" else {}
-    results = simulate(n, run_exchange, algorithm, grads, up, down, "two_phase", hyper, 1)
+    dense_down = algorithm == "memsgd"   # MEM-SGD's downlink is dense (a compressor is refused)
+    results = simulate(n, run_exchange, algorithm, grads, up, None if dense_down else down,
+                       "two_phase", hyper, 1)
     c_up, c_down = oracle_compressor(up, d, n), oracle_compressor(down, d, n)
-    if algorithm == "memsgd":
-        c_down = lambda x: x  # noqa: E731  (MEM-SGD's downlink is dense)
+    if dense_down:
+        c_down = lambda x: x  # noqa: E731
     expected = oracle(algorithm, grads, c_up, c_down, period=3)
     for rank in range(n):
         torch.testing.assert_close(results[rank]["updates"], expected[:, rank], rtol=1e-12,
@@ -305,7 +309,8 @@ def test_allgather_pattern_matches_oracle_without_downlink_compression(algorithm
     grads = gradients(seed=5, steps=4, n=n, d=d)
     up = "blocksign:block=64"
     c_up = oracle_compressor(up, d, n)
-    results = simulate(n, run_exchange, algorithm, grads, up, up, "allgather",
+    down = None if algorithm == "memsgd" else up   # MEM-SGD refuses a downlink compressor
+    results = simulate(n, run_exchange, algorithm, grads, up, down, "allgather",
                        {"period": 3} if algorithm == "liec" else {}, 1)
     expected = oracle(algorithm, grads, c_up, lambda x: x, period=3)
     for rank in range(n):
@@ -333,7 +338,7 @@ def test_bytes_follow_the_documented_convention(n):
 
 def test_memsgd_downlink_is_dense_float():
     grads = gradients(seed=1, steps=1, n=2, d=256)
-    results = simulate(2, run_exchange, "memsgd", grads, "fp16", "fp16", "two_phase", {}, 1)
+    results = simulate(2, run_exchange, "memsgd", grads, "fp16", None, "two_phase", {}, 1)
     assert results[0]["bytes_up"] == 128 * 2      # chunk 1, fp16
     assert results[0]["bytes_down"] == 128 * 8    # own chunk, float64, dense
 
@@ -392,7 +397,10 @@ def test_make_algorithm_builds_each_algorithm():
     for name in ALGORITHM_NAMES:
         algo = make_algorithm(name, up="fp16")
         assert algo.name == name and algo.up.spec() == "fp16"
-    assert make_algorithm("memsgd", up="fp16", down="fp16").down.spec() == "none"
+    assert make_algorithm("memsgd", up="fp16").down.spec() == "none"
+    assert make_algorithm("memsgd", up="fp16", down="none").down.spec() == "none"
+    with pytest.raises(ValueError, match="sends its downlink dense.*cannot be honoured"):
+        make_algorithm("memsgd", up="fp16", down="fp16")   # never accepted and then ignored
     assert make_algorithm("liec", period=5).config()["period"] == 5
     assert set(ALGORITHM_NAMES) <= set(ALGORITHMS)
 

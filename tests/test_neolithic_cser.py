@@ -176,8 +176,10 @@ def test_cser_matches_the_papers_local_models_and_reset(steps):
 
 
 def test_cser_downlink_is_dense_and_period_is_checked():
-    algo = make_algorithm("cser", up="sign", down="sign", period=8)
+    algo = make_algorithm("cser", up="sign", period=8)
     assert algo.down.spec() == "none" and algo.config()["period"] == 8
+    with pytest.raises(ValueError, match="sends its downlink dense"):
+        make_algorithm("cser", up="sign", down="sign", period=8)
     assert [make_algorithm("cser", period=4).is_sync_step()] == [False]
     with pytest.raises(ValueError, match="period must be a positive integer"):
         make_algorithm("cser", period=0)

@@ -215,6 +215,7 @@ def _bad_input_cases(tmp_path):
         (["--algorithm", "monna", "--algorithm-option", "attack=sign_flip"], "needs f"),
         (["--model", "cnn", "--dataset", "synthetic"], "needs images"),
         (["--pattern", "allreduce", "--compressor", "sign"], "pattern 'allreduce' needs a linear"),
+        (["--algorithm", "memsgd", "--down", "sign"], "sends its downlink dense"),
     ]
 
 

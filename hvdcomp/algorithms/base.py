@@ -51,8 +51,8 @@ class Algorithm:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
             ALGORITHMS[cls.name] = cls
-    #: Whether the downlink is compressed at all; when False the exchange sends the server
-    #: message dense (``none``) whatever ``down`` says.
+    #: Whether the downlink is compressed at all; when False the server message travels dense
+    #: (``none``), and a ``down`` compressor other than ``none`` is refused at construction.
     compresses_downlink: bool = True
     #: Whether the algorithm feeds compression errors back (every method but P-SGD): it then
     #: needs contractive compressors and refuses others at construction
@@ -63,6 +63,12 @@ class Algorithm:
         self.up = from_spec(up)
         self.down = from_spec(down) if down is not None else self.up
         if not self.compresses_downlink:
+            if down is not None and self.down.spec() != "none":
+                raise ValueError(
+                    f"algorithm {self.name!r} sends its downlink dense, as its paper does, so "
+                    f"down={self.down.spec()!r} cannot be honoured: leave the downlink "
+                    "compressor out, or choose an algorithm that compresses it (doublesqueeze, "
+                    "liec, neolithic, ef21bc)")
             self.down = from_spec("none")
         if self.error_feedback:
             for compressor in dict.fromkeys((self.up, self.down)):

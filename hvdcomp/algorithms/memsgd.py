@@ -10,7 +10,7 @@ Schemes", ICML 2019 (EF-SGD, Algorithm 2), in the distributed form of the LIEC-S
     e_i ← p_i − C(p_i)
     u   = (1/n) Σ_j C(p_j)   (the server sends the average back uncompressed)
 
-The downlink is dense whatever ``down`` says (``compresses_downlink = False``).
+The downlink is dense (``compresses_downlink = False``: a ``down`` compressor is refused).
 """
 from __future__ import annotations
 

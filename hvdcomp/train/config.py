@@ -125,6 +125,8 @@ class TrainConfig:
             cfg.up = DEFAULT_UP.get(cfg.algorithm, "sign")
         if cfg.down is None:
             cfg.down = DEFAULT_DOWN.get(cfg.algorithm, cfg.up)
+            if not _compresses_downlink(cfg.algorithm):
+                cfg.down = "none"   # the method sends its downlink dense (a --down is refused)
         if cfg.pattern is None:
             cfg.pattern = DEFAULT_PATTERN.get(cfg.algorithm)
         if cfg.pattern is not None and cfg.pattern not in PATTERNS:
@@ -195,6 +197,12 @@ def resume_mismatch(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]
 
 def _jsonish(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def _compresses_downlink(algorithm: str) -> bool:
+    from hvdcomp.algorithms import ALGORITHMS as REGISTERED
+    cls = REGISTERED.get(algorithm)
+    return cls is None or cls.compresses_downlink
 
 
 def _check_range(option: str, value: int, low: int) -> None:
