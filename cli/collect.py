@@ -18,7 +18,8 @@ import click
 @click.option("--target", type=float, default=None,
               help="Target test accuracy for the time-to-accuracy column: 0.9 or 90 (percent).")
 @click.option("--group-by", "group_by", multiple=True, metavar="OPTION",
-              help="One table (and one set of figures) per value of this config option; repeatable.")
+              help="One table (and one set of figures) per value of this config option; "
+                   "repeatable.")
 @click.option("--sort-by", "sort_by", multiple=True, metavar="COLUMN",
               help="Sort rows by a column, spelled as its header with _ for spaces (final_acc, "
                    "bytes_up, vs_psgd, method, seed) or by a config option; prefix '-' for "

@@ -145,7 +145,8 @@ def _read_text(path: Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RunDirError("corrupt", f"{what} is not UTF-8 text (byte {exc.start} is "
-                                     f"0x{data[exc.start]:02x}): a binary or damaged file") from None
+                                     f"0x{data[exc.start]:02x}): a binary or damaged "
+                                     "file") from None
 
 
 def _read_json_object(path: Path, what: str) -> Dict[str, Any]:
@@ -180,7 +181,8 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
             if number == len(raw):
                 break
-            raise RunDirError("corrupt", f"metrics.jsonl line {number} is damaged ({exc})") from None
+            raise RunDirError("corrupt",
+                              f"metrics.jsonl line {number} is damaged ({exc})") from None
         records.append(record)
     return records
 
@@ -198,7 +200,8 @@ def read_run(path: "str | Path") -> Run:
                                      f"({len(records)} metric records{last})")
     summary = _read_json_object(path / "summary.json", "summary.json")
     if summary.get("status") != "completed":
-        raise RunDirError("partial", f"summary.json status is {summary.get('status')!r}, not 'completed'")
+        raise RunDirError("partial", f"summary.json status is {summary.get('status')!r}, "
+                                     "not 'completed'")
     missing = [k for k in SUMMARY_FIELDS if not _is_number(summary.get(k))]
     if missing:
         raise RunDirError("corrupt", f"summary.json lacks numeric {', '.join(missing)}")
@@ -217,7 +220,8 @@ def load_runs(roots: Iterable["str | Path"]) -> Tuple[List[Run], List[Skipped]]:
         except RunDirError as exc:
             skipped.append(Skipped(folder, exc.kind, str(exc)))
         except Exception as exc:  # noqa: BLE001 - see the docstring
-            skipped.append(Skipped(folder, "corrupt", f"cannot be read ({type(exc).__name__}: {exc})"))
+            skipped.append(Skipped(folder, "corrupt",
+                                   f"cannot be read ({type(exc).__name__}: {exc})"))
     skipped += [Skipped(folder, "unreadable", reason) for folder, reason in unreadable]
     return runs, sorted(skipped, key=lambda s: str(s.path))
 
@@ -238,7 +242,8 @@ def normalise_key(key: str) -> str:
     return key.strip().replace("-", "_")
 
 
-def option_columns(runs: Sequence[Run], always: Sequence[str] = ("algorithm", "up", "down")) -> List[str]:
+def option_columns(runs: Sequence[Run],
+                   always: Sequence[str] = ("algorithm", "up", "down")) -> List[str]:
     """Config keys whose values differ between runs (plus ``always`` when present), in config
     order of the first run; bookkeeping keys are left out."""
     order: List[str] = []
@@ -321,7 +326,8 @@ def compare(runs: Sequence[Run], target: Optional[float] = None,
         ratio = ratio_up = ratio_down = None
         baseline_name = None
         if baseline is not None:
-            base_up, base_down = float(baseline.summary["bytes_up"]), float(baseline.summary["bytes_down"])
+            base_up = float(baseline.summary["bytes_up"])
+            base_down = float(baseline.summary["bytes_down"])
             baseline_name = "self" if baseline is run else f"psgd run {baseline.path}"
             ratio = _ratio(base_up + base_down, sent_up + sent_down)
             ratio_up, ratio_down = _ratio(base_up, sent_up), _ratio(base_down, sent_down)
@@ -390,7 +396,8 @@ def sort_rows(rows: List[Dict[str, Any]], keys: Sequence[str]) -> List[Dict[str,
     return rows
 
 
-def group_rows(rows: List[Dict[str, Any]], keys: Sequence[str]) -> List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+def group_rows(rows: List[Dict[str, Any]],
+               keys: Sequence[str]) -> List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
     """[(group values, rows)], groups in order of their values."""
     keys = [normalise_key(k) for k in keys]
     groups: Dict[str, Tuple[Dict[str, Any], List[Dict[str, Any]]]] = {}

@@ -158,7 +158,8 @@ def to_markdown(groups, columns: Sequence[str], notes: Sequence[str] = ()) -> st
         if values:
             parts += ["### " + _group_title(values), ""]
         parts.append("| " + " | ".join(header(c) for c in columns) + " |")
-        parts.append("|" + "|".join("---:" if c in DISPLAY_METRICS else "---" for c in columns) + "|")
+        parts.append("|" + "|".join("---:" if c in DISPLAY_METRICS else "---"
+                                    for c in columns) + "|")
         for row in relative_runs(rows):
             cells = [display(c, row.get(c)).replace("|", "\\|") for c in columns]
             parts.append("| " + " | ".join(cells) + " |")
@@ -182,7 +183,8 @@ def rich_tables(groups, columns: Sequence[str]):
 
 def to_csv(rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore",
+                            lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({c: (_canonical(row.get(c)) if isinstance(row.get(c), (dict, list))

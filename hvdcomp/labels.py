@@ -8,7 +8,7 @@ byte counters:
 
     >>> method_name({"algorithm": "liec", "up": "sign", "down": "sign"})
     'LIEC-SGD (sign ↑↓)'
-    >>> method_name({"algorithm": "dgc", "up": "dgc:ratio=0.001", "down": "none", "pattern": "allgather"})
+    >>> method_name({"algorithm": "dgc", "up": "dgc:ratio=0.001", "pattern": "allgather"})
     'DGC 0.1 %'
     >>> directions({"algorithm": "memsgd", "up": "topk:ratio=0.01", "down": "topk:ratio=0.01"})
     'up top-k 1 %, down dense 32-bit'
@@ -51,7 +51,8 @@ def compressor_label(spec: Optional[str]) -> str:
     config = _compressor_config(str(spec))
     name = config.get("name", str(spec))
     if name in ("topk", "randomk", "dgc") and "ratio" in config:
-        return {"topk": "top-k", "randomk": "rand-k", "dgc": "DGC"}[name] + " " + _percent(config["ratio"])
+        short = {"topk": "top-k", "randomk": "rand-k", "dgc": "DGC"}[name]
+        return f"{short} {_percent(config['ratio'])}"
     if name == "qsgd" and "levels" in config:
         return f"QSGD {config['levels']} levels"
     if name == "powersgd" and "rank" in config:
@@ -84,7 +85,8 @@ def downlink_spec(config: Dict[str, Any]) -> str:
 
 
 def directions(config: Dict[str, Any]) -> str:
-    """``up sign, down sign`` / ``up top-k 1 %, down dense 32-bit`` / ``up DGC 0.1 %, allgathered...``."""
+    """``up sign, down sign`` / ``up top-k 1 %, down dense 32-bit`` /
+    ``up DGC 0.1 %, allgathered: ...``."""
     up = f"up {compressor_label(config.get('up'))}"
     if not sends_downlink(config):
         if config.get("pattern") == "allgather":

@@ -135,6 +135,11 @@ def _colors(series: Sequence[Series]):
     return {s.label: cycle(i % 10) for i, s in enumerate(series)}
 
 
+def _accuracy_percent(record: Dict[str, Any]) -> Optional[float]:
+    accuracy = record.get("test_accuracy")
+    return 100 * accuracy if _is_number(accuracy) else None
+
+
 def accuracy_figure(plt, series: Sequence[Series], title: str):
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), layout="constrained")
     colors = _colors(series)
@@ -143,8 +148,7 @@ def accuracy_figure(plt, series: Sequence[Series], title: str):
               (_bits, "bits sent per rank, up + down", True))
     for ax, (x_of, x_label, log) in zip(axes, panels):
         for s in series:
-            _draw(ax, s, colors[s.label], lambda run: run.epochs, x_of,
-                  lambda r: 100 * r["test_accuracy"] if _is_number(r.get("test_accuracy")) else None)
+            _draw(ax, s, colors[s.label], lambda run: run.epochs, x_of, _accuracy_percent)
         ax.set_xlabel(x_label)
         if log:
             ax.set_xscale("log")
@@ -221,8 +225,9 @@ def bytes_figure(plt, series: Sequence[Series], title: str):
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(series)), layout="constrained")
     height = 0.38
     largest = 1.0
-    for offset, key, label, color in ((-height / 2, "bytes_up", "up (worker → server)", "#4c72b0"),
-                                      (height / 2, "bytes_down", "down (server → worker)", "#55a868")):
+    directions = ((-height / 2, "bytes_up", "up (worker → server)", "#4c72b0"),
+                  (height / 2, "bytes_down", "down (server → worker)", "#55a868"))
+    for offset, key, label, color in directions:
         values = [_mean([run.summary[key] / run.summary["steps"] for run in s.runs
                          if _is_number(run.summary.get("steps")) and run.summary["steps"] > 0])
                   for s in series]

@@ -24,8 +24,8 @@ BASE = {"model": "mlp", "dataset": "digits", "epochs": 3, "batch_size": 32, "lr"
         "seed": 0, "world_size": 2, "launcher": {"name": "srun", "slurm_job_id": "7"}}
 
 
-def write_run(root: Path, name: str, config: dict, accuracies, bytes_per_epoch, seconds_per_epoch=1.0,
-              summary_extra=None, complete=True) -> Path:
+def write_run(root: Path, name: str, config: dict, accuracies, bytes_per_epoch,
+              seconds_per_epoch=1.0, summary_extra=None, complete=True) -> Path:
     """A run directory as `hvdcomp train` writes it: epoch records with cumulative counters."""
     run = root / name
     (run / "checkpoints").mkdir(parents=True)
@@ -35,8 +35,9 @@ def write_run(root: Path, name: str, config: dict, accuracies, bytes_per_epoch, 
     for epoch, accuracy in enumerate(accuracies, start=1):
         up += bytes_per_epoch[0]
         down += bytes_per_epoch[1]
-        lines.append({"event": "step", "step": 10 * epoch, "epoch": epoch - 0.5, "loss": 1.0 / epoch,
-                      "wall_time": seconds_per_epoch * (epoch - 0.5), "bytes_up": up, "bytes_down": down})
+        lines.append({"event": "step", "step": 10 * epoch, "epoch": epoch - 0.5,
+                      "loss": 1.0 / epoch, "wall_time": seconds_per_epoch * (epoch - 0.5),
+                      "bytes_up": up, "bytes_down": down})
         lines.append({"event": "epoch", "step": 10 * epoch, "epoch": epoch,
                       "wall_time": seconds_per_epoch * epoch, "test_accuracy": accuracy,
                       "test_loss": 1.0 - accuracy, "bytes_up": up, "bytes_down": down,
@@ -44,7 +45,8 @@ def write_run(root: Path, name: str, config: dict, accuracies, bytes_per_epoch, 
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if complete:
         summary = {"status": "completed", "final_accuracy": accuracies[-1],
-                   "best_accuracy": max(accuracies), "wall_time": seconds_per_epoch * len(accuracies),
+                   "best_accuracy": max(accuracies),
+                   "wall_time": seconds_per_epoch * len(accuracies),
                    "bytes_up": up, "bytes_down": down, "steps": 10 * len(accuracies),
                    "epochs": len(accuracies), "samples_per_s": 320 / seconds_per_epoch,
                    **(summary_extra or {})}
@@ -64,10 +66,12 @@ def make_runs(root: Path) -> Path:
     write_run(root, "liec-sign", {"algorithm": "liec", "up": "sign", "down": "sign"},
               [0.40, 0.85, 0.88], (40, 40), seconds_per_epoch=0.5)
     # No P-SGD run with seed 1: the ratio falls back to dense fp32 bytes from the model size.
-    write_run(root, "nested/memsgd-seed1", {"algorithm": "memsgd", "up": "sign", "down": "none", "seed": 1},
+    write_run(root, "nested/memsgd-seed1",
+              {"algorithm": "memsgd", "up": "sign", "down": "none", "seed": 1},
               [0.30, 0.60, 0.70], (100, 400), summary_extra={"gradient_bytes_per_step": 4000})
     # ... or from a parameter count (fp32: 4 bytes each).
-    write_run(root, "randomk-seed5", {"algorithm": "memsgd", "up": "randomk", "down": "none", "seed": 5},
+    write_run(root, "randomk-seed5",
+              {"algorithm": "memsgd", "up": "randomk", "down": "none", "seed": 5},
               [0.1, 0.2, 0.3], (10, 10), summary_extra={"num_parameters": 500})
     # Neither a baseline nor a model size: no ratio.
     write_run(root, "ef21-seed2", {"algorithm": "ef21", "up": "topk", "down": "topk", "seed": 2},
@@ -78,14 +82,17 @@ def make_runs(root: Path) -> Path:
     bad_config = root / "bad-config"
     bad_config.mkdir()
     (bad_config / "config.json").write_text('{"algorithm": "psgd", ')
-    bad_metrics = write_run(root, "bad-metrics", {"algorithm": "liec", "up": "sign", "down": "sign", "seed": 3},
+    bad_metrics = write_run(root, "bad-metrics",
+                            {"algorithm": "liec", "up": "sign", "down": "sign", "seed": 3},
                             [0.1, 0.2], (1, 1))
     lines = (bad_metrics / "metrics.jsonl").read_text().splitlines()
     lines[1] = lines[1][:20]  # a damaged line that is not the last one
     (bad_metrics / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    bad_summary = write_run(root, "bad-summary", {"algorithm": "liec", "up": "sign", "down": "sign", "seed": 4},
+    bad_summary = write_run(root, "bad-summary",
+                            {"algorithm": "liec", "up": "sign", "down": "sign", "seed": 4},
                             [0.1], (1, 1))
-    (bad_summary / "summary.json").write_text(json.dumps({"status": "completed", "final_accuracy": 0.1}))
+    (bad_summary / "summary.json").write_text(json.dumps({"status": "completed",
+                                                          "final_accuracy": 0.1}))
     return root
 
 
@@ -111,7 +118,8 @@ def test_compare_values(runs_root: Path):
     runs, _ = collect.load_runs([runs_root])
     rows = {Path(r["run"]).name: r for r in collect.compare(runs, target=0.85)}
 
-    psgd, liec, memsgd, ef21 = rows["psgd"], rows["liec-sign"], rows["memsgd-seed1"], rows["ef21-seed2"]
+    psgd, liec = rows["psgd"], rows["liec-sign"]
+    memsgd, ef21 = rows["memsgd-seed1"], rows["ef21-seed2"]
     assert (liec["final_accuracy"], liec["best_accuracy"]) == (0.88, 0.88)
     # liec reaches 0.85 at epoch 2 (0.5 s per epoch); psgd at epoch 3 (0.90 >= 0.85, 1 s per epoch).
     assert (liec["time_to_target"], liec["epochs_to_target"]) == (1.0, 2)
@@ -129,7 +137,8 @@ def test_compare_values(runs_root: Path):
     dense_total = 2 * (2 - 1) / 2 * 4000 * 30
     assert memsgd["compression_ratio"] == pytest.approx(dense_total / 1500)
     assert memsgd["baseline"] == "dense fp32 from model size"
-    assert rows["randomk-seed5"]["compression_ratio"] == pytest.approx(2 * (2 - 1) / 2 * 4 * 500 * 30 / 60)
+    assert rows["randomk-seed5"]["compression_ratio"] == pytest.approx(
+        2 * (2 - 1) / 2 * 4 * 500 * 30 / 60)
     assert ef21["compression_ratio"] is None and ef21["baseline"] is None
     assert liec["samples_per_s"] == pytest.approx(640)
 
@@ -161,13 +170,15 @@ def test_cli_json_csv_markdown(runs_root: Path):
     assert liec["time_to_target"] == 1.0
     assert "skipped (corrupt)" in result.stderr and "bad-config" in result.stderr
 
-    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv", "--sort-by", "-best_accuracy"])
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv",
+                                 "--sort-by", "-best_accuracy"])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [float(r["best_accuracy"]) for r in rows] == [0.90, 0.88, 0.70, 0.4, 0.3]
     assert float(rows[1]["compression_ratio"]) == pytest.approx(25.0)
 
-    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "markdown", "--group-by", "seed"])
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "markdown",
+                                 "--group-by", "seed"])
     assert result.exit_code == 0, result.output
     assert "### seed = 0" in result.stdout and "### seed = 2" in result.stdout
     assert "| LIEC-SGD (sign ↑↓) | liec-sign |" in result.stdout
@@ -193,7 +204,8 @@ def test_cli_bad_input(runs_root: Path, tmp_path: Path):
 def test_plots_are_written(runs_root: Path, tmp_path: Path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figures"
-    result = CliRunner().invoke(cli, ["collect", str(runs_root), "--format", "csv", "--plot", str(out),
+    result = CliRunner().invoke(cli, ["collect", str(runs_root), "--format", "csv",
+                                      "--plot", str(out),
                                       "--plot-format", "png", "--plot-format", "svg"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
@@ -309,9 +321,10 @@ def test_unreadable_files_and_folders_are_skipped(shared_root: Path):
     done = run_as_nobody(["collect", str(root), "--format", "csv"], shared_root)
     assert done.returncode == 0, done.stderr
     assert "good" in done.stdout and "unreadable" not in done.stdout
-    assert f"skipped (corrupt): {no_metrics}: metrics.jsonl unreadable: Permission denied" in done.stderr
-    assert f"skipped (corrupt): {no_summary}: summary.json unreadable: Permission denied" in done.stderr
-    assert f"skipped (unreadable): {root / 'locked'}: folder unreadable: Permission denied" in done.stderr
+    denied = "unreadable: Permission denied"
+    assert f"skipped (corrupt): {no_metrics}: metrics.jsonl {denied}" in done.stderr
+    assert f"skipped (corrupt): {no_summary}: summary.json {denied}" in done.stderr
+    assert f"skipped (unreadable): {root / 'locked'}: folder {denied}" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -319,9 +332,11 @@ def test_unwritable_plot_folder_is_one_error_before_anything(runs_root: Path, tm
     pytest.importorskip("matplotlib")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = CliRunner().invoke(cli, ["collect", str(runs_root), "--plot", str(blocker / "figures")])
+    result = CliRunner().invoke(cli, ["collect", str(runs_root),
+                                      "--plot", str(blocker / "figures")])
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"Error: --plot {blocker / 'figures'}: cannot write figures there")
+    assert result.stderr.startswith(
+        f"Error: --plot {blocker / 'figures'}: cannot write figures there")
     assert result.stdout == "" and "Traceback" not in result.output
 
 
@@ -330,7 +345,8 @@ def test_plot_folder_without_permission(shared_root: Path):
     make_runs(shared_root / "runs")
     for folder, _, _ in os.walk(shared_root):
         os.chmod(folder, 0o755)                                  # readable, not writable
-    done = run_as_nobody(["collect", str(shared_root / "runs"), "--plot", str(shared_root / "runs")],
+    done = run_as_nobody(["collect", str(shared_root / "runs"),
+                          "--plot", str(shared_root / "runs")],
                          shared_root)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
@@ -374,14 +390,16 @@ def test_sort_by_takes_the_header_as_written(runs_root: Path, key: str):
 
 def test_sort_by_other_headers_and_a_bad_key(runs_root: Path):
     runner = CliRunner()
-    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv", "--sort-by", "-vs_psgd"])
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv",
+                                 "--sort-by", "-vs_psgd"])
     assert result.exit_code == 0, result.output
     ratios = [r["compression_ratio"] for r in csv.DictReader(io.StringIO(result.stdout))]
     # as in test_compare_values: randomk-seed5 (dense from 500 parameters) 2 (N-1)/N * 4 * 500
     # * 30 / 60, memsgd-seed1 4000 * 30 / 1500, liec 6000 / 240, psgd itself; ef21 none: last
     assert [float(r) for r in ratios[:4]] == pytest.approx([1000.0, 80.0, 25.0, 1.0])
     assert ratios[-1] == ""
-    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv", "--sort-by", "method"])
+    result = runner.invoke(cli, ["collect", str(runs_root), "--format", "csv",
+                                 "--sort-by", "method"])
     methods = [r["method"] for r in csv.DictReader(io.StringIO(result.stdout))]
     assert methods == sorted(methods) and "LIEC-SGD (sign ↑↓)" in methods
     result = runner.invoke(cli, ["collect", str(runs_root), "--sort-by", "final_acuracy"])

@@ -30,7 +30,8 @@ def _runs(root: Path):
     write_run(root, "liec-lr", {"algorithm": "liec", "up": "sign", "down": "sign", "seed": 0,
                                 "lr": 0.2}, [0.30, 0.70, 0.80], (40, 40), summary_extra=TIMES)
     # MEM-SGD asked for a sign downlink; it sends the mean dense all the same
-    write_run(root, "memsgd", {"algorithm": "memsgd", "up": "topk:ratio=0.01", "down": "topk:ratio=0.01"},
+    write_run(root, "memsgd", {"algorithm": "memsgd", "up": "topk:ratio=0.01",
+                               "down": "topk:ratio=0.01"},
               [0.2, 0.3, 0.4], (20, 1000), summary_extra=TIMES)
     write_run(root, "dgc", {"algorithm": "dgc", "up": "dgc:ratio=0.001,sample_ratio=0.01",
                             "down": "none", "pattern": "allgather"},
@@ -73,7 +74,7 @@ def test_every_label_and_legend_entry_lies_inside_the_figure(drawn):
             texts.append(fig._suptitle)
         for text in (t for t in texts if t.get_text()):
             box = text.get_window_extent(renderer)
-            assert _inside(box, fig.bbox), f"{stem}: {text.get_text()!r} at {box} outside {fig.bbox}"
+            assert _inside(box, fig.bbox), f"{stem}: {text.get_text()!r} at {box}"
         legend_box = legend.get_window_extent(renderer)
         assert _inside(legend_box, fig.bbox), stem
         for ax in fig.axes:   # below the axes, not over the data

@@ -71,7 +71,8 @@ class RunDirectory:
         self._metrics = None
         self._tensorboard = None
 
-    def start(self, config: Dict[str, Any], env: Dict[str, Any], resume_step: Optional[int]) -> None:
+    def start(self, config: Dict[str, Any], env: Dict[str, Any],
+              resume_step: Optional[int]) -> None:
         """Write config.json and env.json; open metrics.jsonl (fresh, or cut back to the resumed
         checkpoint's step so that the steps replayed after a crash are not listed twice)."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,8 @@ class RunDirectory:
 
 #: TensorBoard tag of each metrics.jsonl field, per event; other numeric fields: ``event/key``.
 TENSORBOARD_TAGS = {
-    "step": {"loss": "train/loss", "lr": "train/lr", "bytes_up": "bytes/up", "bytes_down": "bytes/down",
+    "step": {"loss": "train/loss", "lr": "train/lr", "bytes_up": "bytes/up",
+             "bytes_down": "bytes/down",
              "time_compute": "time/compute", "time_compress": "time/compress",
              "time_comm": "time/comm", "wall_time": "time/wall"},
     "epoch": {"loss": "epoch/train_loss", "train_accuracy": "epoch/train_accuracy",
