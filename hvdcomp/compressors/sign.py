@@ -31,14 +31,15 @@ Wire format (little-endian), all fields of a payload back to back:
     blocksign:       [scales: fp32 × ceil(d/block)][bits]      -> 4·ceil(d/block) + ceil(d/8)
 (``sign``'s chunk payloads all carry the bucket's scale; its downlink adds the allgather of the
 N chunk norms, 8 bytes each, which the exchange counts.)
-Bit 7−i of byte q (MSB first, as numpy.packbits) is the sign of element 8q+i (1 = non-negative).  Empty chunks send 0 bytes.
+Bit 7−i of byte q (MSB first, as numpy.packbits) is the sign of element 8q+i (1 = non-negative).
+Empty chunks send 0 bytes.
 
 Cost: compress is an L1 norm (one read of x), one comparison (read x, write d bytes) and the bit
 packing; decompress unpacks the bits and writes ±scale once per element with one table gather
 (blocksign adds one in-place multiply by the block scales).  ``decompress_into`` writes into the
 caller's buffer, which is how the exchange (and ``roundtrip_into``) avoid a fresh allocation per
-chunk.  All passes are memory passes; on CPU the packing goes through numpy (see :mod:`.bitpack`).  Measured in
-docs/benchmarks.md.
+chunk.  All passes are memory passes; on CPU the packing goes through numpy (see
+:mod:`.bitpack`).  Measured in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import bitpack
-from ._wire import (Layout, LayoutCompressor, allocate, check_int, check_out_dtype, check_payload, compute_dtype,
-                    flat_input)
+from ._wire import (Layout, LayoutCompressor, allocate, check_int, check_out_dtype, check_payload,
+                    compute_dtype, flat_input)
 from .base import check_finite
 from .registry import register
 

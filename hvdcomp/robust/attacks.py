@@ -22,8 +22,9 @@ a = −mean(H) for FOE, and t maximises the damage to the defence,
 plain averaging the damage grows without bound and the search walks t up to ~2¹⁵; against NNA it
 stops where the faulty vectors would leave the nearest neighbours. A fixed ``param`` (z, or Xie
 et al.'s ε) replaces the search; ``search=False`` without one takes the literature's fixed values,
-Baruch et al.'s z_max (:func:`alie_default_z`) and Xie et al.'s ε = 0.1. These are simulations for measuring robustness:
-:class:`hvdcomp.robust.monna.MoNNA` refuses them unless ``simulate_faults=True``.
+Baruch et al.'s z_max (:func:`alie_default_z`) and Xie et al.'s ε = 0.1. These are simulations
+for measuring robustness: :class:`hvdcomp.robust.monna.MoNNA` refuses them unless
+``simulate_faults=True``.
 """
 from __future__ import annotations
 
@@ -182,8 +183,9 @@ def attack_vectors(attack: str, honest: torch.Tensor, f: int, *, param: Optional
     ``param``: a fixed z for ALIE or ε for FOE (Xie et al.'s: −ε·mean(H)), the honest worker
     copied by mimic (default 0).  ALIE and FOE without ``param``: the MoNNA authors' line search
     against ``aggregator`` (module docstring), unless ``search=False``, which takes Baruch et
-    al.'s z_max and ε = 0.1.  ``search=True`` with a ``param`` is refused (one or the other). Label flipping needs ``lr`` and
-    ``flipped_gradient``: one (d,) gradient for all, or (f, d), one per faulty worker."""
+    al.'s z_max and ε = 0.1.  ``search=True`` with a ``param`` is refused (one or the other).
+    Label flipping needs ``lr`` and ``flipped_gradient``: one (d,) gradient for all, or (f, d),
+    one per faulty worker."""
     honest = _honest(honest)
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
