@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import click
 
+from hvdcomp.cli.formats import output_format
 from hvdcomp.bench.output import BenchError
 
 LINK_HELP = ("Launch 2 ranks across an emulated link of this rate (e.g. 1gbit, 100mbit, or "
@@ -146,15 +147,16 @@ def emit(payload: Dict[str, object], as_json: bool, out: Optional[str], table) -
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the buffers.")
 @click.option("--iface", default="mpi0", show_default=True,
               help="Network interface whose tx counter is reported, when it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the JSON to this file (checked before measuring, written "
                    "atomically at the end).")
 @click.option("--link", default=None, help=LINK_HELP)
+@output_format
 def command(sizes, algorithms, compressors, patterns, baselines, warmup, repeats, seed, iface,
-            as_json, out, link):
+            fmt, out, link):
     """Time, algbw/busbw and bytes per rank of one exchange per algorithm × compressor × pattern,
     beside Horovod's allreduce and fp16 allreduce. Run under mpirun, or with --link."""
+    as_json = fmt == "json"
     from hvdcomp.bench import comm as bench
 
     size_list = parse_sizes_option(sizes)

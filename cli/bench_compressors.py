@@ -7,6 +7,7 @@ import json
 
 import click
 
+from hvdcomp.cli.formats import output_format
 from hvdcomp.bench.output import BenchError
 
 
@@ -27,10 +28,11 @@ from hvdcomp.bench.output import BenchError
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads during the run (default: torch's own choice).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the test buffer.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@output_format
 def command(sizes, compressor_list, repeats, warmup, device, finite_check, threads, seed,
-            as_json):
+            fmt):
     """Throughput (GB/s of fp32 input) of compress and decompress, and bits per element."""
+    as_json = fmt == "json"
     import torch
 
     from hvdcomp.bench import compressors as bench

@@ -12,6 +12,7 @@ from typing import Dict
 
 import click
 
+from hvdcomp.cli.formats import output_format
 from hvdcomp.bench.output import BenchError
 
 from hvdcomp.cli.bench_comm import (LINK_HELP, check_out_option, emit, init_horovod,
@@ -41,14 +42,15 @@ from hvdcomp.cli.bench_comm import (LINK_HELP, check_out_option, emit, init_horo
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed steps per method.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the JSON to this file (checked before measuring, written "
                    "atomically at the end).")
 @click.option("--link", default=None, help=LINK_HELP)
+@output_format
 def command(model, batch_size, image_size, num_classes, algorithms, compressors, baselines,
-            pattern, warmup, steps, seed, as_json, out, link):
+            pattern, warmup, steps, seed, fmt, out, link):
     """Training throughput per method, with compute / compression / communication per step."""
+    as_json = fmt == "json"
     from hvdcomp.bench import train as bench
     from hvdcomp.train.models import check_model_name
 

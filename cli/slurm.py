@@ -5,7 +5,6 @@ command ends with exit code 2, a submission Slurm refuses with exit code 1; both
 printed by the ``hvdcomp`` group (hvdcomp.errors.UserError), never a traceback."""
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import sys
@@ -14,21 +13,11 @@ from pathlib import Path
 
 import click
 
+from hvdcomp.cli.formats import output_format
+
 SPEC = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 OUT = click.option("--out", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
                    help="Sweep directory (default: [sweep] output of the spec).")
-
-
-def output_format(command):
-    """``--format table|json``, the one way every ``hvdcomp slurm`` command with JSON output
-    spells it; ``--json`` stays as a hidden alias of ``--format json``."""
-    @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-                  show_default=True, help="json: machine-readable, on stdout.")
-    @click.option("--json", "json_alias", is_flag=True, hidden=True)
-    @functools.wraps(command)
-    def wrapper(*args, fmt: str, json_alias: bool, **kwargs):
-        return command(*args, fmt="json" if json_alias else fmt, **kwargs)
-    return wrapper
 
 
 def _load(spec_path: Path, check_values: bool = True):
