@@ -53,7 +53,10 @@ def expected_mean_bytes(pattern: str, up: str, down: str, numel: int, size: int 
     for rank in range(size):
         if pattern == "two_phase":
             ups.append(sum(payload(up, c) for j, c in enumerate(pieces) if j != rank))
-            downs.append((size - 1) * payload(down, pieces[rank]))
+            # plus, for sign, the allgather of the chunks' L1 norms (one float64 per rank) that
+            # gives the downlink one scale per bucket
+            norms = 8 * (size - 1) if down == "sign" else 0
+            downs.append((size - 1) * payload(down, pieces[rank]) + norms)
         elif pattern == "allgather":
             ups.append((size - 1) * payload(up, numel))
             downs.append(0)
