@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 
-def _fail(message: str) -> None:
-    """End this rank with ``message`` once every rank of the job has heard of it."""
+def _fail(message: str) -> NoReturn:
+    """End this rank with ``message`` (a UserError, exit 2) once every rank of the job has heard
+    of it; never returns."""
     from hvdcomp.train.agreement import fail_across_ranks
     from hvdcomp.train.config import detect_launcher
     fail_across_ranks(message, detect_launcher())

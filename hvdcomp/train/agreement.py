@@ -21,7 +21,7 @@ A rank that fails before this point (a bad option) takes part too, through
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NoReturn, Optional
 
 from .. import stall
 from ..errors import UserError
@@ -66,7 +66,7 @@ def settle(hvd, problem: Optional[str], settings: Optional[Dict[str, Any]]) -> N
             + ". Start every rank with the same options", shown=rank == 0)
 
 
-def fail_across_ranks(message: str, launcher: Dict[str, Any]) -> None:
+def fail_across_ranks(message: str, launcher: Dict[str, Any]) -> NoReturn:
     """Raise ``message`` as a UserError after the other ranks have heard of it (see the module
     docstring); a lone process, or one where Horovod cannot start, raises it at once."""
     if launcher.get("world_size", 1) <= 1 or launcher.get("name") == "single":
