@@ -414,7 +414,7 @@ class Exchange:
         return ExchangeHandle(key, self.round, "allgather", flat.shape, flat.dtype, pending)
 
     def _finish_allgather(self, handle: ExchangeHandle) -> torch.Tensor:
-        algo, key, dtype = self.algorithm, handle.key, handle.dtype
+        key, dtype = handle.key, handle.dtype
         numel = handle.shape.numel()
         gathered = handle.pending["uplink"].wait()
         up = self._uplink(key)
@@ -624,7 +624,7 @@ class Exchange:
             n = int.from_bytes(raw[offset:offset + 8], "little")
             documents.append(json.loads(raw[offset + 8:offset + 8 + n]))
             offset += 8 + n
-        differences = _differences(documents)
+        differences = config_differences(documents)
         if differences:
             raise ConfigMismatchError(
                 "ranks disagree on their hvdcomp configuration, so their exchanges cannot pair: "
@@ -649,7 +649,7 @@ def _flatten(document: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix: document}
 
 
-def _differences(documents: Sequence[Mapping[str, Any]]) -> List[str]:
+def config_differences(documents: Sequence[Mapping[str, Any]]) -> List[str]:
     """``"<setting>: rank 0 = a, rank 1 = b"`` for each setting that is not the same everywhere."""
     flats = [_flatten(doc) for doc in documents]
     keys = sorted(set().union(*flats))

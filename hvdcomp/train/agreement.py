@@ -25,7 +25,7 @@ from typing import Any, Dict, NoReturn, Optional
 
 from .. import stall
 from ..errors import UserError
-from ..exchange import _differences as differences_between
+from ..exchange import config_differences
 
 #: options that may differ between ranks: each node may mount the data at its own path, and
 #: progress output is rank 0's alone
@@ -58,7 +58,7 @@ def settle(hvd, problem: Optional[str], settings: Optional[Dict[str, Any]]) -> N
     if failed:
         first, message = failed[0]
         raise RanksDisagree(message, shown=rank == first)
-    differences = differences_between([entry["settings"] for entry in everyone])
+    differences = config_differences([entry["settings"] for entry in everyone])
     if differences:
         raise RanksDisagree(
             "ranks were started with different settings, so their collectives cannot pair (or "
