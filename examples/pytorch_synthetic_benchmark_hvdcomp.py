@@ -55,7 +55,7 @@ def main():
     compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
 
     # Horovod: wrap optimizer with DistributedOptimizer.
-    optimizer = hvdcomp.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), compression=hvdcomp.Compression.liec("sign"), op=hvd.Adasum if args.use_adasum else hvd.Average)  # noqa: E501
+    optimizer = hvdcomp.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), compression=compression if args.fp16_allreduce else hvdcomp.Compression.liec("sign"), op=hvd.Adasum if args.use_adasum else hvd.Average)  # noqa: E501
 
     # Horovod: broadcast parameters & optimizer state.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
