@@ -66,13 +66,7 @@ def pick(saved: Dict[str, Any], comm) -> Dict[str, Any]:
             "the optimizer's state and start the error feedback at zero")
     mine = saved["ranks"].get(comm.rank)
     if mine is None:
-        held = ", ".join(str(r) for r in sorted(saved["ranks"]))
-        raise CheckpointMismatchError(
-            f"the checkpoint holds the error-feedback state of rank(s) {held} only, not of rank "
-            f"{comm.rank}: call optimizer.consolidate_state_dict() on every rank before rank 0 "
-            "saves optimizer.state_dict() (it gathers every rank's state into rank 0's), or "
-            "call optimizer.load_state_dict(state, reset_error_feedback=True) on every rank to "
-            "start the error feedback at zero")
+        raise _missing_slices(saved, [comm.rank])
     return mine
 
 
@@ -81,13 +75,18 @@ def require_every_rank(saved: Dict[str, Any], comm) -> None:
     saved = normalise(saved)
     missing = [r for r in range(comm.size) if r not in saved["ranks"]]
     if saved["world_size"] == comm.size and missing:
-        held = ", ".join(str(r) for r in sorted(saved["ranks"]))
-        raise CheckpointMismatchError(
-            f"the checkpoint holds the error-feedback state of rank(s) {held} only, not of rank(s) "
-            f"{', '.join(map(str, missing))}: call optimizer.consolidate_state_dict() on every "
-            "rank before rank 0 saves optimizer.state_dict() (it gathers every rank's state into "
-            "rank 0's), or load it with optimizer.load_state_dict(state, "
-            "reset_error_feedback=True) to start the error feedback at zero")
+        raise _missing_slices(saved, missing)
+
+
+def _missing_slices(saved: Dict[str, Any], missing) -> CheckpointMismatchError:
+    held = ", ".join(str(r) for r in sorted(saved["ranks"]))
+    ranks = "rank" if len(missing) == 1 else "rank(s)"
+    return CheckpointMismatchError(
+        f"the checkpoint holds the error-feedback state of rank(s) {held} only, not of {ranks} "
+        f"{', '.join(map(str, missing))}: call optimizer.consolidate_state_dict() on every rank "
+        "before rank 0 saves optimizer.state_dict() (it gathers every rank's state into rank "
+        "0's), or call optimizer.load_state_dict(state, reset_error_feedback=True) on every rank "
+        "to start the error feedback at zero")
 
 
 def gather(own_slice, comm, to: int, name: str) -> Optional[Dict[int, Any]]:
