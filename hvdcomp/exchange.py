@@ -76,7 +76,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .algorithms.base import Algorithm
-from .comm.base import Communicator, Handle, scale_like_horovod
+from .comm.base import Communicator, Handle, framed, scale_like_horovod, unframe
 from .compressors import Compressor
 from .compressors._wire import allocate
 
@@ -611,19 +611,10 @@ class Exchange:
         document = {"exchange": self.config(),
                     "buckets": {k: [n, str(d)] for k, (n, d) in sorted(buckets.items())}}
         data = json.dumps(document, sort_keys=True, default=str).encode()
-        # Each document is prefixed by its length (8 bytes) so that the concatenation of
-        # documents of different lengths can be split apart again.
-        header = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
-        mine = torch.cat([header, torch.frombuffer(bytearray(data), dtype=torch.uint8)])
-        return self.comm.allgather_async(mine, name)
+        return self.comm.allgather_async(framed(data), name)
 
     def _verify_config(self, check: Handle) -> None:
-        raw = bytes(check.wait().cpu().tolist())
-        documents, offset = [], 0
-        for _ in range(self.size):
-            n = int.from_bytes(raw[offset:offset + 8], "little")
-            documents.append(json.loads(raw[offset + 8:offset + 8 + n]))
-            offset += 8 + n
+        documents = [json.loads(data) for data in unframe(check.wait(), self.size)]
         differences = config_differences(documents)
         if differences:
             raise ConfigMismatchError(

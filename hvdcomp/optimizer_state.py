@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .comm.base import framed, length_header, unframe
 from .errors import UserError
 
 FORMAT = 2
@@ -91,23 +92,16 @@ def _missing_slices(saved: Dict[str, Any], missing) -> CheckpointMismatchError:
 
 def gather(own_slice, comm, to: int, name: str) -> Optional[Dict[int, Any]]:
     """Collective: every rank's slice on rank ``to`` (None elsewhere)."""
-    payload = _to_bytes(own_slice)
-    gathered = comm.allgather(torch.cat([_length(payload), payload]), name)
+    gathered = comm.allgather(framed(_serialised(own_slice)), name)
     if comm.rank != to:
         return None
-    raw = gathered.numpy().tobytes()
-    slices, offset = {}, 0
-    for rank in range(comm.size):
-        n = int.from_bytes(raw[offset:offset + 8], "little")
-        slices[rank] = _from_bytes(raw[offset + 8:offset + 8 + n])
-        offset += 8 + n
-    return slices
+    return {rank: _from_bytes(data) for rank, data in enumerate(unframe(gathered, comm.size))}
 
 
 def broadcast(comm, loaded: Optional[Dict[str, Any]], root: int, name: str):
     """Collective: rank ``root``'s ``loaded`` entry (or None) on every rank."""
-    payload = _to_bytes(loaded) if comm.rank == root else torch.empty(0, dtype=torch.uint8)
-    length = comm.broadcast(_length(payload), root, f"{name}.length")
+    payload = _to_tensor(loaded) if comm.rank == root else torch.empty(0, dtype=torch.uint8)
+    length = comm.broadcast(length_header(payload.numel()), root, f"{name}.length")
     n = int.from_bytes(bytes(length.tolist()), "little")
     if comm.rank != root:
         payload = torch.zeros(n, dtype=torch.uint8)
@@ -129,15 +123,15 @@ def broadcast_root() -> Optional[int]:
     return None
 
 
-def _to_bytes(obj: Any) -> torch.Tensor:
+def _serialised(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    return buffer.getvalue()
+
+
+def _to_tensor(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(_serialised(obj)), dtype=torch.uint8)
 
 
 def _from_bytes(raw: bytes) -> Any:
     return torch.load(io.BytesIO(raw), weights_only=False)
-
-
-def _length(payload: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(list(payload.numel().to_bytes(8, "little")), dtype=torch.uint8)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -128,3 +128,26 @@ def scale_like_horovod(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     factor (``Average`` = sum, then · 1/size; checked on 3 MPI ranks: float64 and float32 results
     equal ``sum * (1/3)`` computed this way, and differ from ``sum / 3``)."""
     return tensor.mul_(factor)
+
+
+def length_header(nbytes: int) -> torch.Tensor:
+    """``nbytes`` as 8 little-endian ``uint8``: the frame header of :func:`framed`."""
+    return torch.tensor(list(int(nbytes).to_bytes(8, "little")), dtype=torch.uint8)
+
+
+def framed(data: bytes) -> torch.Tensor:
+    """``data`` as a ``uint8`` tensor prefixed by its length, so that the ranks' documents of
+    different lengths, concatenated by an allgather, can be split apart again (:func:`unframe`)."""
+    body = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torch.cat([length_header(len(data)), body])
+
+
+def unframe(gathered: torch.Tensor, count: int) -> List[bytes]:
+    """The ``count`` documents of an allgather of :func:`framed` tensors, in rank order."""
+    raw = gathered.cpu().numpy().tobytes()
+    documents, offset = [], 0
+    for _ in range(count):
+        n = int.from_bytes(raw[offset:offset + 8], "little")
+        documents.append(raw[offset + 8:offset + 8 + n])
+        offset += 8 + n
+    return documents
