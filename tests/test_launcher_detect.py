@@ -2,6 +2,7 @@
 ``horovodrun --mpi`` and plain ``mpirun`` give their ranks, not a hand-written imitation of it."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -16,9 +17,9 @@ PRINT_LAUNCHER = ("from hvdcomp.train.config import detect_launcher; d = detect_
 def _launchers_seen(cmd) -> list:
     done = run_command(cmd, timeout=120, env=launcher_env())
     assert done.returncode == 0, done.stdout
-    # horovodrun tags each line ("[1,0]<stdout>:launcher=..."): keep what follows the tag
-    return sorted(line.split("launcher=", 1)[1] for line in done.stdout.splitlines()
-                  if "launcher=" in line)
+    # horovodrun tags each line ("[1,0]<stdout>:launcher=...") and may interleave two ranks'
+    # output on one line, tags included: pick out each record by its own shape
+    return sorted(re.findall(r"launcher=(\w+ rank=\d+ size=\d+)", done.stdout))
 
 
 @pytest.mark.mpi
