@@ -22,12 +22,30 @@ Semantics (identical for :class:`~hvdcomp.comm.horovod.HorovodCommunicator` and
     rank ``root``'s tensor, on every rank.
 
 Inputs are never modified; results are new tensors.
+
+Blocking conveniences, built from the four collectives above (a communicator need not override
+them; every one waits under the stall guard, through :meth:`Handle.wait`):
+
+``allreduce(t, name, op)``, ``allgather(t, name)``, ``alltoall(...)``, ``broadcast(...)``
+    the asynchronous collective, waited for.
+``barrier(name)``
+    returns once every rank has called it (a one-element allreduce).
+``allgather_object(obj, name)`` / ``broadcast_object(obj, root, name)``
+    any picklable object (``torch.save`` serialisation): every rank's, in rank order / the
+    root's, on every rank.
+``broadcast_state(state, root, name)``
+    every tensor of a ``state_dict`` overwritten in place by rank ``root``'s (what
+    ``hvd.broadcast_parameters`` does), one collective per tensor under ``name.<key>``.
+
+Where a process runs: ``local_rank`` and ``local_size`` (the rank among the processes of this
+node, and their number; a GPU rank picks its device by ``local_rank``).
 """
 from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Callable, List, Optional, Sequence
+import io
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -103,6 +121,45 @@ class Communicator(abc.ABC):
     def broadcast(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
         return self.broadcast_async(tensor, root, name).wait()
 
+    def barrier(self, name: str) -> None:
+        """Return once every rank has reached this call."""
+        self.allreduce(torch.zeros(1), name, op="sum")
+
+    def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        gathered = self.allgather(framed(serialise(obj)), name)
+        return [deserialise(data) for data in unframe(gathered, self.size)]
+
+    def broadcast_object(self, obj: Any, root: int, name: str) -> Any:
+        """Rank ``root``'s ``obj`` on every rank (the others' ``obj`` is ignored)."""
+        payload = serialise(obj) if self.rank == root else b""
+        length = self.broadcast(length_header(len(payload)), root, f"{name}.length")
+        if self.rank != root:
+            payload = bytes(int.from_bytes(bytes(length.tolist()), "little"))
+        data = self.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                              if payload else torch.zeros(0, dtype=torch.uint8), root,
+                              f"{name}.data")
+        return deserialise(data.numpy().tobytes())
+
+    def broadcast_state(self, state: Dict[str, torch.Tensor], root: int, name: str) -> None:
+        """Overwrite every tensor of ``state`` (a ``state_dict``) in place with rank ``root``'s,
+        as ``hvd.broadcast_parameters`` does; the collectives run concurrently."""
+        pending = [(tensor, self.broadcast_async(tensor.detach(), root, f"{name}.{key}"))
+                   for key, tensor in sorted(state.items()) if isinstance(tensor, torch.Tensor)]
+        for tensor, handle in pending:
+            with torch.no_grad():
+                tensor.copy_(handle.wait())
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank among the processes of its node (default: its rank)."""
+        return self.rank
+
+    @property
+    def local_size(self) -> int:
+        """How many of the world's processes run on this node (default: all of them)."""
+        return self.size
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} rank {self.rank} of {self.size}>"
 
@@ -151,3 +208,15 @@ def unframe(gathered: torch.Tensor, count: int) -> List[bytes]:
         documents.append(raw[offset + 8:offset + 8 + n])
         offset += 8 + n
     return documents
+
+
+def serialise(obj: Any) -> bytes:
+    """``obj`` as bytes (``torch.save``: tensors and plain Python objects)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def deserialise(raw: bytes) -> Any:
+    """The object :func:`serialise` wrote (``weights_only=False``: only ever the peers' own)."""
+    return torch.load(io.BytesIO(raw), weights_only=False)

@@ -47,6 +47,21 @@ class HorovodCommunicator(Communicator):
         self.rank = self._process_set.rank()
         self.size = self._process_set.size()
 
+    @classmethod
+    def start(cls) -> "HorovodCommunicator":
+        """``hvd.init()`` (from the launcher's environment: mpirun, srun, horovodrun), then the
+        communicator of the global process set."""
+        _import_horovod().init()
+        return cls()
+
+    @property
+    def local_rank(self) -> int:
+        return self._hvd.local_rank()
+
+    @property
+    def local_size(self) -> int:
+        return self._hvd.local_size()
+
     @property
     def hvd(self):
         """The ``horovod.torch`` module (for callers that make Horovod's own calls)."""
@@ -60,8 +75,9 @@ class HorovodCommunicator(Communicator):
     def allreduce_async(self, tensor, name, op="average"):
         check_op(op)
         if tensor.dtype not in REDUCIBLE_DTYPES:
-            raise TypeError(f"allreduce {name!r}: {tensor.dtype} cannot be reduced (Horovod's torch "
-                            "binding reduces float16/32/64); send packed bytes with allgather")
+            raise TypeError(f"allreduce {name!r}: {tensor.dtype} cannot be reduced (Horovod's "
+                            "torch binding reduces float16/32/64); send packed bytes with "
+                            "allgather")
         hvd_op = self._hvd.Average if op == "average" else self._hvd.Sum
         handle = self._hvd.allreduce_async(tensor.contiguous(), name=name, op=hvd_op,
                                            process_set=self._process_set)
