@@ -52,6 +52,7 @@ import torch
 from ..compressors import Compressor
 from ..compressors.layerwise import PerLayer
 from .base import Algorithm
+from .memsgd import store_difference
 
 __all__ = ["DGC", "DGCSGD", "dgc_density", "clip_local_gradient"]
 
@@ -84,10 +85,24 @@ def clip_local_gradient(grad: torch.Tensor, clip_norm: float, world_size: int) -
     The paper's argument: with N workers each holding 1/N of the batch, a worker's gradient norm
     is ≈ N^{−1/2} of the summed gradient's, so the global threshold is scaled by N^{−1/2}."""
     limit = float(clip_norm) / math.sqrt(world_size)
-    norm = torch.linalg.vector_norm(grad).item()
-    if norm > limit:
-        return grad * (limit / norm)
-    return grad
+    # On the device, without reading the norm on the host (a GPU would wait for it every round):
+    # the scale is limit/‖g‖ in float64 (what Python computed from the norm read as a float),
+    # or 1 when the norm is within the limit or not a number; multiplying by 1 changes nothing.
+    norm = torch.linalg.vector_norm(grad).to(torch.float64)
+    scale = torch.where(norm > limit, torch.div(torch.full_like(norm, limit), norm),
+                        torch.ones_like(norm))
+    return _times_scalar(grad, scale)
+
+
+def _times_scalar(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x · scale`` for a float64 0-dim ``scale`` on x's device, rounded as ``x * float(scale)``
+    rounds: PyTorch multiplies by a Python number in x's "opmath" type (float32 for float16,
+    bfloat16 and float32; float64 for float64), so the scale is rounded to that type once and
+    the product once more to x's dtype."""
+    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dtype == opmath:
+        return x * scale.to(opmath)
+    return (x.to(opmath) * scale.to(opmath)).to(x.dtype)
 
 
 class DGC(Algorithm):
@@ -249,10 +264,12 @@ class DGC(Algorithm):
         return mean_received if error is None else mean_received + error
 
     def server_sent(self, key, message, sent):
-        if self.server_error_feedback and not torch.equal(message, sent):
-            self.server_error[key] = message - sent
-        elif key in self.server_error:
-            self.server_error[key].zero_()
+        # Decided without comparing message and sent (a comparison read on the host would make
+        # a GPU wait every round): nothing is lost when the server sends its message itself (the
+        # allgather pattern's replicated server) or through the lossless ``none`` compressor.
+        if not self.server_error_feedback or sent is message or self.down.name == "none":
+            return
+        store_difference(self.server_error, key, message, sent)   # what the downlink dropped
 
     def worker_update(self, key, received):
         return received
