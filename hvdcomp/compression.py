@@ -84,7 +84,11 @@ class RandomKCompressor(_HorovodCompressor):
         self._calls[numel] = call + 1
         k = max(1, int(-(-self.ratio * numel // 1)))
         gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}.{numel}.{call}".encode()))
-        return torch.randperm(numel, generator=gen)[:k].to(device)
+        indices = torch.randperm(numel, generator=gen)[:k]   # on the CPU: the same on every rank
+        if torch.device(device).type == "cuda":
+            # from pinned memory without blocking: a pageable copy would make the host wait
+            return indices.pin_memory().to(device, non_blocking=True)
+        return indices.to(device)
 
     def compress(self, tensor):
         flat = tensor.reshape(-1)
