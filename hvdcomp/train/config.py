@@ -38,6 +38,8 @@ PAPER_SGD_MOMENTUM = {"psgd": 0.9}
 #: Algorithms train cannot run yet, with the reason shown to the user.
 UNSUPPORTED: Dict[str, str] = {}
 SCHEDULES = ("constant", "step", "cosine")
+#: the libraries that can carry the collectives (hvdcomp.train.engine)
+ENGINES = ("horovod", "torch")
 
 
 class ConfigError(UserError, ValueError):
@@ -105,6 +107,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "cpu"
     tensorboard: bool = False  # also write TensorBoard event files into RUN_DIR/tensorboard
+    # the library carrying the collectives: "horovod" | "torch"; None: chosen by the CLI from the
+    # launcher (hvdcomp.train.engine.default_engine)
+    engine: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
@@ -167,6 +172,9 @@ class TrainConfig:
             parse_checkpoint_every(cfg.checkpoint_every)
         if cfg.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {cfg.device!r}")
+        if cfg.engine is not None and cfg.engine not in ENGINES:
+            raise ConfigError(f"unknown --engine {cfg.engine!r}; choose one of: "
+                              f"{', '.join(ENGINES)}")
         return cfg
 
     def to_dict(self) -> Dict[str, Any]:
@@ -186,7 +194,7 @@ class TrainConfig:
 #: Options that may differ between an interrupted run and its --resume (they do not change the
 #: trajectory of the parameters).
 RESUME_MAY_DIFFER = ("out", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-                     "data_dir", "tensorboard")
+                     "data_dir", "tensorboard", "engine")
 
 
 def resume_mismatch(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
@@ -277,7 +285,9 @@ def detect_launcher(env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     OMPI_COMM_WORLD_* and points its children at itself (OMPI_MCA_orte_hnp_uri, or PMIX_SERVER_URI
     from mpirun's PMIx server); ``srun`` sets SLURM_STEP_ID and SLURM_PROCID for each task (with
     --mpi=pmix Open MPI's OMPI_COMM_WORLD_* may be set too, but without mpirun's head-node URI);
-    MPICH/Hydra sets PMI_RANK. Without any of them this is a single process (N = 1).
+    MPICH/Hydra sets PMI_RANK; ``torchrun`` sets TORCHELASTIC_RUN_ID, RANK and WORLD_SIZE in every
+    worker, and is checked first because ``srun torchrun ...`` leaves Slurm's variables (one task
+    per node, not per rank) in its workers. Without any of them this is a single process (N = 1).
     """
     env = dict(os.environ if env is None else env)
 
@@ -288,26 +298,34 @@ def detect_launcher(env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         return None
 
     horovod_vars = [k for k in env if k.startswith("HOROVOD_")]
-    horovodrun_mpi = "OMPI_COMM_WORLD_SIZE" in env and (
-        "HOROVOD_HOSTNAME" in env
-        or (env.get("OMPI_MCA_orte_tag_output") == "1" and "NCCL_SOCKET_IFNAME" in env))
-    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env or horovodrun_mpi:
-        name = "horovodrun"
-    elif "OMPI_COMM_WORLD_SIZE" in env and "SLURM_STEP_ID" in env and not (
-            "OMPI_MCA_orte_hnp_uri" in env or "OMPI_MCA_orte_local_daemon_uri" in env):
-        name = "srun"
-    elif "OMPI_COMM_WORLD_SIZE" in env or "PMI_RANK" in env:
-        name = "mpirun"
-    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
-        name = "srun"
-    else:
-        name = "single"
+    name = _launcher_name(env)
     rank = as_int("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
     size = as_int("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS",
                   "SLURM_NPROCS")
+    if name == "torchrun":
+        rank, size = as_int("RANK"), as_int("WORLD_SIZE")
     if name == "single":
         rank, size = 0, 1
     return {"name": name, "rank": rank if rank is not None else 0,
             "world_size": size if size is not None else 1,
             "slurm_job_id": env.get("SLURM_JOB_ID"),
             "horovod_env": sorted(horovod_vars)}
+
+
+def _launcher_name(env: Dict[str, str]) -> str:
+    """The launcher of :func:`detect_launcher` (its docstring says why in this order)."""
+    horovodrun_mpi = "OMPI_COMM_WORLD_SIZE" in env and (
+        "HOROVOD_HOSTNAME" in env
+        or (env.get("OMPI_MCA_orte_tag_output") == "1" and "NCCL_SOCKET_IFNAME" in env))
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env or horovodrun_mpi:
+        return "horovodrun"
+    if "OMPI_COMM_WORLD_SIZE" in env and "SLURM_STEP_ID" in env and not (
+            "OMPI_MCA_orte_hnp_uri" in env or "OMPI_MCA_orte_local_daemon_uri" in env):
+        return "srun"
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_RANK" in env:
+        return "mpirun"
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return "srun"
+    return "single"
