@@ -4,7 +4,10 @@ Every collective is asynchronous: it returns a :class:`Handle` whose :meth:`Hand
 the result, so the exchange can launch a bucket's uplink during backward and collect it later.
 Every collective carries a ``name``; ranks pair collectives by name (as Horovod does), never by
 call order, so ranks whose gradient hooks fire in different orders still pair the right tensors.
-Names must be identical across ranks and unique among the collectives in flight.
+Names must be identical across ranks and unique among the collectives in flight. One engine
+narrows this: ``torch.distributed`` pairs by launch order, so over
+:class:`~hvdcomp.comm.torchdist.TorchDistCommunicator` (``pairs_by_name`` False) every rank must
+also launch the named collectives in the same order; it checks that on every collective.
 
 Semantics (identical for :class:`~hvdcomp.comm.horovod.HorovodCommunicator` and
 :class:`~hvdcomp.comm.simulator.SimCommunicator`):
@@ -90,6 +93,10 @@ class Communicator(abc.ABC):
 
     rank: int
     size: int
+    #: True when ranks pair collectives by name whatever order they launch them in (Horovod, the
+    #: simulator); False when they pair by launch order (torch.distributed: every rank must then
+    #: launch the same collectives in the same order, see :mod:`hvdcomp.comm.torchdist`)
+    pairs_by_name: bool = True
 
     @abc.abstractmethod
     def allreduce_async(self, tensor: torch.Tensor, name: str, op: str = "average") -> Handle:

@@ -1,0 +1,138 @@
+"""The torch.distributed communicator on real Gloo processes (and NCCL, marked ``gpu``): the
+semantics the Horovod communicator is tested for (tests/test_horovod_ranks.py), the ordering
+contract (pairing by launch order, verified by name), and the exchange's float64-oracle and
+bit-for-bit tests running on it for every algorithm and pattern."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchranks import run_torch_ranks
+
+
+def _comm(**kwargs):
+    from hvdcomp.comm.torchdist import TorchDistCommunicator
+    return TorchDistCommunicator(**kwargs)
+
+
+# --- the four collectives ------------------------------------------------------------------------
+def _collectives(alltoall="auto", device="cpu"):
+    comm = _comm(alltoall=alltoall)
+    rank, size = comm.rank, comm.size
+    out = {"rank": rank, "size": size, "mode": comm.alltoall_mode}
+    x = (torch.arange(5, dtype=torch.float64) + 10 * rank).to(device)
+    kept = x.clone()
+    out["sum"] = comm.allreduce(x, "t.sum", op="sum").cpu()
+    out["avg"] = comm.allreduce(x, "t.avg").cpu()
+    out["input_kept"] = torch.equal(x.cpu(), kept.cpu())
+    # float32 average: sum, then times 1/size in float32 (Horovod's Average)
+    y = torch.full((3,), 0.1 * (rank + 1), dtype=torch.float32, device=device)
+    out["avg32"] = comm.allreduce(y, "t.avg32").cpu()
+    # allgather of uint8 with a different first dimension on each rank, and 2-D rows
+    out["gathered"] = comm.allgather(torch.full((rank + 1,), rank, dtype=torch.uint8,
+                                                device=device), "t.gather").cpu()
+    rows = torch.full((rank, 2), float(rank), device=device)   # rank 0 sends no row at all
+    out["gathered_rows"] = comm.allgather(rows, "t.gather.rows").cpu()
+    # alltoall: rank r sends (j + 1) bytes of value 16*r + j to rank j, and nothing to itself
+    # on odd ranks (empty pieces)
+    splits = [0 if (j == rank and rank % 2) else j + 1 for j in range(size)]
+    send = torch.cat([torch.full((s,), 16 * rank + j, dtype=torch.uint8)
+                      for j, s in enumerate(splits)]).to(device)
+    received, received_splits = comm.alltoall(send, splits, "t.alltoall")
+    out["alltoall"], out["alltoall_splits"] = received.cpu(), received_splits
+    out["bcast"] = comm.broadcast(torch.full((2, 2), float(rank), device=device), size - 1,
+                                  "t.bcast").cpu()
+    # many in flight at once, in the same order on every rank, waited in another order
+    handles = [comm.allreduce_async(torch.ones(3, device=device) * (i + 1), f"t.async.{i}",
+                                    op="sum") for i in range(3)]
+    out["async"] = [h.wait()[0].item() for h in reversed(handles)]
+    out["object"] = comm.allgather_object({"rank": rank}, "t.object")
+    return out
+
+
+def _check_collectives(results, np):
+    assert [r["rank"] for r in results] == list(range(np))
+    base = torch.arange(5, dtype=torch.float64)
+    expected_sum = np * base + 10 * sum(range(np))
+    y = [torch.full((3,), 0.1 * (r + 1), dtype=torch.float32) for r in range(np)]
+    total32 = y[0].clone()
+    for t in y[1:]:
+        total32 += t
+    for r in results:
+        j = r["rank"]
+        assert torch.equal(r["sum"], expected_sum)
+        assert torch.equal(r["avg"], expected_sum * (1.0 / np))
+        assert r["input_kept"]
+        assert torch.equal(r["avg32"], total32 * (1.0 / np))
+        assert r["gathered"].tolist() == [k for k in range(np) for _ in range(k + 1)]
+        assert r["gathered_rows"].tolist() == [[float(k)] * 2 for k in range(np)
+                                               for _ in range(k)]
+        expected_splits = [0 if (src == j and j % 2) else j + 1 for src in range(np)]
+        assert r["alltoall_splits"] == expected_splits
+        assert r["alltoall"].tolist() == [16 * src + j for src in range(np)
+                                          for _ in range(expected_splits[src])]
+        assert torch.equal(r["bcast"], torch.full((2, 2), float(np - 1)))
+        assert r["async"] == [np * 3.0, np * 2.0, np * 1.0]
+        assert r["object"] == [{"rank": k} for k in range(np)]
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_collectives_on_gloo(np):
+    results = run_torch_ranks(_collectives, np=np, timeout=120)
+    assert {r["mode"] for r in results} == {"p2p"}
+    _check_collectives(results, np)
+
+
+def test_native_alltoall_on_gloo():
+    """all_to_all_single, where this torch's Gloo has it (the p2p path is the default)."""
+    results = run_torch_ranks(_collectives, np=2, timeout=120, alltoall="native")
+    _check_collectives(results, 2)
+
+
+@pytest.mark.gpu
+def test_collectives_on_nccl_single_rank():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    results = run_torch_ranks(_collectives, np=1, backend="nccl", timeout=180, device="cuda")
+    assert results[0]["mode"] == "native"
+    _check_collectives(results, 1)
+
+
+# --- the ordering contract -----------------------------------------------------------------------
+def _launch_out_of_order(kind):
+    from hvdcomp.comm.torchdist import CollectiveOrderError
+
+    comm = _comm()
+    names = ["t.b0", "t.b1"] if comm.rank == 0 else ["t.b1", "t.b0"]
+    try:
+        if kind == "allreduce":
+            handles = [comm.allreduce_async(torch.ones(4), n) for n in names]
+            [h.wait() for h in handles]
+        else:
+            [comm.allgather(torch.ones(4), n) for n in names]
+    except CollectiveOrderError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("kind", ["allreduce", "allgather"])
+def test_collectives_launched_in_different_orders_raise_one_clear_error(kind):
+    messages = run_torch_ranks(_launch_out_of_order, np=2, timeout=120, kind=kind)
+    assert messages[0] is not None and messages[0] == messages[1]
+    assert f"rank 0 launched {kind} 't.b0'; rank 1 launched {kind} 't.b1'" in messages[0]
+    assert "launch order" in messages[0]
+
+
+def _mismatched_shape():
+    comm = _comm()
+    try:
+        comm.allreduce(torch.ones(3 + comm.rank), "t.shape")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_different_shapes_raise_instead_of_hanging():
+    messages = run_torch_ranks(_mismatched_shape, np=2, timeout=60)
+    assert messages[0] == messages[1] == \
+        "allreduce 't.shape': ranks sent different dtypes or shapes"
