@@ -463,23 +463,4 @@ def test_bytes_benchmark_two_phase_flat_allgather_linear():
     assert gather == [(n - 1) * payload for n in (2, 4, 8)]
 
 
-# --- GPU -----------------------------------------------------------------------------------------
-def _on_device(comm, device):
-    grads = gradients(seed=4, steps=3, n=comm.size, d=500)
-    algo = make_algorithm("liec", up="blocksign:block=64", down="topk:ratio=0.1", period=2)
-    exchange = Exchange(algo, comm)
-    updates = []
-    for t in range(3):
-        updates.append(exchange.exchange("b", grads[t, comm.rank].to(device)).cpu())
-        exchange.end_round()
-    return torch.stack(updates)
-
-
-@pytest.mark.gpu
-def test_exchange_on_cuda_matches_cpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    on_gpu = simulate(2, _on_device, "cuda")
-    on_cpu = simulate(2, _on_device, "cpu")
-    for rank in range(2):
-        torch.testing.assert_close(on_gpu[rank], on_cpu[rank], rtol=1e-6, atol=1e-6)
+# --- GPU: tests/test_gpu_exchange.py (marker gpu) -------------------------------------------------

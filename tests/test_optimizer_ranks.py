@@ -245,7 +245,8 @@ def _diff(a, b):
 def test_cuda_gradients_through_nccl_or_mpi():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
-    import horovod.torch as hvd
+    hvd = pytest.importorskip("horovod.torch", reason="Horovod is not installed (one GPU without "
+                              "Horovod: tests/test_gpu_*.py cover the exchange)")
     if not (hvd.nccl_built() or hvd.cuda_built()):
         pytest.skip("Horovod was built without CUDA support (HOROVOD_GPU_OPERATIONS=NCCL)")
     results = run_ranks(_cuda_liec, np=1, timeout=240)
