@@ -4,9 +4,12 @@ own algorithms (``Compression.liec(...)``, ``.memsgd``, ``Compression.algorithm(
 * gradients are fused into **buckets** (``bucket_bytes``, default Horovod's 64 MiB fusion
   threshold, or Horovod's ``groups``) in a rank-independent order: reversed ``named_parameters``,
   roughly the order backward produces them;
-* a bucket's **uplink** starts from the optimizer's gradient hook as soon as its last gradient is
-  ready, so communication overlaps the rest of backward; :meth:`BucketReducer.synchronize`
-  finishes the **downlink** of every bucket, in bucket order, and writes the update into ``p.grad``;
+* a bucket's **uplink** starts from the optimizer's gradient hook once its last gradient is
+  ready and every bucket before it has started: buckets start in index order whatever order the
+  hooks fire in (as DDP's), so ranks launch collectives in the same order, which engines that
+  pair by launch order (torch.distributed) need; communication still overlaps backward;
+  :meth:`BucketReducer.synchronize` finishes the **downlink** of every bucket, in bucket order,
+  and writes the update into ``p.grad``;
 * tensors smaller than ``small_tensor_bytes`` (biases, norms) go uncompressed through an
   allreduce: compressing them saves nothing and costs accuracy;
 * LIEC-SGD's exact rounds: the exchange sends exact gradients, and :meth:`before_step` averages
@@ -82,11 +85,14 @@ class BucketReducer:
 
     # --- the optimizer's hooks call these ------------------------------------------------------
     def ready(self, p: torch.Tensor) -> None:
-        """``p``'s gradient is complete for this step: start its bucket if it was the last."""
+        """``p``'s gradient is complete for this step: start its bucket if it was the last, and
+        every bucket after it that was only waiting for it (buckets start in index order)."""
         bucket = self._bucket_of[id(p)]
         bucket.pending -= 1
-        if bucket.pending == 0:
-            self._start(bucket)
+        while (self._next_start < len(self.buckets)
+               and self.buckets[self._next_start].pending == 0):
+            self._start(self.buckets[self._next_start])
+            self._next_start += 1
 
     def in_flight(self) -> bool:
         return any(b.handle is not None for b in self.buckets)
@@ -112,6 +118,7 @@ class BucketReducer:
         return p.grad
 
     def _begin_step(self) -> None:
+        self._next_start = 0
         for bucket in self.buckets:
             bucket.pending = len(bucket.params)
             bucket.handle = None
