@@ -21,8 +21,10 @@ torch tensor costs more than the gather itself (page faults; ~5x a copy for 64 M
 for the gather into an existing buffer, docs/benchmarks.md), so the exchange decodes into
 buffers it reuses, and fresh outputs are allocated through numpy (huge pages).
 
-On CPU, packing and unpacking go through numpy (``packbits`` is a SIMD loop with the same bit
-order; ``take`` gathers the table rows on one thread at about copy speed, where torch's CPU
+On CPU with the C kernels available (:mod:`._native`, ``HVDCOMP_NATIVE``), float32 packing and
+decoding run in C instead (one pass each, all threads); the roads below are the reference.
+Otherwise, on CPU, packing and unpacking go through numpy (``packbits`` is a SIMD loop with the
+same bit order; ``take`` gathers the table rows on one thread at about copy speed, where torch's CPU
 ``index_select`` needs both cores for that); ``NUMPY_ON_CPU = False`` forces the torch road
 (tests compare them).  Both roads give the same bytes and values.
 
@@ -37,6 +39,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
+from . import _native
 from ._wire import allocate
 
 if sys.byteorder != "little":  # the word views below read bytes in little-endian order
@@ -58,6 +61,10 @@ def packed_nbytes(numel: int, bits: int = 1) -> int:
 def pack_signs(x: torch.Tensor, out: torch.Tensor) -> None:
     """Write the bits ``x >= 0`` of the 1-D tensor ``x`` into the ``uint8`` tensor ``out`` of
     ``packed_nbytes(x.numel())`` bytes, MSB first."""
+    lib = _native.usable(x, out) if x.dtype == torch.float32 else None
+    if lib is not None:      # the C road: one pass, same bits
+        _native.sign_encode(lib, x, out, None)
+        return
     if x.device.type == "cpu" and NUMPY_ON_CPU:
         if x.dtype in (torch.float32, torch.float64):
             nonnegative = np.greater_equal(x.numpy(), 0)   # numpy's compare is the faster here
@@ -132,6 +139,10 @@ def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype,
         out.copy_(unpack_signs(packed, numel, dtype, scale))
         return out
     table = _scaled_sign_table(packed.device, dtype, scale)
+    lib = _native.usable(packed, out, table) if dtype == torch.float32 else None
+    if lib is not None:      # the C road: copies the same table rows, on all threads
+        _native.sign_decode(lib, packed, numel, table, out)
+        return out
     whole, tail = divmod(numel, 8)
     if whole and packed.device.type == "cpu" and NUMPY_ON_CPU and dtype in _NUMPY_GATHER:
         # numpy's take (mode="clip": no bounds check, so no buffered copy of the output) runs
@@ -143,8 +154,10 @@ def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype,
     elif whole:
         index = packed[:whole].to(torch.int32)
         torch.index_select(table, 0, index, out=out[:whole * 8].view(whole, 8))
-    if tail:   # the last, partial byte: its first ``tail`` columns
-        out[whole * 8:].copy_(table[packed[whole].to(torch.int64)][:tail])
+    if tail:   # the last, partial byte: its first ``tail`` columns (index_select, not
+        # table[0-d tensor], which reads the index on the host: a sync on CUDA)
+        row = torch.index_select(table, 0, packed[whole:whole + 1].to(torch.int64))
+        out[whole * 8:].copy_(row[0, :tail])
     return out
 
 

@@ -34,12 +34,16 @@ N chunk norms, 8 bytes each, which the exchange counts.)
 Bit 7−i of byte q (MSB first, as numpy.packbits) is the sign of element 8q+i (1 = non-negative).
 Empty chunks send 0 bytes.
 
+The L1 norm is :func:`.l1norm.l1_norm`: on CPU an order-free sum (exact per-exponent integer
+bins, one float32 rounding), so the one-pass C kernel and the torch reference give the same scale.
+
 Cost: compress is an L1 norm (one read of x), one comparison (read x, write d bytes) and the bit
-packing; decompress unpacks the bits and writes ±scale once per element with one table gather
-(blocksign adds one in-place multiply by the block scales).  ``decompress_into`` writes into the
-caller's buffer, which is how the exchange (and ``roundtrip_into``) avoid a fresh allocation per
-chunk.  All passes are memory passes; on CPU the packing goes through numpy (see
-:mod:`.bitpack`).  Measured in docs/benchmarks.md.
+packing (on CPU with the C kernels, :mod:`._native`, all three in one pass); decompress unpacks
+the bits and writes ±scale once per element with one table gather (blocksign adds one in-place
+multiply by the block scales).  ``decompress_into`` writes into the caller's buffer, which is how
+the exchange (and ``roundtrip_into``) avoid a fresh allocation per chunk.  All passes are memory
+passes; without the C kernels the CPU packing goes through numpy (see :mod:`.bitpack`).
+Measured in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from . import bitpack
 from ._wire import (Layout, LayoutCompressor, allocate, check_int, check_out_dtype, check_payload,
                     compute_dtype, flat_input)
 from .base import check_finite
+from .l1norm import l1_norm, signs_and_norm
 from .registry import register
 
 #: ``(‖bucket‖₁, numel of the bucket)``: what the exchange passes to ``sign`` for one chunk
@@ -87,14 +92,12 @@ class ChunkSign(LayoutCompressor):
             return torch.empty(0, dtype=torch.uint8, device=x.device)
         layout = self._layout(numel)
         payload = layout.allocate(x.device)
-        if bucket is None:
-            l1, count = torch.linalg.vector_norm(x, 1, dtype=compute_dtype(x.dtype)), numel
-        else:
-            l1, count = bucket
+        # one pass on the fast road: sign bits and (without a bucket norm) the L1 bins together
+        l1 = signs_and_norm(x, layout.view(payload, "bits"), want_norm=bucket is None)
+        l1, count = (l1, numel) if bucket is None else bucket
         # the bucket's norm is non-finite whenever this chunk holds a NaN/Inf (it is a sum over it)
         check_finite(x, summary=l1)
         layout.view(payload, "scale").copy_(l1 / count)
-        bitpack.pack_signs(x, layout.view(payload, "bits"))
         return payload
 
     def decompress(self, payload, numel, dtype=torch.float32, seed=0):
@@ -132,8 +135,7 @@ class Sign(ChunkSign):
     def partial_norm(x: torch.Tensor) -> torch.Tensor:
         """‖x‖₁ of one chunk (0-d, float64 for float64 input, float32 otherwise); the bucket's
         norm is the sum over its chunks."""
-        x = x.detach().reshape(-1)
-        return torch.linalg.vector_norm(x, 1, dtype=compute_dtype(x.dtype))
+        return l1_norm(x.detach().reshape(-1))
 
     def compress(self, x, seed=0, bucket: Optional[BucketNorm] = None):
         return self._encode(x, bucket)

@@ -1,0 +1,243 @@
+"""The compressors' CPU fast path: a few C kernels (:mod:`._native_src`) built with the system C
+compiler on first use and loaded with ``ctypes``.
+
+Why C and not ``torch.compile``: the kernels must give the pure-torch reference's bytes exactly,
+and a reduction compiled by Inductor sums in its own order (the L1 norm's last bit would differ);
+the sign packing and table decode compiled with Inductor on the 2-core benchmark machine took
+longer to compile than a whole benchmark run (docs/benchmarks.md).  The C kernels build in about
+a second with no torch headers.
+
+Selection, by the environment variable ``HVDCOMP_NATIVE``:
+  unset or ``auto``  use the kernels when they build; otherwise the pure-torch reference runs;
+  ``0`` / ``off``    never (always the reference);
+  ``1`` / ``on``     require them: the first use raises CompressionError when they cannot build.
+Either road gives identical payloads and decoded tensors (tests/test_fast_path.py), so the choice
+changes speed only; :func:`status` says which road is in use and why.
+
+The shared library is cached under ``$HVDCOMP_CACHE_DIR`` (default ``~/.cache/hvdcomp``), keyed
+by a hash of the source, the compiler flags and the CPU's feature flags (``-march=native``), and
+written atomically, so ranks starting together on one node do not read a half-written file.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional, Tuple, TypeVar
+
+import torch
+
+from ._native_src import SOURCE
+from .base import CompressionError
+
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing"]
+#: elements below which a kernel runs on the calling thread only
+_GRAIN = 1 << 18
+T = TypeVar("T")
+_lib: Optional[ctypes.CDLL] = None
+_reason = "not loaded yet"
+_tried = False
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "hv_init": (None, []),
+    "hv_sign_encode_f32": (None, [_ptr, _i64, _ptr, _ptr]),
+    "hv_l1_bins_f32": (None, [_ptr, _i64, _ptr]),
+    "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr]),
+    "hv_count_nonfinite_f32": (_i64, [_ptr, _i64]),
+    "hv_count_nonfinite_u16": (_i64, [_ptr, _i64, _int]),
+    "hv_candidates_f32": (_i64, [_ptr, _i64, ctypes.c_float, _ptr, _i64, _ptr]),
+}
+
+
+def setting() -> str:
+    """``auto``, ``off`` or ``on`` from ``HVDCOMP_NATIVE``; anything else is an error."""
+    value = os.environ.get("HVDCOMP_NATIVE", "auto").strip().lower()
+    aliases = {"": "auto", "auto": "auto", "0": "off", "off": "off", "false": "off",
+               "1": "on", "on": "on", "true": "on"}
+    if value not in aliases:
+        raise CompressionError(f"HVDCOMP_NATIVE must be auto, 0/off or 1/on, got {value!r}")
+    return aliases[value]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("HVDCOMP_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "hvdcomp")
+    return os.path.join(root, "native")
+
+
+def _build(compiler: str) -> str:
+    key = hashlib.sha256("\0".join([SOURCE, " ".join(_FLAGS), _cpu_flags()]).encode())
+    target = os.path.join(_cache_dir(), f"kernels-{key.hexdigest()[:16]}.so")
+    if os.path.exists(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as work:
+        source = os.path.join(work, "kernels.c")
+        with open(source, "w") as handle:
+            handle.write(SOURCE)
+        built = os.path.join(work, "kernels.so")
+        subprocess.run([compiler, *_FLAGS, source, "-o", built], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(built, target)     # atomic: a concurrent rank sees the old or the new file
+    return target
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    """The library, or None (with the reason in ``_reason``); built at most once per process."""
+    global _lib, _reason, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        _reason = "no C compiler (gcc/cc) on PATH"
+        return None
+    try:
+        lib = ctypes.CDLL(_build(compiler))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        _reason = f"building the kernels failed: {detail.strip().splitlines()[-1:]}"
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    lib.hv_init()
+    _lib, _reason = lib, "built"
+    return _lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The kernels when the fast path is enabled and available, else None (use the reference).
+    With ``HVDCOMP_NATIVE=1`` an unavailable library raises instead."""
+    mode = setting()
+    if mode == "off":
+        return None
+    lib = _load()
+    if lib is None and mode == "on":
+        raise CompressionError(f"HVDCOMP_NATIVE=1 but the compressors' C kernels are "
+                               f"unavailable: {_reason}")
+    return lib
+
+
+def status() -> str:
+    """One line: which road the CPU compressors take, and why."""
+    mode = setting()
+    if mode == "off":
+        return "reference (HVDCOMP_NATIVE=0)"
+    lib = _load()
+    return "native C kernels" if lib is not None else f"reference ({_reason})"
+
+
+def reset() -> None:
+    """Forget the loaded library so that the next use re-reads the environment (tests)."""
+    global _lib, _reason, _tried
+    _lib, _reason, _tried = None, "not loaded yet", False
+
+
+def usable(*tensors: torch.Tensor) -> Optional[ctypes.CDLL]:
+    """The library when every tensor is a contiguous CPU tensor and the fast path is on."""
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    return library()
+
+
+# --- running a kernel over ranges on several threads -------------------------------------------
+_pool: "tuple[int, ThreadPoolExecutor] | None" = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of this process (a forked child gets its own: the parent's threads are gone)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers:
+        _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="hvdcomp-kernel"))
+    return _pool[1]
+
+
+def ranges(numel: int, align: int = 8) -> List[Tuple[int, int]]:
+    """[start, stop) pieces covering 0..numel, one per torch thread for large tensors; every
+    start is a multiple of ``align`` (8: sign bits of a piece fill whole bytes)."""
+    pieces = max(1, min(torch.get_num_threads(), numel // _GRAIN))
+    step = -(-numel // pieces // align) * align or align
+    return [(start, min(numel, start + step)) for start in range(0, numel, step)] or [(0, 0)]
+
+
+def run(work: Callable[[int, int], T], numel: int, align: int = 8) -> List[T]:
+    """``work(start, stop)`` for each of :func:`ranges`, the first on this thread and the others
+    on the pool (ctypes releases the GIL during a kernel); results in range order."""
+    pieces = ranges(numel, align)
+    if len(pieces) == 1:
+        return [work(*pieces[0])]
+    futures = [_executor(len(pieces) - 1).submit(work, *piece) for piece in pieces[1:]]
+    first = work(*pieces[0])
+    return [first] + [future.result() for future in futures]
+
+
+# --- the kernels on tensors (callers check :func:`usable` first) ----------------------------------
+def sign_encode(lib: ctypes.CDLL, x: torch.Tensor, bits: torch.Tensor,
+                bins: "torch.Tensor | None") -> None:
+    """Sign bits of float32 ``x`` into ``bits``; with ``bins`` (256 int64, zeroed), also its L1
+    exponent bins (integer sums: the pieces add up to the same bins in any order)."""
+    pieces = run(lambda start, stop: _encode_piece(lib, x, bits, bins is not None, start, stop),
+                 x.numel())
+    if bins is not None:
+        for piece in pieces:
+            bins += piece
+
+
+def _encode_piece(lib, x, bits, want_bins, start, stop):
+    piece_bins = torch.zeros(256, dtype=torch.int64) if want_bins else None
+    lib.hv_sign_encode_f32(x.data_ptr() + 4 * start, stop - start,
+                           piece_bins.data_ptr() if want_bins else None,
+                           bits.data_ptr() + start // 8)
+    return piece_bins
+
+
+def l1_bins(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """The 256 L1 exponent bins of float32 ``x``."""
+    def piece(start, stop):
+        bins = torch.zeros(256, dtype=torch.int64)
+        lib.hv_l1_bins_f32(x.data_ptr() + 4 * start, stop - start, bins.data_ptr())
+        return bins
+    return torch.stack(run(piece, x.numel())).sum(0)
+
+
+def sign_decode(lib: ctypes.CDLL, bits: torch.Tensor, numel: int, table: torch.Tensor,
+                out: torch.Tensor) -> None:
+    """``out[8q + i] = table[bits[q], i]`` (float32 table and out)."""
+    run(lambda start, stop: lib.hv_sign_decode_f32(
+        bits.data_ptr() + start // 8, stop - start, table.data_ptr(), out.data_ptr() + 4 * start),
+        numel)
+
+
+_NONFINITE_MASKS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def count_nonfinite(lib: ctypes.CDLL, x: torch.Tensor) -> "int | None":
+    """Non-finite elements of a float32/float16/bfloat16 tensor; None for other dtypes."""
+    if x.dtype == torch.float32:
+        def piece(start, stop):
+            return lib.hv_count_nonfinite_f32(x.data_ptr() + 4 * start, stop - start)
+    elif x.dtype in _NONFINITE_MASKS:
+        mask = _NONFINITE_MASKS[x.dtype]
+
+        def piece(start, stop):
+            return lib.hv_count_nonfinite_u16(x.data_ptr() + 2 * start, stop - start, mask)
+    else:
+        return None
+    return sum(run(piece, x.numel()))

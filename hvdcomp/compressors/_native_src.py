@@ -1,0 +1,158 @@
+"""C source of the compressors' CPU fast path (built by :mod:`._native`; kept as a string so
+that a plain ``pip install`` ships it without package-data entries).
+
+Every kernel computes exactly what the pure-torch reference computes, bit for bit
+(tests/test_fast_path.py): sign bits by the float comparison ``x >= 0`` (NaN gives 0, -0.0 gives
+1), the L1 norm as exact integer sums of fp32 mantissas per exponent (order-independent, so the
+thread count cannot change them), decoded values copied from the same ±scale table.
+
+The kernels are single-threaded and work on one range; :mod:`._native` splits a tensor into
+ranges (multiples of 8 elements) and runs them on Python threads (ctypes releases the GIL), so
+no OpenMP runtime is loaded next to torch's and a forked process cannot inherit a dead pool.
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define TABLES 8
+typedef int64_t bins_t[TABLES][256];
+
+/* Bit-reversed bytes: movemask gives element i at bit i, the wire wants it at bit 7-i. */
+static uint8_t reversed_byte[256];
+static void init_reversed(void) {
+    for (int b = 0; b < 256; b++) {
+        int r = 0;
+        for (int i = 0; i < 8; i++) r |= ((b >> i) & 1) << (7 - i);
+        reversed_byte[b] = (uint8_t)r;
+    }
+}
+
+/* One byte of sign bits, MSB first: bit 7-i is (x[i] >= 0) (NaN: 0, -0.0: 1). */
+static inline uint8_t sign_byte(const float *x, int count) {
+    uint8_t byte = 0;
+    for (int i = 0; i < count; i++)
+        byte |= (uint8_t)((x[i] >= 0.0f) << (7 - i));
+    return byte;
+}
+
+/* Add the mantissa (with its implicit bit) of each fp32 element to the bin of its biased
+   exponent.  Interleaved tables keep consecutive elements of equal exponent from waiting on
+   each other's store.  Integer sums: exact, in any order. */
+static inline void bin_elements(const uint32_t *u, int count, bins_t bins) {
+    for (int i = 0; i < count; i++) {
+        uint32_t e = (u[i] >> 23) & 0xFFu;
+        uint32_t m = (u[i] & 0x7FFFFFu) | ((uint32_t)(e != 0) << 23);
+        bins[i & (TABLES - 1)][e] += m;
+    }
+}
+
+/* 8 elements: their sign byte, and their bins when bins is not NULL. */
+static inline uint8_t encode8(const float *x, bins_t bins) {
+#ifdef __AVX2__
+    __m256 v = _mm256_loadu_ps(x);
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
+    if (bins) {
+        __m256i w = _mm256_castps_si256(v);
+        __m256i e = _mm256_and_si256(_mm256_srli_epi32(w, 23), _mm256_set1_epi32(0xFF));
+        __m256i implicit = _mm256_andnot_si256(_mm256_cmpeq_epi32(e, _mm256_setzero_si256()),
+                                               _mm256_set1_epi32(0x800000));
+        __m256i m = _mm256_or_si256(_mm256_and_si256(w, _mm256_set1_epi32(0x7FFFFF)), implicit);
+        uint32_t es[8], ms[8];
+        _mm256_storeu_si256((__m256i *)es, e);
+        _mm256_storeu_si256((__m256i *)ms, m);
+        for (int i = 0; i < 8; i++) bins[i][es[i]] += ms[i];
+    }
+    return reversed_byte[mask];
+#else
+    if (bins) bin_elements((const uint32_t *)x, 8, bins);
+    return sign_byte(x, 8);
+#endif
+}
+
+/* Called once when the library is loaded, before any thread uses the kernels. */
+void hv_init(void) { init_reversed(); }
+
+static void add_tables(bins_t local, int64_t *bins) {
+    for (int t = 0; t < TABLES; t++)
+        for (int e = 0; e < 256; e++)
+            bins[e] += local[t][e];
+}
+
+/* Sign bits of x[0..n) into bits[0..ceil(n/8)); when bins is not NULL, also ADD the L1 bins of
+   x into bins[256] (the caller zeroes them). */
+void hv_sign_encode_f32(const float *x, int64_t n, int64_t *bins, uint8_t *bits) {
+    int64_t whole = n / 8;
+    int tail = (int)(n % 8);
+    bins_t local;
+    memset(local, 0, sizeof local);
+    for (int64_t q = 0; q < whole; q++)
+        bits[q] = encode8(x + 8 * q, bins ? local : NULL);
+    if (tail) {
+        bin_elements((const uint32_t *)(x + 8 * whole), tail, local);
+        bits[whole] = sign_byte(x + 8 * whole, tail);
+    }
+    if (bins) add_tables(local, bins);
+}
+
+/* ADD the L1 bins of x[0..n) into bins[256] (Sign.partial_norm). */
+void hv_l1_bins_f32(const float *x, int64_t n, int64_t *bins) {
+    bins_t local;
+    memset(local, 0, sizeof local);
+    for (int64_t q = 0; q < n / 8; q++)
+        (void)encode8(x + 8 * q, local);
+    bin_elements((const uint32_t *)(x + 8 * (n / 8)), (int)(n % 8), local);
+    add_tables(local, bins);
+}
+
+/* out[8q + i] = table[bits[q]][i] for the n elements; table is the (256, 8) ±scale table. */
+void hv_sign_decode_f32(const uint8_t *bits, int64_t n, const float *table, float *out) {
+    int64_t whole = n / 8;
+    for (int64_t q = 0; q < whole; q++)
+        memcpy(out + 8 * q, table + 8 * (int)bits[q], 8 * sizeof(float));
+    if (n % 8)
+        memcpy(out + 8 * whole, table + 8 * (int)bits[whole], (size_t)(n % 8) * sizeof(float));
+}
+
+/* Count of non-finite fp32 elements (exponent all ones). */
+int64_t hv_count_nonfinite_f32(const uint32_t *x, int64_t n) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++)
+        count += (x[i] & 0x7F800000u) == 0x7F800000u;
+    return count;
+}
+
+/* Count of non-finite 16-bit floats: exponent bits ``mask`` all ones (fp16 0x7C00, bf16
+   0x7F80). */
+int64_t hv_count_nonfinite_u16(const uint16_t *x, int64_t n, int mask) {
+    int64_t count = 0;
+    const uint16_t m = (uint16_t)mask;
+    for (int64_t i = 0; i < n; i++)
+        count += (x[i] & m) == m;
+    return count;
+}
+
+/* Indices i (ascending) with |x[i]| >= threshold, at most capacity of them; returns how many
+   there are (may exceed capacity: the caller then retries with more room).  max_abs receives
+   the largest |x| (any NaN makes it NaN, as numpy's max of np.abs(x)). */
+int64_t hv_candidates_f32(const float *x, int64_t n, float threshold, int64_t *out,
+                          int64_t capacity, float *max_abs) {
+    int64_t count = 0;
+    float largest = 0.0f;
+    int nan_seen = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float a = x[i] < 0 ? -x[i] : x[i];
+        nan_seen |= (a != a);
+        largest = a > largest ? a : largest;
+        if (a >= threshold) {
+            if (count < capacity) out[count] = i;
+            count++;
+        }
+    }
+    *max_abs = nan_seen ? __builtin_nanf("") : largest;
+    return count;
+}
+"""

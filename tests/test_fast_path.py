@@ -1,0 +1,192 @@
+"""The compressors' CPU fast path (C kernels, hvdcomp/compressors/_native.py) against the
+pure-torch reference, bit for bit: the same payload bytes and the same decoded tensors over many
+shapes (lengths that are not multiples of 8, of the kernels' piece size, or of a block), value
+kinds (zeros and -0.0, subnormals, huge values, NaN/Inf with the check off) and thread counts;
+and ``HVDCOMP_NATIVE`` (off, required, no compiler) doing what docs say.
+
+The L1 norm both roads compute is also checked against an independent oracle: the exact sum of
+the float32 values (Python fractions), rounded once to float32 (the binned norm is within 2^-44
+of the exact sum, so it is the correctly rounded value or its neighbour).
+"""
+from __future__ import annotations
+
+import contextlib
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from hvdcomp.compressors import CompressionError, _native, from_spec
+from hvdcomp.compressors import base as compressor_base
+from hvdcomp.compressors.l1norm import l1_norm
+
+SETTINGS = settings(max_examples=60, deadline=None)
+SIGN_SPECS = ["sign", "chunksign", "blocksign:block=64", "blocksign:block=7"]
+pytestmark = pytest.mark.skipif(_native.library() is None,
+                                reason=f"C kernels unavailable: {_native.status()}")
+
+
+@contextlib.contextmanager
+def road(name: str):
+    """Run the block on the ``native`` road or the ``reference`` one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HVDCOMP_NATIVE", "1" if name == "native" else "0")
+        yield
+
+
+def vector(numel: int, seed: int, kind: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=gen)
+    if kind == "wide":       # exponents from subnormal to 1e30: every bin of the L1 sum
+        scales = torch.pow(10.0, torch.randint(-44, 31, (numel,), generator=gen).double())
+        x = (x.double() * scales).float()
+    elif kind == "zeros":    # exact zeros of both signs (sign bit: x >= 0, so -0.0 sends 1)
+        x = torch.where(torch.rand(numel, generator=gen) < 0.5, 0.0, x)
+        x[::3] = -0.0
+    elif kind == "constant":
+        x = torch.full((numel,), -0.75)
+    return x
+
+
+KINDS = st.sampled_from(["gauss", "wide", "zeros", "constant"])
+# lengths around multiples of 8 and of the kernels' per-thread pieces (2^18 elements)
+LENGTHS = st.one_of(st.integers(0, 2100), st.integers((1 << 19) - 9, (1 << 19) + 9))
+
+
+def both_roads(spec: str, x: torch.Tensor, seed: int = 3):
+    results = {}
+    for name in ("reference", "native"):
+        with road(name):
+            compressor = from_spec(spec)
+            payload = compressor.compress(x, seed)
+            out = torch.full_like(x, float("nan"))
+            compressor.decompress_into(payload, out, seed)
+            results[name] = (payload, compressor.decompress(payload, x.numel(), x.dtype, seed),
+                             out)
+    return results["reference"], results["native"]
+
+
+@SETTINGS
+@given(numel=LENGTHS, seed=st.integers(0, 2 ** 31 - 1), kind=KINDS,
+       spec=st.sampled_from(SIGN_SPECS), threads=st.sampled_from([1, 2, 3]))
+def test_sign_family_native_equals_reference(numel, seed, kind, spec, threads):
+    x = vector(numel, seed, kind)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (ref_payload, ref_fresh, ref_into), (payload, fresh, into) = both_roads(spec, x)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(payload, ref_payload)
+    assert torch.equal(fresh, ref_fresh) and torch.equal(into, ref_into)
+    assert torch.equal(fresh, into)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 65, 1000, (1 << 18) + 5])
+def test_sign_with_bucket_norm_and_partial_norm_native_equal_reference(numel):
+    x = vector(numel, numel, "wide")
+    sign = from_spec("sign")
+    got = {}
+    for name in ("reference", "native"):
+        with road(name):
+            norm = sign.partial_norm(x)
+            got[name] = (norm, sign.compress(x[: numel // 2 + 1], bucket=(norm, numel)))
+    assert torch.equal(got["native"][0], got["reference"][0])
+    assert torch.equal(got["native"][1], got["reference"][1])
+
+
+def exact_float32_l1(x: torch.Tensor) -> "tuple[float, float]":
+    """The exact Σ|x_i| rounded to float32, and the float32 neighbours' spacing there."""
+    total = sum((Fraction(float(v)) for v in np.abs(x.numpy().astype(np.float64))), Fraction(0))
+    rounded = np.float32(float(total))          # float64 then float32: within one float32 ulp
+    return float(rounded), float(np.spacing(rounded))
+
+
+@settings(max_examples=25, deadline=None)
+@given(numel=st.integers(1, 3000), seed=st.integers(0, 2 ** 31 - 1), kind=KINDS)
+def test_l1_norm_is_the_exact_sum_rounded_once(numel, seed, kind):
+    x = vector(numel, seed, kind)
+    want, ulp = exact_float32_l1(x)
+    for name in ("reference", "native"):
+        with road(name):
+            got = float(l1_norm(x))
+        assert abs(got - want) <= ulp, (name, got, want)
+
+
+def test_l1_norm_of_half_inputs_is_that_of_their_float32_values():
+    x = vector(1001, 5, "gauss")
+    for dtype in (torch.float16, torch.bfloat16):
+        for name in ("reference", "native"):
+            with road(name):
+                assert torch.equal(l1_norm(x.to(dtype)), l1_norm(x.to(dtype).float()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("spec", SIGN_SPECS)
+def test_nonfinite_with_check_off_same_bytes_and_refused_with_check_on(spec, bad):
+    x = vector(1003, 1, "gauss")
+    x[500] = bad
+    old = compressor_base.set_finite_check("off")
+    try:
+        (ref_payload, _, _), (payload, _, _) = both_roads(spec, x)
+    finally:
+        compressor_base.set_finite_check(old)
+    assert torch.equal(payload, ref_payload)
+    for name in ("reference", "native"):
+        with road(name), pytest.raises(CompressionError, match="NaN or Inf"):
+            from_spec(spec).compress(x)
+
+
+# --- HVDCOMP_NATIVE ------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A library state that must be built again, in an empty cache; restored afterwards."""
+    monkeypatch.setenv("HVDCOMP_CACHE_DIR", str(tmp_path))
+    _native.reset()
+    yield monkeypatch
+    _native.reset()
+
+
+def test_no_compiler_auto_takes_the_reference_and_says_why(fresh_library):
+    fresh_library.delenv("CC", raising=False)
+    fresh_library.setenv("PATH", "/nonexistent")
+    fresh_library.setenv("HVDCOMP_NATIVE", "auto")
+    assert _native.library() is None
+    assert _native.status() == "reference (no C compiler (gcc/cc) on PATH)"
+    x = vector(1001, 2, "wide")
+    payload = from_spec("sign").compress(x)       # still works, on the reference road
+    fresh_library.setenv("HVDCOMP_NATIVE", "0")
+    assert torch.equal(payload, from_spec("sign").compress(x))
+
+
+def test_native_required_without_a_compiler_is_one_clear_error(fresh_library):
+    fresh_library.setenv("CC", "/nonexistent/gcc")
+    fresh_library.setenv("HVDCOMP_NATIVE", "1")
+    with pytest.raises(CompressionError,
+                       match="HVDCOMP_NATIVE=1 but the compressors' C kernels"):
+        from_spec("sign").compress(torch.ones(16))
+
+
+def test_native_off_never_builds(fresh_library, tmp_path):
+    fresh_library.setenv("HVDCOMP_NATIVE", "off")
+    from_spec("sign").compress(torch.ones(16))
+    assert _native.library() is None and _native.status() == "reference (HVDCOMP_NATIVE=0)"
+    assert not (tmp_path / "native").exists()
+
+
+def test_bad_setting_is_refused(monkeypatch):
+    monkeypatch.setenv("HVDCOMP_NATIVE", "maybe")
+    with pytest.raises(CompressionError, match="HVDCOMP_NATIVE must be auto, 0/off or 1/on"):
+        from_spec("sign").compress(torch.ones(16))
+
+
+def test_build_lands_in_the_cache_and_is_reused(fresh_library, tmp_path):
+    fresh_library.setenv("HVDCOMP_NATIVE", "1")
+    assert _native.library() is not None
+    built = list((tmp_path / "native").glob("kernels-*.so"))
+    assert len(built) == 1
+    _native.reset()
+    fresh_library.setenv("CC", "/nonexistent/gcc")   # a cache hit needs no compiler
+    assert _native.library() is not None
