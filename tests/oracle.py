@@ -125,7 +125,9 @@ def run_exchange(comm, algorithm: str, grads: torch.Tensor, up: str = "none",
     started in an order that differs between ranks, finished in one order). Returns this rank's
     updates (steps × d), per-step snapshots of its worker and server errors (whole-bucket
     concatenations; server errors for the chunk this rank owns), and byte counters. Without
-    ``prepare`` every bucket's configuration is checked lazily by its first ``start``."""
+    ``prepare`` every bucket's configuration is checked lazily by its first ``start``. On
+    engines that pair collectives by launch order (``comm.pairs_by_name`` False: torch ranks)
+    every rank starts the buckets in one order."""
     from hvdcomp.algorithms import make_algorithm
     from hvdcomp.exchange import Exchange
 
@@ -145,8 +147,8 @@ def run_exchange(comm, algorithm: str, grads: torch.Tensor, up: str = "none",
         g = grads[t, comm.rank]
         sync.append(exchange.is_sync_step())
         order = list(range(buckets))
-        if comm.rank % 2:
-            order.reverse()  # collectives pair by name, not by call order
+        if comm.rank % 2 and getattr(comm, "pairs_by_name", True):
+            order.reverse()  # collectives pair by name, not by call order (not on torch ranks)
         handles = {k: exchange.start(keys[k], g[cuts[k]:cuts[k + 1]]) for k in order}
         for k in range(buckets):
             updates[t, cuts[k]:cuts[k + 1]] = exchange.finish(handles[k])
