@@ -21,10 +21,21 @@ import click
 
 def _fail(message: str) -> NoReturn:
     """End this rank with ``message`` (a UserError, exit 2) once every rank of the job has heard
-    of it; never returns."""
+    of it; never returns. The ranks meet in the engine they were asked for (``--engine`` as
+    typed), so this works before the options are parsed too."""
     from hvdcomp.train.agreement import fail_across_ranks
     from hvdcomp.train.config import detect_launcher
-    fail_across_ranks(message, detect_launcher())
+    fail_across_ranks(message, detect_launcher(), _engine_typed(sys.argv))
+
+
+def _engine_typed(argv) -> "str | None":
+    """The value of ``--engine X`` / ``--engine=X`` in ``argv``, or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--engine" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--engine="):
+            return arg.partition("=")[2]
+    return None
 
 
 class TrainCommand(click.Command):
@@ -104,6 +115,11 @@ def _without_usage(exc: click.UsageError) -> str:
               help="Checkpoint every N epochs ('2', '2epochs') or steps ('100steps').")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--engine", default=None, type=click.Choice(["horovod", "torch"]),
+              help="Library carrying the collectives: horovod (hvd.init from mpirun/srun/"
+                   "horovodrun) or torch (torch.distributed: Gloo on CPU, NCCL on CUDA; under "
+                   "torchrun, mpirun or srun). Default: torch under torchrun, else horovod when "
+                   "it imports, else torch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.option("--tensorboard", is_flag=True,
               help="Also write loss, accuracy, bytes per direction and time components per step "
@@ -116,12 +132,13 @@ def _without_usage(exc: click.UsageError) -> str:
 def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compressor, up, down,
             pattern, period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr, momentum,
             weight_decay, nesterov, schedule, milestones, warmup_epochs, seed, out, overwrite,
-            resume, log_every, checkpoint_every, keep_checkpoints, device, quiet, stall_timeout,
-            stop_after_steps, tensorboard) -> None:
+            resume, log_every, checkpoint_every, keep_checkpoints, device, engine, quiet,
+            stall_timeout, stop_after_steps, tensorboard) -> None:
     """Data-parallel training with compressed, error-compensated gradient exchange.
 
     Launch with `mpirun -np N hvdcomp train ...`, `srun --mpi=pmix hvdcomp train ...`,
-    `horovodrun -np N hvdcomp train ...`, or as a single process. Writes a run directory
+    `horovodrun -np N hvdcomp train ...`, `torchrun --nproc_per_node N $(which hvdcomp) train
+    ...`, or as a single process. Writes a run directory
     (config.json, env.json, metrics.jsonl, summary.json, checkpoints/) and prints a summary."""
     from hvdcomp import stall
     from hvdcomp.train.config import ConfigError, TrainConfig, parse_key_values
@@ -140,7 +157,8 @@ def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compres
             weight_decay=weight_decay, nesterov=nesterov, schedule=schedule.strip().lower(),
             milestones=_fractions(milestones), warmup_epochs=warmup_epochs, seed=seed, out=out,
             log_every=log_every, checkpoint_every=checkpoint_every,
-            keep_checkpoints=keep_checkpoints, device=device, tensorboard=tensorboard)
+            keep_checkpoints=keep_checkpoints, device=device, tensorboard=tensorboard,
+            engine=engine)
         if tensorboard:
             _require_tensorboard()
         prepared = prepare(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
@@ -210,8 +228,12 @@ def prepare(cfg, resume: bool = False, overwrite: bool = False, quiet: bool = Tr
     directory's lock; the caller releases ``Prepared.lock`` when the run ends."""
     from hvdcomp.train.config import default_out_dir, detect_launcher
 
+    from hvdcomp.train import engine
+
     launcher = detect_launcher()
     cfg = _validated(cfg.resolved(), launcher)
+    cfg.engine = cfg.engine or engine.default_engine(launcher)
+    engine.check_engine(cfg.engine, launcher, cfg.device)
     out_dir = Path(cfg.out or default_out_dir(cfg, launcher["world_size"]))
     cfg.out = str(out_dir)
     _check_writable(out_dir)
@@ -244,14 +266,14 @@ def _validated(cfg, launcher):
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible to this process; "
                               "use --device cpu")
-    from hvdcomp.train.loop import is_horovod_baseline, make_compression
+    from hvdcomp.train.distributed import is_dense_baseline, make_compression
     if cfg.algorithm == "monna":
         from hvdcomp.train.robust_step import check_monna_options
         try:
             check_monna_options(cfg, launcher["world_size"], launcher["rank"])
         except ValueError as exc:
             raise ConfigError(f"algorithm 'monna': {exc}") from None
-    elif not is_horovod_baseline(cfg):
+    elif not is_dense_baseline(cfg):
         try:
             # the algorithm checks its own hyperparameters
             make_compression(cfg, launcher["world_size"], launcher["rank"], steps_per_epoch_=1)
@@ -303,9 +325,7 @@ def _run_directory_state(cfg, out_dir: Path, launcher, resume: bool, overwrite: 
         if overwrite and launcher["rank"] == 0:
             # Old checkpoints would otherwise be taken for this run's by a later --resume
             # (metrics.jsonl and summary.json are replaced by rank 0 when the run starts).
-            for old in ckpt.list_checkpoints(out_dir / "checkpoints"):
-                old.unlink(missing_ok=True)
-            (out_dir / "checkpoints" / "latest.pt").unlink(missing_ok=True)
+            ckpt.remove_all(out_dir / "checkpoints")
         return None
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints")
     if latest is None:
@@ -320,7 +340,7 @@ def _run_directory_state(cfg, out_dir: Path, launcher, resume: bool, overwrite: 
     if differ:
         raise ConfigError(f"--resume: options differ from the checkpointed run: "
                           f"{', '.join(differ)}; resume with the same options")
-    return resume_state
+    return ckpt.load_for_rank(latest, launcher["rank"])   # the manifest and this rank's shard
 
 
 def main() -> None:  # `python -m hvdcomp.cli.train`: through the group, for its error handling

@@ -7,8 +7,10 @@ for each other for ever; settings that do not (seed, learning rate) would silent
 something nobody asked for. And a rank that fails its own checks (a data directory missing on
 one node) would die with its message lost in the launcher's noise.
 
-So, right after ``hvd.init()`` and before any other collective, every rank contributes to one
-allgather (:func:`settle`): its problem, if it has one, or its settings. Then, on every rank:
+So, right after the engine starts (``hvd.init()``, or torch.distributed's rendezvous) and before
+any other collective, every rank contributes to one allgather (:func:`settle`, through the
+engine's communicator): its problem, if it has one, or its settings (the engine among them).
+Then, on every rank:
 
 * if some ranks failed, the lowest of them prints its message (``Error (rank 1): ...`` when it
   is not rank 0) and every rank exits with code 2;
@@ -17,13 +19,15 @@ allgather (:func:`settle`): its problem, if it has one, or its settings. Then, o
 * otherwise training starts.
 
 A rank that fails before this point (a bad option) takes part too, through
-:func:`fail_across_ranks`, so the job ends the same way whichever rank found the problem.
+:func:`fail_across_ranks`, so the job ends the same way whichever rank found the problem. It
+starts the engine the ranks were asked for (``--engine`` as typed, when it can be read) or the
+launcher's default (:func:`hvdcomp.train.engine.default_engine`), so that every rank meets the
+others in the same library.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, NoReturn, Optional
 
-from .. import stall
 from ..errors import UserError
 from ..exchange import config_differences
 
@@ -49,11 +53,11 @@ def settings_of(cfg, **facts: Any) -> Dict[str, Any]:
     return {**options, **facts, "hvdcomp_version": __version__}
 
 
-def settle(hvd, problem: Optional[str], settings: Optional[Dict[str, Any]]) -> None:
-    """The one allgather of the module docstring; returns only when every rank may go on."""
-    rank = hvd.rank()
-    with stall.waiting(repr(NAME)):
-        everyone = hvd.allgather_object({"problem": problem, "settings": settings}, name=NAME)
+def settle(comm, problem: Optional[str], settings: Optional[Dict[str, Any]]) -> None:
+    """The one allgather of the module docstring (over the communicator ``comm``, under the
+    stall guard); returns only when every rank may go on."""
+    rank = comm.rank
+    everyone = comm.allgather_object({"problem": problem, "settings": settings}, NAME)
     failed = [(r, entry["problem"]) for r, entry in enumerate(everyone) if entry["problem"]]
     if failed:
         first, message = failed[0]
@@ -66,15 +70,16 @@ def settle(hvd, problem: Optional[str], settings: Optional[Dict[str, Any]]) -> N
             + ". Start every rank with the same options", shown=rank == 0)
 
 
-def fail_across_ranks(message: str, launcher: Dict[str, Any]) -> NoReturn:
+def fail_across_ranks(message: str, launcher: Dict[str, Any],
+                      engine: Optional[str] = None) -> NoReturn:
     """Raise ``message`` as a UserError after the other ranks have heard of it (see the module
-    docstring); a lone process, or one where Horovod cannot start, raises it at once."""
+    docstring); a lone process, or one where the engine cannot start, raises it at once."""
     if launcher.get("world_size", 1) <= 1 or launcher.get("name") == "single":
         raise UserError(message)
+    from .engine import ENGINES, default_engine, start
     try:
-        import horovod.torch as hvd
-        hvd.init()
+        comm = start(engine if engine in ENGINES else default_engine(launcher), launcher)
     except Exception:  # noqa: BLE001 - no way to reach the others: say it here, tagged
         raise UserError(message) from None
-    settle(hvd, message, None)
+    settle(comm, message, None)
     raise UserError(message)  # settle always raises when a problem is given
