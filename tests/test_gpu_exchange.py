@@ -1,7 +1,8 @@
 """The exchange on a CUDA device, with simulated ranks (marker ``gpu``; skipped without one;
-scripts/gpu-check.sh runs them): every algorithm's rounds give the CPU's updates, the sharded
-rounds give the float64 single-server oracle's, and a round -- worker steps, both collectives,
-server steps, decoding -- never makes the host wait for the device.
+scripts/gpu-check.sh runs them): every algorithm's rounds give the CPU's updates (to float64
+rounding with top-k, to fp32 rounding with sign), the sharded rounds give the float64
+single-server oracle's, and a round -- worker steps, both collectives, server steps, decoding --
+never makes the host wait for the device.
 
 Why the last matters: the exchange runs while backward still queues kernels; one host
 synchronisation in a round (``.item()``, ``torch.equal``, ``nonzero``, a blocking copy) stalls
@@ -18,8 +19,7 @@ from hvdcomp.comm import simulate
 from hvdcomp.compressors import from_spec
 from hvdcomp.exchange import Exchange
 
-from gpu_support import (GPU_MARKS, SyncFreeRegion, deferred_finite_check, first_difference,
-                         same_bits)
+from gpu_support import GPU_MARKS, SyncFreeRegion, deferred_finite_check
 from oracle import decoded, gradients, oracle, per_chunk, plain_chunks, run_exchange
 
 pytestmark = GPU_MARKS
@@ -73,27 +73,26 @@ def rounds(comm, name, up, down, grads, device, pattern="two_phase", checked=(),
     return torch.stack(updates)
 
 
-def compare(name, on_gpu, on_cpu, exact):
+def compare(name, on_gpu, on_cpu, rtol, atol):
     for rank in range(RANKS):
-        if exact:
-            assert same_bits(on_gpu[rank], on_cpu[rank]), (
-                f"{name}, rank {rank}: {first_difference(on_gpu[rank], on_cpu[rank])}")
-        else:
-            torch.testing.assert_close(on_gpu[rank], on_cpu[rank], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(on_gpu[rank], on_cpu[rank], rtol=rtol, atol=atol,
+                                   msg=lambda text: f"{name}, rank {rank}: {text}")
 
 
 # --- the same updates as on the CPU ---------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 @deferred_finite_check()
-def test_every_algorithm_updates_as_on_the_cpu_bit_for_bit_with_top_k(name):
-    """Top-k both ways: selections and elementwise float64 arithmetic only (sums in rank order),
-    so the GPU must reproduce the CPU to the last bit."""
+def test_every_algorithm_updates_as_on_the_cpu_with_top_k(name):
+    """Top-k both ways in float64: selections and elementwise arithmetic, sums in rank order. A
+    GPU may fuse a multiply-add that the CPU rounds twice (or the reverse), so the bound is
+    float64 rounding (1e-12), not the last bit; anything the round gets wrong (a chunk, an
+    index, a missing error term) is larger by many orders."""
     up, down = "topk:ratio=0.1", "topk:ratio=0.2"
     build_or_skip(name, up, down)
     grads = gradients(seed=21, steps=4, n=RANKS, d=D)
     on_gpu = simulate(RANKS, rounds, name, up, down, grads, "cuda")
     on_cpu = simulate(RANKS, rounds, name, up, down, grads, "cpu")
-    compare(name, on_gpu, on_cpu, exact=True)
+    compare(name, on_gpu, on_cpu, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -106,7 +105,7 @@ def test_every_algorithm_updates_as_on_the_cpu_with_sign(name):
     grads = gradients(seed=22, steps=4, n=RANKS, d=D).float()
     on_gpu = simulate(RANKS, rounds, name, up, "sign", grads, "cuda")
     on_cpu = simulate(RANKS, rounds, name, up, "sign", grads, "cpu")
-    compare(name, on_gpu, on_cpu, exact=name == "dgc")
+    compare(name, on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
 
 
 @deferred_finite_check()
@@ -119,7 +118,7 @@ def test_dgc_local_clipping_on_the_gpu_matches_the_cpu():
         args = ("dgc", "topk:ratio=0.1", None, grads)
         on_gpu = simulate(RANKS, rounds, *args, "cuda", extra=extra)
         on_cpu = simulate(RANKS, rounds, *args, "cpu", extra=extra)
-        compare(f"dgc clip_norm={clip_norm}", on_gpu, on_cpu, exact=False)
+        compare(f"dgc clip_norm={clip_norm}", on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
 
 
 # --- the float64 oracle ---------------------------------------------------------------------------
