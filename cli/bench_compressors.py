@@ -31,8 +31,33 @@ from hvdcomp.bench.output import BenchError
 @output_format
 def command(sizes, compressor_list, repeats, warmup, device, finite_check, threads, seed,
             fmt):
-    """Throughput (GB/s of fp32 input) of compress and decompress, and bits per element."""
-    as_json = fmt == "json"
+    """Throughput (GB/s of fp32 input) of compress and decompress (into an existing buffer, as
+    the exchange decodes), and bits per element."""
+    import torch
+
+    from hvdcomp.bench import compressors as bench
+
+    size_list, specs, dev = _checked_options(sizes, compressor_list, device)
+    from rich.console import Console
+    err = Console(stderr=True)
+    with err.status("measuring...") as status:
+        results = bench.bench_compressors(
+            specs, size_list, device=device, warmup=warmup, repeats=repeats, seed=seed,
+            finite_check=finite_check, threads=threads,
+            progress=lambda message: status.update(message))
+    if threads is not None:
+        torch.set_num_threads(threads)   # so the machine record says what the run used
+    info = bench.machine_info(dev)
+    if fmt == "json":
+        click.echo(json.dumps({"machine": info, "warmup": warmup, "repeats": repeats,
+                               "finite_check": finite_check,
+                               "results": [r.as_dict() for r in results]}, indent=2))
+        return
+    _print_table(results, info, dev, repeats)
+
+
+def _checked_options(sizes, compressor_list, device):
+    """``(sizes in MiB, specs, torch device)``, or BenchError (exit 2) naming the bad option."""
     import torch
 
     from hvdcomp.bench import compressors as bench
@@ -59,24 +84,15 @@ def command(sizes, compressor_list, repeats, warmup, device, finite_check, threa
         raise BenchError(f"--device {device!r}: {exc}")
     from hvdcomp.bench.output import check_sizes_fit
     check_sizes_fit(size_list, bench.BUFFERS_PER_MEASUREMENT, str(dev))  # BenchError: exit 2
+    return size_list, specs, dev
 
+
+def _print_table(results, info, dev, repeats) -> None:
     from rich.console import Console
-    err = Console(stderr=True)
-    with err.status("measuring...") as status:
-        results = bench.bench_compressors(
-            specs, size_list, device=device, warmup=warmup, repeats=repeats, seed=seed,
-            finite_check=finite_check, threads=threads, progress=lambda message: status.update(message))
-    if threads is not None:
-        torch.set_num_threads(threads)   # so the machine record says what the run used
-    info = bench.machine_info(dev)
-    if as_json:
-        click.echo(json.dumps({"machine": info, "warmup": warmup, "repeats": repeats,
-                               "finite_check": finite_check,
-                               "results": [r.as_dict() for r in results]}, indent=2))
-        return
     from rich.table import Table
+    road = f", {info['native']}" if "native" in info else ""
     table = Table(title=f"compressors on {info['cpu'] if dev.type == 'cpu' else info.get('gpu')} "
-                        f"({info['torch_threads']} threads, median of {repeats})")
+                        f"({info['torch_threads']} threads{road}, median of {repeats})")
     for name in ("compressor", "MiB", "compress GB/s", "decompress GB/s", "c+d GB/s",
                  "memcpy GB/s", "c+d/memcpy", "bits/elem", "formula"):
         table.add_column(name, justify="left" if name == "compressor" else "right")

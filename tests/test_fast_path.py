@@ -190,3 +190,34 @@ def test_build_lands_in_the_cache_and_is_reused(fresh_library, tmp_path):
     _native.reset()
     fresh_library.setenv("CC", "/nonexistent/gcc")   # a cache hit needs no compiler
     assert _native.library() is not None
+
+
+# --- top-k: candidates and max|x| in one C pass ----------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(numel=st.integers(1 << 14, 1 << 17), seed=st.integers(0, 2 ** 31 - 1),
+       kind=st.sampled_from(["gauss", "wide", "zeros", "constant", "ties"]),
+       ratio=st.sampled_from([0.001, 0.01, 0.05, 0.125]))
+def test_topk_native_equals_reference(numel, seed, kind, ratio):
+    if kind == "ties":        # few distinct magnitudes: ties at the k-th largest
+        x = torch.randint(-3, 4, (numel,), generator=torch.Generator().manual_seed(seed)).float()
+    else:
+        x = vector(numel, seed, kind)
+    (ref_payload, ref_fresh, ref_into), (payload, fresh, into) = both_roads(
+        f"topk:ratio={ratio}", x)
+    assert torch.equal(payload, ref_payload)
+    assert torch.equal(fresh, ref_fresh) and torch.equal(into, ref_into)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_topk_nonfinite_same_bytes_with_check_off_refused_with_check_on(bad):
+    x = vector(1 << 15, 4, "gauss")
+    x[123] = bad
+    old = compressor_base.set_finite_check("off")
+    try:
+        (ref_payload, _, _), (payload, _, _) = both_roads("topk:ratio=0.01", x)
+    finally:
+        compressor_base.set_finite_check(old)
+    assert torch.equal(payload, ref_payload)
+    for name in ("reference", "native"):
+        with road(name), pytest.raises(CompressionError, match="NaN or Inf"):
+            from_spec("topk:ratio=0.01").compress(x)

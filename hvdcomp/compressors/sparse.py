@@ -18,9 +18,10 @@ import random
 import numpy as np
 import torch
 
-from ._wire import (Layout, LayoutCompressor, allocate, check_bool, check_int, check_out_dtype, check_payload, check_ratio,
-                    compute_dtype, decode_indices, encode_indices, flat_input, generator,
-                    index_dtype, mix_seeds, selected_count)
+from ._wire import (Layout, LayoutCompressor, allocate, check_bool, check_int, check_out_dtype,
+                    check_payload, check_ratio, compute_dtype, decode_indices, encode_indices,
+                    flat_input, generator, index_dtype, mix_seeds, selected_count)
+from . import _native
 from .base import Compressor, check_finite
 from .registry import register
 
@@ -42,21 +43,64 @@ def largest_magnitudes(x: torch.Tensor, k: int) -> "tuple[torch.Tensor, torch.Te
         magnitudes = x.abs()
         chosen = torch.topk(magnitudes, k, sorted=False).indices
         return chosen, magnitudes[chosen]  # NaN ranks first in torch.topk, Inf is largest
+    lib = _native.usable(x) if x.dtype == torch.float32 and _sampled(numel, k) else None
+    if lib is not None:
+        found = _candidates_native(lib, x, k)
+        if found is not None:
+            return found
     magnitudes = np.abs((x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy())
     largest = magnitudes.max()            # NaN propagates through max: the finite witness
-    stride = 64
-    expected = magnitudes[::stride].size * k / numel
     # (non-finite input skips the sampling: np.argpartition below sorts NaN as the largest)
-    if numel >= 1 << 14 and 8 * k <= numel and np.isfinite(largest):
-        sample = magnitudes[::stride]
-        keep = min(sample.size, math.ceil(1.25 * expected + 4 * math.sqrt(expected) + 8))
-        threshold = np.partition(sample, sample.size - keep)[sample.size - keep]
+    if _sampled(numel, k) and np.isfinite(largest):
+        threshold = _sample_threshold(magnitudes[::_STRIDE], numel, k)
         candidates = np.flatnonzero(magnitudes >= threshold)
         if candidates.size >= k:
-            best = np.argpartition(magnitudes[candidates], candidates.size - k)[candidates.size - k:]
-            return torch.from_numpy(candidates[best]), torch.tensor(float(largest))
+            return _best_of(candidates, magnitudes[candidates], k), torch.tensor(float(largest))
     best = np.argpartition(magnitudes, numel - k)[numel - k:]
     return torch.from_numpy(best.astype(np.int64)), torch.tensor(float(largest))
+
+
+_STRIDE = 64   # the CPU road's sample: every 64th |x|
+
+
+def _sampled(numel: int, k: int) -> bool:
+    """Whether the CPU road estimates a threshold on a sample (large chunks, k ≤ d/8)."""
+    return numel >= 1 << 14 and 8 * k <= numel
+
+
+def _sample_threshold(sample: np.ndarray, numel: int, k: int):
+    """A magnitude that about 1.25·k elements of the chunk reach, from its strided sample."""
+    expected = sample.size * k / numel
+    keep = min(sample.size, math.ceil(1.25 * expected + 4 * math.sqrt(expected) + 8))
+    return np.partition(sample, sample.size - keep)[sample.size - keep]
+
+
+def _best_of(candidates: np.ndarray, magnitudes: np.ndarray, k: int) -> torch.Tensor:
+    """The k candidates of largest magnitude (``magnitudes`` are the candidates' own)."""
+    best = np.argpartition(magnitudes, candidates.size - k)[candidates.size - k:]
+    return torch.from_numpy(candidates[best])
+
+
+def _candidates_native(lib, x: torch.Tensor, k: int):
+    """The sampled road in one C pass over float32 x (candidates and max|x| together): the same
+    candidates, in the same order, as ``np.flatnonzero(np.abs(x) >= threshold)``, hence the same
+    result as the numpy road.  None when that road would not finish on the sample (non-finite
+    input, too few candidates): the caller then runs the numpy road."""
+    values = x.numpy()
+    threshold = _sample_threshold(np.abs(values[::_STRIDE]), x.numel(), k)
+    capacity = 4 * k + 1024
+    while True:
+        candidates = np.empty(capacity, dtype=np.int64)
+        largest = np.zeros(1, dtype=np.float32)
+        count = lib.hv_candidates_f32(x.data_ptr(), x.numel(), float(threshold),
+                                      candidates.ctypes.data, capacity, largest.ctypes.data)
+        if count <= capacity:
+            break
+        capacity = count
+    if not np.isfinite(largest[0]) or count < k:
+        return None
+    candidates = candidates[:count]
+    return _best_of(candidates, np.abs(values[candidates]), k), torch.tensor(float(largest[0]))
 
 
 def _scatter(numel: int, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype,
@@ -64,6 +108,24 @@ def _scatter(numel: int, indices: torch.Tensor, values: torch.Tensor, dtype: tor
     out = allocate(numel, dtype, values.device, zero=True)
     if indices.numel():
         out.index_put_((indices,), values.to(dtype), accumulate=accumulate)
+    return out
+
+
+def _slots(compressor, payload: torch.Tensor, numel: int):
+    """``(indices, values)`` of a top-k/DGC payload for a chunk of ``numel`` elements."""
+    layout = compressor._layout(numel)
+    check_payload(payload, layout.nbytes, compressor.name, numel)
+    return (decode_indices(layout.read(payload, "indices"), numel),
+            layout.read(payload, "values"))
+
+
+def _scatter_into(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                  accumulate: bool = False) -> torch.Tensor:
+    """``_scatter`` into the caller's ``out``: zero it, then write the k values (the same
+    values as a fresh ``_scatter``, without a fresh d-element buffer)."""
+    out.zero_()
+    if indices.numel():
+        out.index_put_((indices,), values.to(out.dtype), accumulate=accumulate)
     return out
 
 
@@ -111,10 +173,12 @@ class TopK(LayoutCompressor):
 
     def decompress(self, payload, numel, dtype=torch.float32, seed=0):
         check_out_dtype(dtype, self.name)
-        layout = self._layout(numel)
-        check_payload(payload, layout.nbytes, self.name, numel)
-        indices = decode_indices(layout.read(payload, "indices"), numel)
-        return _scatter(numel, indices, layout.read(payload, "values"), dtype)
+        return _scatter(numel, *_slots(self, payload, numel), dtype)
+
+    def decompress_into(self, payload, out, seed=0):
+        """Zero ``out`` and write the k values (no fresh d-element tensor)."""
+        check_out_dtype(out.dtype, self.name)
+        return _scatter_into(out, *_slots(self, payload, out.numel()))
 
 
 @register("randomk")
@@ -171,6 +235,17 @@ class RandomK(Compressor):
         layout = Layout([("values", torch.float32, nbytes // 4)])
         return _scatter(numel, self.indices(numel, seed, payload.device),
                         layout.read(payload, "values"), dtype)
+
+    def decompress_into(self, payload, out, seed=0):
+        """Zero ``out`` and write the k values at the shared indices."""
+        numel = out.numel()
+        check_out_dtype(out.dtype, self.name)
+        nbytes = self.payload_nbytes(numel)
+        check_payload(payload, nbytes, self.name, numel)
+        if not numel:
+            return out
+        values = Layout([("values", torch.float32, nbytes // 4)]).read(payload, "values")
+        return _scatter_into(out, self.indices(numel, seed, payload.device), values)
 
 
 @register("dgc")
@@ -313,7 +388,9 @@ class DGC(LayoutCompressor):
 
     def decompress(self, payload, numel, dtype=torch.float32, seed=0):
         check_out_dtype(dtype, self.name)
-        layout = self._layout(numel)
-        check_payload(payload, layout.nbytes, self.name, numel)
-        indices = decode_indices(layout.read(payload, "indices"), numel)
-        return _scatter(numel, indices, layout.read(payload, "values"), dtype, accumulate=True)
+        return _scatter(numel, *_slots(self, payload, numel), dtype, accumulate=True)
+
+    def decompress_into(self, payload, out, seed=0):
+        """Zero ``out`` and add the k slots (padding slots add 0 at index 0)."""
+        check_out_dtype(out.dtype, self.name)
+        return _scatter_into(out, *_slots(self, payload, out.numel()), accumulate=True)
