@@ -101,7 +101,8 @@ step environment 60 "$PY" scripts/gpu_check.py env "$OUT"
 step bench-compressors 150 "$PY" scripts/gpu_check.py bench "$OUT" --device "$DEVICE" \
     --sizes "$SIZES" --warmup 3 --repeats 20 --finite-check deferred
 
-mapfile -t GPU_TESTS < <(ls tests/test_gpu_*.py)
+# tests/test_gpu_*.py, and the gpu-marked tests of files that hold others too (-m gpu picks them)
+mapfile -t GPU_TESTS < <(ls tests/test_gpu_*.py tests/test_comm_torchdist.py 2>/dev/null)
 if "$PY" -c "import pytest" 2>/dev/null; then
     # -p no:cacheprovider: write nothing into the tree; -o addopts=: no options a plugin missing
     # here would need

@@ -128,6 +128,10 @@ def _skip(reason=""):
     raise Skipped(reason)
 
 
+def _fail(reason="", pytrace=True):
+    raise AssertionError(reason)
+
+
 def _fixture(*args, **kwargs):
     raise RuntimeError("gpu_check's runner has no fixtures: install pytest")
 
@@ -136,7 +140,7 @@ def fake_pytest() -> types.ModuleType:
     module = types.ModuleType("pytest")
     module.mark = _MarkFactory()
     module.raises, module.skip, module.importorskip = _Raises, _skip, _importorskip
-    module.fixture = _fixture
+    module.fixture, module.fail = _fixture, _fail
     module.approx = None
     return module
 
@@ -200,6 +204,9 @@ def tests(out: Path, files) -> int:
         for attr, func in vars(module).items():
             if not (attr.startswith("test_") and callable(func)):
                 continue
+            if not any(mark.name == "gpu"
+                       for mark in marks + getattr(func, "_gpu_check_marks", [])):
+                continue                                  # pytest -m gpu would deselect it
             for case_id, kwargs in _cases(func):
                 test_id = f"{path}::{attr}" + (f"[{case_id}]" if case_id else "")
                 started = time.perf_counter()
