@@ -14,7 +14,7 @@
 # PYTHONPATH (no install). Every step runs under its own `timeout` and the script goes on past a
 # failed step; it exits 0 once summary.md is written. On a machine without CUDA it says so and
 # stops (exit 0). Knobs: PYTHON (the interpreter), GPU_CHECK_BUDGET (seconds for everything,
-# default 450), GPU_CHECK_SIZES (benchmark sizes in MiB, default 64), GPU_CHECK_DEVICE=cpu (runs
+# default 420), GPU_CHECK_SIZES (benchmark sizes in MiB, default 64), GPU_CHECK_DEVICE=cpu (runs
 # every step on the CPU, the GPU tests skipping: a check of this script on a machine without GPU).
 set -u
 
@@ -29,7 +29,7 @@ LOG="$OUT/gpu-check.log"
 exec > >(tee -a "$LOG") 2>&1
 
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-450}
+BUDGET=${GPU_CHECK_BUDGET:-420}
 SIZES=${GPU_CHECK_SIZES:-64}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
