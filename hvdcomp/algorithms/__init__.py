@@ -3,26 +3,18 @@
     make_algorithm("liec", up="sign", down="sign", period=32)
 
 Every subclass of :class:`Algorithm` that sets ``name`` registers itself when its module is
-imported; this package imports the built-in modules.
+imported, together with its :class:`~.registry.MethodInfo`; this package imports every module in
+it (:func:`.registry.load_all`), so a new method is one new module here.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Optional
 
 from .base import ALGORITHMS, Algorithm
-from . import doublesqueeze, liec, memsgd, psgd  # noqa: F401  (registers the classes)
-from . import cser, ef21pp, neolithic  # noqa: F401  (LIEC-SGD's and EF21's baselines)
+from .registry import METHODS, MethodInfo, Option, Paper, TrainingMethod, load_all
 
-# Modules other engineers add; a module that does not exist yet is skipped, one that fails to
-# import for any other reason raises.
-for _module in ("ef21", "dgc", "monna"):
-    try:
-        importlib.import_module(f"{__name__}.{_module}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"{__name__}.{_module}":
-            raise
+load_all()  # every module of this package: each registers the methods it defines
 
 
 def make_algorithm(name: str, up: Any = "none", down: Optional[Any] = None,
@@ -32,7 +24,8 @@ def make_algorithm(name: str, up: Any = "none", down: Optional[Any] = None,
 
     Raises ValueError naming the problem for an unknown algorithm or hyperparameter."""
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of: {', '.join(sorted(ALGORITHMS))}")
+        raise ValueError(f"unknown algorithm {name!r}; choose one of: "
+                         f"{', '.join(sorted(ALGORITHMS))}")
     cls = ALGORITHMS[name]
     params = inspect.signature(cls.__init__).parameters
     accepted = [p for p in params if p not in ("self", "up", "down")
@@ -46,4 +39,5 @@ def make_algorithm(name: str, up: Any = "none", down: Optional[Any] = None,
     return cls(up=up, down=down, **hyper)
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "make_algorithm"]
+__all__ = ["Algorithm", "ALGORITHMS", "METHODS", "MethodInfo", "Option", "Paper",
+           "TrainingMethod", "make_algorithm"]

@@ -28,7 +28,9 @@ averages the gradients exactly (dense allreduce), gathers each bucket's server s
 :meth:`server_flush` (which also resets it), and applies ``sync_update(key, mean, flushed)``.
 
 A subclass that sets a class attribute ``name`` registers itself under that name (see
-:func:`hvdcomp.algorithms.make_algorithm`).
+:func:`hvdcomp.algorithms.make_algorithm`); it must also declare ``info``, its
+:class:`~hvdcomp.algorithms.registry.MethodInfo` (paper, defaults, options), which registers it
+as a training method (:mod:`hvdcomp.algorithms.registry`).
 """
 from __future__ import annotations
 
@@ -37,20 +39,25 @@ from typing import Any, Dict, Optional, Type
 import torch
 
 from ..compressors import Compressor, from_spec
+from .registry import TrainingMethod
 
 
 #: every Algorithm subclass that sets ``name``, by name (filled by ``Algorithm.__init_subclass__``)
 ALGORITHMS: Dict[str, Type["Algorithm"]] = {}
 
 
-class Algorithm:
+class Algorithm(TrainingMethod):
     #: registry name, e.g. ``"liec"``
     name: str = ""
 
     def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
+            if "info" not in cls.__dict__ or cls.__dict__["info"].name != cls.name:
+                raise TypeError(f"algorithm class {cls.__name__} ({cls.name!r}) must declare "
+                                f"info = MethodInfo(name={cls.name!r}, ...) "
+                                "(hvdcomp.algorithms.registry)")
             ALGORITHMS[cls.name] = cls
+        super().__init_subclass__(**kwargs)
     #: Whether the downlink is compressed at all; when False the server message travels dense
     #: (``none``), and a ``down`` compressor other than ``none`` is refused at construction.
     compresses_downlink: bool = True

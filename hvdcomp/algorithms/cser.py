@@ -32,6 +32,7 @@ from typing import Dict
 import torch
 
 from .base import Algorithm
+from .registry import MethodInfo, Option, Paper
 from .memsgd import ReusedBuffers
 
 __all__ = ["CSER"]
@@ -43,6 +44,14 @@ class CSER(Algorithm):
     State: r_i for the current round only (``local_error``); the accumulated error ê_i is the
     model's own drift from the average, kept in the parameters themselves."""
     name = "cser"
+    info = MethodInfo(
+        name="cser", label="CSER", order=120,
+        summary="local residuals applied at once, the models reset to their average every "
+                "period rounds",
+        paper=Paper("CSER: Communication-efficient SGD with Error Reset",
+                    "Xie, Zheng, Koyejo, Gupta, Li, Lin", 2020,
+                    "https://arxiv.org/abs/2007.13221", "NeurIPS"),
+        options=(Option("period", "int", 8, "an integer >= 1", "rounds between error resets"),))
     compresses_downlink = False  # the mean of C₁(g_j) returns dense, as in the reference code
 
     def __init__(self, up="none", down=None, period: int = 8):

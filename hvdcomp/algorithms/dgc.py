@@ -52,6 +52,7 @@ import torch
 from ..compressors import Compressor
 from ..compressors.layerwise import PerLayer
 from .base import Algorithm
+from .registry import MethodInfo, Option, Paper
 from .memsgd import store_difference
 
 __all__ = ["DGC", "DGCSGD", "dgc_density", "clip_local_gradient"]
@@ -117,6 +118,44 @@ class DGC(Algorithm):
     from :meth:`set_layout`).
     """
     name = "dgc"
+    info = MethodInfo(
+        name="dgc", label="DGC", order=90, up="dgc:ratio=0.001", down="none",
+        pattern="allgather", momentum_inside=True,
+        summary="momentum correction, local clipping, momentum factor masking, sparsity warm-up",
+        paper=Paper("Deep Gradient Compression: Reducing the Communication Bandwidth for "
+                    "Distributed Training", "Lin, Han, Mao, Wang, Dally", 2018,
+                    "https://arxiv.org/abs/1712.01887", "ICLR"),
+        options=(
+            Option("momentum", "float", 0.9, "a number in [0, 1)", "m of the correction"),
+            Option("nesterov", "bool", False, "true or false"),
+            Option("clip_norm", "float", None, "a positive number (needs world_size)",
+                   "local gradient clipping threshold"),
+            Option("world_size", "int", None, "an integer >= 1"),
+            Option("momentum_masking", "bool", True, "true or false"),
+            Option("warmup_epochs", "int", 4, "an integer >= 0"),
+            Option("steps_per_epoch", "int", None, "an integer >= 1",
+                   "for the warm-up's epochs", filled_by_train=True),
+            Option("server_error_feedback", "bool", True, "true or false"),
+            Option("per_layer", "bool", True, "true or false",
+                   "a threshold per layer of dim > 1 (needs --pattern allgather)")))
+
+    @classmethod
+    def train_options(cls, cfg, world_size, rank, steps_per_epoch):
+        options = dict(cfg.algorithm_options)
+        if steps_per_epoch is not None:
+            options.setdefault("steps_per_epoch", steps_per_epoch)
+        if options.get("per_layer", True) and cfg.pattern != "allgather":
+            raise ValueError(f"per-layer top-k (the paper's, the default) needs the whole "
+                             f"bucket, i.e. --pattern allgather, not {cfg.pattern!r}; pass "
+                             "--algorithm-option per_layer=false to select per bucket or chunk")
+        return options
+
+    @classmethod
+    def dense_tensor_momentum(cls, options):
+        # the reference applies ordinary momentum m to them after averaging
+        momentum = float(options.get("momentum", 0.9))
+        nesterov = bool(options.get("nesterov", False)) and momentum > 0
+        return {"momentum": momentum, "dampening": 0.0, "nesterov": nesterov}
 
     def __init__(self, up: "Compressor | str" = "dgc:ratio=0.001",
                  down: "Compressor | str | None" = "none", momentum: float = 0.9,

@@ -17,6 +17,7 @@ from typing import Dict
 import torch
 
 from .base import Algorithm
+from .registry import MethodInfo, Paper
 from .memsgd import ReusedBuffers, store_difference
 
 
@@ -27,6 +28,12 @@ class DoubleSqueeze(Algorithm):
     across rounds, and v = m + δ is added into the mean the exchange hands over (a fresh tensor
     it does not read again); the values are those of the formulas above."""
     name = "doublesqueeze"
+    info = MethodInfo(
+        name="doublesqueeze", label="DoubleSqueeze", order=30,
+        summary="error feedback on the workers and on the server; both directions compressed",
+        paper=Paper("DoubleSqueeze: Parallel Stochastic Gradient Descent with Double-Pass "
+                    "Error-Compensated Compression", "Tang, Yu, Lian, Zhang, Liu", 2019,
+                    "https://arxiv.org/abs/1905.05957", "ICML"))
 
     def __init__(self, up="none", down=None):
         super().__init__(up, down)

@@ -42,9 +42,30 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .base import Algorithm
+from .registry import MethodInfo, Option, Paper
 from .stepsize import ef21w_weights
 
-__all__ = ["EF21", "EF21W", "EF21SGDM", "EF21BC"]
+__all__ = ["EF21", "EF21W", "EF21SGDM", "EF21BC", "EF21_PAPER", "EF21W_PAPER", "SMOOTHNESS",
+           "fill_smoothness"]
+
+EF21_PAPER = Paper("EF21: A New, Simpler, Theoretically Better, and Practically Faster Error "
+                   "Feedback", "Richtárik, Sokolov, Fatkhullin", 2021,
+                   "https://arxiv.org/abs/2106.05203", "NeurIPS")
+EF21W_PAPER = Paper("Error Feedback Reloaded: From Quadratic to Arithmetic Mean of Smoothness "
+                    "Constants", "Richtárik, Gasanov, Burlachenko", 2024,
+                    "https://arxiv.org/abs/2402.10774", "ICLR")
+#: EF21-W's options; hvdcomp train fills them (equal constants unless given, this rank)
+SMOOTHNESS = (Option("smoothness", "list of float", None, "one positive constant L_i per rank",
+                     "default in hvdcomp train: equal constants (EF21-W then equals EF21)",
+                     filled_by_train=True),
+              Option("rank", "int", None, "this worker's index", filled_by_train=True))
+
+
+def fill_smoothness(options, world_size, rank):
+    """What hvdcomp train fills for EF21-W: equal constants unless given, and this rank."""
+    options.setdefault("smoothness", [1.0] * world_size)
+    options.setdefault("rank", rank)
+    return options
 
 
 class EF21(Algorithm):
@@ -56,6 +77,9 @@ class EF21(Algorithm):
     Stepsize: :func:`hvdcomp.algorithms.stepsize.ef21_stepsize`.
     """
     name = "ef21"
+    info = MethodInfo(name="ef21", label="EF21", order=50, paper=EF21_PAPER,
+                      summary="workers send compressed changes of their gradient estimates; "
+                              "dense downlink")
     compresses_downlink = False
 
     def __init__(self, up="none", down=None):
@@ -103,6 +127,13 @@ class EF21W(EF21):
     (1/(L + L_AM ξ(α)), larger than EF21's when the L_i differ).
     """
     name = "ef21w"
+    info = MethodInfo(name="ef21w", label="EF21-W", order=60, paper=EF21W_PAPER,
+                      summary="EF21 weighted by the workers' smoothness constants",
+                      options=SMOOTHNESS)
+
+    @classmethod
+    def train_options(cls, cfg, world_size, rank, steps_per_epoch):
+        return fill_smoothness(dict(cfg.algorithm_options), world_size, rank)
 
     def __init__(self, up="none", down=None, smoothness: Optional[Sequence[float]] = None,
                  rank: Optional[int] = None):
@@ -144,6 +175,19 @@ class EF21SGDM(EF21):
     gradient; the form of the update is research notes §2.3 [UNVERIFIED against the paper's text].
     """
     name = "ef21sgdm"
+    info = MethodInfo(
+        name="ef21sgdm", label="EF21-SGDM", order=70, momentum_inside=True,
+        summary="EF21 on a momentum of stochastic gradients",
+        paper=Paper("Momentum Provably Improves Error Feedback!",
+                    "Fatkhullin, Tyurin, Richtárik", 2023, "https://arxiv.org/abs/2305.15155",
+                    "NeurIPS"),
+        options=(Option("eta", "float", 0.1, "a number in (0, 1]",
+                        "weight of the new gradient in v_i (1 = no momentum)"),))
+
+    @classmethod
+    def dense_tensor_momentum(cls, options):
+        keep = 1.0 - float(options.get("eta", 0.1))   # v ← (1 − η)v + ηg: SGD momentum 1 − η
+        return {"momentum": keep, "dampening": keep, "nesterov": False}
 
     def __init__(self, up="none", down=None, eta: float = 0.1):
         super().__init__(up, down)
@@ -180,6 +224,12 @@ class EF21BC(Algorithm):
     takes ∇f_i(x^k) and returns g^k, as in :class:`EF21`. Bits: up = C_w's, down = C_M's.
     """
     name = "ef21bc"
+    info = MethodInfo(
+        name="ef21bc", label="EF21-BC", order=80,
+        summary="EF21 with the downlink compressed too (bidirectional)",
+        paper=Paper("EF21 with Bells & Whistles: Practical Algorithmic Extensions of Modern "
+                    "Error Feedback", "Fatkhullin, Sokolov, Gorbunov, Li, Richtárik", 2021,
+                    "https://arxiv.org/abs/2110.03294", "arXiv"))
     compresses_downlink = True
 
     def __init__(self, up="none", down=None):

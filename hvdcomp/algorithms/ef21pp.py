@@ -33,7 +33,8 @@ import zlib
 
 import torch
 
-from .ef21 import EF21, EF21W
+from .ef21 import EF21, EF21W, EF21W_PAPER, SMOOTHNESS
+from .registry import MethodInfo, Option, Paper
 
 __all__ = ["EF21PP", "EF21WPP", "participates"]
 
@@ -57,8 +58,23 @@ def _check(name: str, participation, rank) -> None:
                          f"it takes part in a round, got {rank!r}")
 
 
+PARTICIPATION = (Option("participation", "float", 0.5, "a probability in (0, 1]",
+                        "each worker takes part in a round with it"),
+                 Option("rank", "int", None, "this worker's index", filled_by_train=True),
+                 Option("seed", "int", 0, "an integer", "the shared seed of the draws "
+                        "(hvdcomp train: --seed)", filled_by_train=True))
+
+
 class _PartialParticipation:
     """What EF21-PP adds to EF21 and EF21-W-PP to EF21-W: zero messages outside S_t."""
+
+    @classmethod
+    def train_options(cls, cfg, world_size, rank, steps_per_epoch):
+        # the draw of the participating workers: every rank knows its rank and the seed
+        options = super().train_options(cfg, world_size, rank, steps_per_epoch)
+        options.setdefault("rank", rank)
+        options.setdefault("seed", cfg.seed)
+        return options
 
     def _init_participation(self, participation, rank, seed):
         _check(self.name, participation, rank)
@@ -89,6 +105,12 @@ class EF21PP(_PartialParticipation, EF21):
     ``rank``: this worker's index (the training loop fills it); ``seed``: the shared seed of the
     draws. State: EF21's (g_i, g)."""
     name = "ef21pp"
+    info = MethodInfo(
+        name="ef21pp", label="EF21-PP", order=130, options=PARTICIPATION,
+        summary="EF21 with partial participation",
+        paper=Paper("EF21 with Bells & Whistles: Practical Algorithmic Extensions of Modern "
+                    "Error Feedback", "Fatkhullin, Sokolov, Gorbunov, Li, Richtárik", 2021,
+                    "https://arxiv.org/abs/2110.03294", "arXiv"))
 
     def __init__(self, up="none", down=None, participation: float = 0.5, rank=None,
                  seed: int = 0):
@@ -100,6 +122,9 @@ class EF21WPP(_PartialParticipation, EF21W):
     """EF21-W-PP: EF21-W (weights w_i = L_i/Σ_j L_j from ``smoothness``) with partial
     participation; see :class:`EF21PP`."""
     name = "ef21wpp"
+    info = MethodInfo(name="ef21wpp", label="EF21-W-PP", order=140, paper=EF21W_PAPER,
+                      summary="EF21-W with partial participation",
+                      options=SMOOTHNESS + PARTICIPATION[:1] + PARTICIPATION[2:])
 
     def __init__(self, up="none", down=None, smoothness=None, rank=None,
                  participation: float = 0.5, seed: int = 0):

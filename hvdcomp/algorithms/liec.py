@@ -24,12 +24,28 @@ from typing import Dict
 import torch
 
 from .base import Algorithm
+from .registry import MethodInfo, Option, Paper
 from .memsgd import ReusedBuffers, store_difference
 
 
 class LIEC(Algorithm):
     """LIEC-SGD with averaging period ``period`` (the paper's p; 32 and 100 in its README)."""
     name = "liec"
+    info = MethodInfo(
+        name="liec", label="LIEC-SGD", order=40,
+        summary="local immediate error compensation, a server error, exact averaging every "
+                "period rounds",
+        paper=Paper("Communication-Efficient Distributed Learning with Local Immediate Error "
+                    "Compensation", "Cheng, Shen, Xu, Qian, Wu, Zhou, Zhang, Tao, Chen", 2024,
+                    "https://arxiv.org/abs/2402.11857", "arXiv"),
+        options=(Option("period", "int", 32, "an integer >= 1",
+                        "rounds between exact averagings (hvdcomp train: --period)"),))
+
+    @classmethod
+    def train_options(cls, cfg, world_size, rank, steps_per_epoch):
+        options = dict(cfg.algorithm_options)
+        options.setdefault("period", cfg.period)       # train's --period
+        return options
 
     def __init__(self, up="none", down=None, period: int = 32):
         super().__init__(up, down)

@@ -20,6 +20,7 @@ import torch
 
 from ..compressors._wire import allocate
 from .base import Algorithm
+from .registry import MethodInfo, Paper
 
 
 class ReusedBuffers:
@@ -63,6 +64,11 @@ class MemSGD(Algorithm):
     The error update runs in place (e_i is overwritten, p_i lives in a buffer reused across
     rounds); the values are those of the formulas above."""
     name = "memsgd"
+    info = MethodInfo(
+        name="memsgd", label="MEM-SGD / EF-SGD", order=20,
+        summary="worker error feedback, compressed uplink, dense downlink",
+        paper=Paper("Sparsified SGD with Memory", "Stich, Cordonnier, Jaggi", 2018,
+                    "https://arxiv.org/abs/1809.07599", "NeurIPS"))
     compresses_downlink = False
 
     def __init__(self, up="none", down=None):

@@ -27,6 +27,7 @@ import torch
 
 from ..compressors import Compressor, from_spec
 from .doublesqueeze import DoubleSqueeze
+from .registry import MethodInfo, Option, Paper
 
 __all__ = ["MultiRound", "Neolithic"]
 
@@ -103,6 +104,13 @@ class MultiRound(Compressor):
 class Neolithic(DoubleSqueeze):
     """NEOLITHIC with ``rounds`` = R compressions per message (the LIEC-SGD code uses R = 2)."""
     name = "neolithic"
+    info = MethodInfo(
+        name="neolithic", label="NEOLITHIC", order=110,
+        summary="DoubleSqueeze with every message compressed in R rounds",
+        paper=Paper("Lower Bounds and Nearly Optimal Algorithms in Distributed Learning with "
+                    "Communication Compression", "Huang, Chen, Yin, Yuan", 2022,
+                    "https://arxiv.org/abs/2206.03665", "NeurIPS"),
+        options=(Option("rounds", "int", 2, "an integer >= 1", "compressions per message"),))
 
     def __init__(self, up="none", down=None, rounds: int = 2):
         super().__init__(up, down)

@@ -10,9 +10,14 @@ The base class's five steps already are this algorithm; the class only gives it 
 from __future__ import annotations
 
 from .base import Algorithm
+from .registry import MethodInfo
 
 
 class PSGD(Algorithm):
     """Parallel SGD; see the module docstring."""
     name = "psgd"
+    info = MethodInfo(
+        name="psgd", label="P-SGD", order=10, up="none", sgd_momentum=0.9,
+        summary="parallel SGD: the average of the (optionally compressed) gradients, no error "
+                "feedback; with none both ways hvdcomp train runs Horovod's own allreduce")
     error_feedback = False  # any unbiased compressor will do, QSGD without rescale included
