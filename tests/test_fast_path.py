@@ -192,7 +192,7 @@ def test_build_lands_in_the_cache_and_is_reused(fresh_library, tmp_path):
     assert _native.library() is not None
 
 
-# --- top-k: candidates and max|x| in one C pass ----------------------------------------------------
+# --- top-k: candidates and max|x| in one C pass ---------------------------------------------------
 @settings(max_examples=30, deadline=None)
 @given(numel=st.integers(1 << 14, 1 << 17), seed=st.integers(0, 2 ** 31 - 1),
        kind=st.sampled_from(["gauss", "wide", "zeros", "constant", "ties"]),
@@ -221,3 +221,34 @@ def test_topk_nonfinite_same_bytes_with_check_off_refused_with_check_on(bad):
     for name in ("reference", "native"):
         with road(name), pytest.raises(CompressionError, match="NaN or Inf"):
             from_spec("topk:ratio=0.01").compress(x)
+
+
+# --- qsgd: codes and decode in one C pass each ----------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(numel=LENGTHS, seed=st.integers(0, 2 ** 31 - 1),
+       kind=st.sampled_from(["gauss", "zeros", "constant"]),   # "wide" overflows the L2 norm
+       levels=st.sampled_from([1, 2, 4, 7, 16, 127]), rescale=st.booleans(),
+       threads=st.sampled_from([1, 2, 3]))
+def test_qsgd_native_equals_reference(numel, seed, kind, levels, rescale, threads):
+    x = vector(numel, seed, kind)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (ref_payload, ref_fresh, ref_into), (payload, fresh, into) = both_roads(
+            f"qsgd:levels={levels},rescale={rescale}", x, seed=seed)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(payload, ref_payload)
+    assert torch.equal(fresh, ref_fresh) and torch.equal(into, ref_into)
+
+
+def test_counter_uniforms_are_uniform_and_independent_of_the_piece():
+    from hvdcomp.compressors.quantize import counter_uniforms
+    u = counter_uniforms(1 << 20, 5, "cpu", torch.float64)
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    # mean 1/2 and variance 1/12 within 6 standard errors of 2^20 draws
+    assert abs(float(u.mean()) - 0.5) < 6 * (1 / 12) ** 0.5 / 2 ** 10
+    assert abs(float(u.var()) - 1 / 12) < 6 * (1 / 180) ** 0.5 / 2 ** 10
+    # neighbouring elements uncorrelated; another seed gives other draws
+    assert abs(float(torch.corrcoef(torch.stack([u[1:], u[:-1]]))[0, 1])) < 6 / 2 ** 10
+    assert not torch.equal(u, counter_uniforms(1 << 20, 6, "cpu", torch.float64))

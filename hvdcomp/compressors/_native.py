@@ -34,7 +34,9 @@ import torch
 from ._native_src import SOURCE
 from .base import CompressionError
 
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing"]
+# -ffp-contract=off: no fused multiply-adds, so float arithmetic rounds as torch's does
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing",
+          "-ffp-contract=off"]
 #: elements below which a kernel runs on the calling thread only
 _GRAIN = 1 << 18
 T = TypeVar("T")
@@ -50,6 +52,9 @@ _SIGNATURES = {
     "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr]),
     "hv_count_nonfinite_f32": (_i64, [_ptr, _i64]),
     "hv_count_nonfinite_u16": (_i64, [_ptr, _i64, _int]),
+    "hv_qsgd_encode_f32": (None, [_ptr, _i64, _i64, ctypes.c_float, _int, _int,
+                                  ctypes.c_uint32, ctypes.c_uint32, _ptr, _i64]),
+    "hv_qsgd_decode_f32": (None, [_ptr, _i64, _i64, _i64, _int, _int, ctypes.c_float, _ptr]),
     "hv_candidates_f32": (_i64, [_ptr, _i64, ctypes.c_float, _ptr, _i64, _ptr]),
 }
 
@@ -92,7 +97,7 @@ def _build(compiler: str) -> str:
         with open(source, "w") as handle:
             handle.write(SOURCE)
         built = os.path.join(work, "kernels.so")
-        subprocess.run([compiler, *_FLAGS, source, "-o", built], check=True,
+        subprocess.run([compiler, *_FLAGS, source, "-o", built, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(built, target)     # atomic: a concurrent rank sees the old or the new file
     return target

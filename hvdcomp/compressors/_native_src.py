@@ -14,6 +14,7 @@ no OpenMP runtime is loaded next to torch's and a forked process cannot inherit 
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -133,6 +134,50 @@ int64_t hv_count_nonfinite_u16(const uint16_t *x, int64_t n, int mask) {
     for (int64_t i = 0; i < n; i++)
         count += (x[i] & m) == m;
     return count;
+}
+
+/* QSGD's counter-based uniform for element i (see quantize.counter_uniforms). */
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+    return x;
+}
+
+/* QSGD codes of x[start..stop) (global element indices; start a multiple of 8) into the packed
+   field codes (nbytes in all): group g of 8 codes of ``bits`` bits at bytes [g*bits, (g+1)*bits),
+   code j of the group at bits [bits*j, bits*(j+1)) of the little-endian word.  Same float32
+   operations as the torch reference, in the same order (built with -ffp-contract=off). */
+void hv_qsgd_encode_f32(const float *x, int64_t start, int64_t stop, float norm, int s,
+                        int bits, uint32_t k1, uint32_t k2, uint8_t *codes, int64_t nbytes) {
+    const float levels = (float)s;
+    for (int64_t g = start / 8; g * 8 < stop; g++) {
+        uint64_t word = 0;
+        for (int j = 0; j < 8 && g * 8 + j < stop; j++) {
+            int64_t i = g * 8 + j;
+            float a = x[i] < 0 ? -x[i] : x[i];
+            float scaled = (a / norm) * levels;
+            float level = floorf(scaled);
+            float u = (float)(lowbias32(lowbias32((uint32_t)i ^ k1) ^ k2) >> 8) * 0x1p-24f;
+            if (u < scaled - level) level += 1.0f;
+            if (level > levels) level = levels;
+            int64_t code = x[i] >= 0 ? s + (int64_t)level : s - (int64_t)level;
+            word |= (uint64_t)code << (bits * j);
+        }
+        int64_t room = nbytes - g * bits;
+        memcpy(codes + g * bits, &word, (size_t)(room < bits ? room : bits));
+    }
+}
+
+/* out[i] = (code_i - s) * step for i in [start, stop) (start a multiple of 8). */
+void hv_qsgd_decode_f32(const uint8_t *codes, int64_t nbytes, int64_t start, int64_t stop,
+                        int s, int bits, float step, float *out) {
+    const uint64_t mask = (1u << bits) - 1;
+    for (int64_t g = start / 8; g * 8 < stop; g++) {
+        uint64_t word = 0;
+        int64_t room = nbytes - g * bits;
+        memcpy(&word, codes + g * bits, (size_t)(room < bits ? room : bits));
+        for (int j = 0; j < 8 && g * 8 + j < stop; j++)
+            out[g * 8 + j] = (float)((int64_t)((word >> (bits * j)) & mask) - s) * step;
+    }
 }
 
 /* Indices i (ascending) with |x[i]| >= threshold, at most capacity of them; returns how many

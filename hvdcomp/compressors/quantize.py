@@ -18,11 +18,42 @@ import math
 
 import torch
 
-from . import bitpack
-from ._wire import (Layout, LayoutCompressor, check_bool, check_int, check_out_dtype, check_payload, compute_dtype,
-                    flat_input, generator, mix_seeds)
+from . import _native, bitpack
+from ._wire import (Layout, LayoutCompressor, check_bool, check_int, check_out_dtype, check_payload,
+                    compute_dtype, flat_input, mix_seeds)
 from .base import check_finite
 from .registry import register
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _lowbias32(words: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (C. Wellons' "lowbias32", a bijection of [0, 2^32)) on int64
+    tensors holding values in [0, 2^32); products wrap modulo 2^64, their low 32 bits are
+    exact."""
+    words = words ^ (words >> 16)
+    words = (words * 0x7FEB352D) & _LOW32
+    words = words ^ (words >> 15)
+    words = (words * 0x846CA68B) & _LOW32
+    return words ^ (words >> 16)
+
+
+def seed_words(seed: int) -> "tuple[int, int]":
+    """The two 32-bit keys of :func:`counter_uniforms` for a compress ``seed``."""
+    key = mix_seeds(seed)
+    return key & _LOW32, (key >> 32) & _LOW32
+
+
+def counter_uniforms(numel: int, seed: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """Uniforms in [0, 1) on a 2^-24 grid, one per element: u_i = (h(h(i ^ k1) ^ k2) >> 8)·2^-24
+    with h = lowbias32 and (k1, k2) = :func:`seed_words` (seed).  Counter-based: element i's draw
+    depends on (seed, i) only, so any device, any piece of the chunk and the C kernel give the
+    same draws, and no generator state is stepped through the chunk (torch.rand cost ~19
+    copies of the buffer on CPU)."""
+    k1, k2 = seed_words(seed)
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    hashed = _lowbias32(_lowbias32(index ^ k1) ^ k2)
+    return (hashed >> 8).to(dtype) * 2.0 ** -24
 
 
 @register("qsgd")
@@ -34,14 +65,16 @@ class QSGD(LayoutCompressor):
     Bytes: 4 + ceil(d·b/8) (the fp32 norm, then the codes); 0 when d = 0.
     δ: see the module docstring (ω = min(d/s², √d/s); δ = 1/(1+ω) with ``rescale``).
 
-    The Bernoulli draws come from a generator seeded with ``mix_seeds(seed)`` on x's device, so a
-    payload is reproducible from (x, seed).  The exchange passes one seed to all ranks for a
-    chunk and step, so workers draw the same uniforms; mix the rank into ``seed`` where
-    independent noise across workers matters.  The norm is rounded to fp32 before quantizing, so
-    the decoded values are unbiased for the norm that travels.
+    The Bernoulli draws are :func:`counter_uniforms` of ``seed`` (a hash of the element's
+    index), so a payload is reproducible from (x, seed), on any device.  The exchange passes one
+    seed to all ranks for a chunk and step, so workers draw the same uniforms; mix the rank into
+    ``seed`` where independent noise across workers matters.  The norm is rounded to fp32 before
+    quantizing, so the decoded values are unbiased for the norm that travels.
 
-    Cost: a norm, a few element-wise passes, the RNG and the code packing: memory-bound, with the
-    packing's int64 intermediates (8 bytes per element) the largest term.  Not linear."""
+    Cost: a norm, then the rounding and packing: on CPU with the C kernels (:mod:`._native`,
+    float32) one pass for the codes and one for the decode, the same bytes as the torch
+    reference, whose element-wise passes and int64 intermediates cost several copies each.
+    Not linear."""
 
     def __init__(self, levels: int = 4, rescale: bool = False):
         self.levels = check_int("qsgd", "levels", levels, 1, 127)
@@ -86,9 +119,12 @@ class QSGD(LayoutCompressor):
         check_finite(x, summary=norm)
         s = self.levels
         safe_norm = torch.where(norm > 0, norm, 1.0).to(acc)
+        lib = _native.usable(x) if x.dtype == torch.float32 else None
+        if lib is not None and bool(torch.isfinite(norm)):   # CPU: no device to wait for
+            self._encode_native(lib, x, float(safe_norm), seed, layout.view(payload, "codes"))
+            return payload
         scaled = x.to(acc, copy=True).abs_().div_(safe_norm).mul_(s)  # in [0, s]; never touch x
-        uniforms = torch.rand(numel, generator=generator(mix_seeds(seed), x.device),
-                              dtype=acc, device=x.device)
+        uniforms = counter_uniforms(numel, seed, x.device, acc)
         level = scaled.floor()
         level += uniforms < (scaled - level)                          # stochastic rounding
         level.clamp_(max=s)       # |x_i| can exceed the fp32-rounded norm by half an ulp
@@ -96,16 +132,42 @@ class QSGD(LayoutCompressor):
         bitpack.pack_codes(codes, self.bits, layout.view(payload, "codes"))
         return payload
 
-    def decompress(self, payload, numel, dtype=torch.float32, seed=0):
+    def _encode_native(self, lib, x, norm: float, seed: int, codes: torch.Tensor) -> None:
+        k1, k2 = seed_words(seed)
+        _native.run(lambda start, stop: lib.hv_qsgd_encode_f32(
+            x.data_ptr(), start, stop, norm, self.levels, self.bits, k1, k2, codes.data_ptr(),
+            codes.numel()), x.numel())
+
+    def _step(self, payload, numel: int, dtype: torch.dtype):
+        """``(layout, step)``: the payload's layout and the decoded value of one level."""
         check_out_dtype(dtype, self.name)
         check_payload(payload, self.payload_nbytes(numel), self.name, numel)
-        if not numel:
-            return torch.empty(0, dtype=dtype, device=payload.device)
         layout = self._layout(numel)
-        acc = compute_dtype(dtype)
-        norm = layout.read(payload, "norm")[0].to(acc)
+        if not numel:
+            return layout, None
+        norm = layout.read(payload, "norm")[0].to(compute_dtype(dtype))
         step = norm / self.levels
         if self.rescale:
             step = step / (1.0 + self.omega(numel))
+        return layout, step
+
+    def decompress(self, payload, numel, dtype=torch.float32, seed=0):
+        layout, step = self._step(payload, numel, dtype)
+        if not numel:
+            return torch.empty(0, dtype=dtype, device=payload.device)
         codes = bitpack.unpack_codes(layout.read(payload, "codes"), numel, self.bits)
-        return ((codes - self.levels).to(acc) * step).to(dtype)
+        return ((codes - self.levels).to(step.dtype) * step).to(dtype)
+
+    def decompress_into(self, payload, out, seed=0):
+        """Decode into ``out``; on CPU with the C kernels (float32 ``out``) in one pass."""
+        numel = out.numel()
+        layout, step = self._step(payload, numel, out.dtype)
+        codes = layout.read(payload, "codes") if numel else None
+        lib = _native.usable(codes, out) if numel and out.dtype == torch.float32 else None
+        if lib is None:
+            return super().decompress_into(payload, out, seed)
+        step_value = float(step)        # CPU: no device to wait for
+        _native.run(lambda start, stop: lib.hv_qsgd_decode_f32(
+            codes.data_ptr(), codes.numel(), start, stop, self.levels, self.bits, step_value,
+            out.data_ptr()), numel)
+        return out
