@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .comm.base import scale_like_horovod
-from .exchange import chunk_bounds
+from .exchange_ledger import ring_allreduce_bytes
 from .optimizer_buckets import ExchangeStats
 
 
@@ -114,11 +114,10 @@ class HorovodReducer:
         return self._backend.sparse_allreduce(p.grad, name, self.op), None
 
     def _count(self, tensor: torch.Tensor) -> None:
-        size, rank, item = self.comm.size, self.comm.rank, tensor.element_size()
-        pieces = chunk_bounds(tensor.numel(), size, 1)
-        self.stats.bytes_up += sum((b - a) * item for j, (a, b) in enumerate(pieces) if j != rank)
-        a, b = pieces[rank]
-        self.stats.bytes_down += (size - 1) * (b - a) * item
+        up, down = ring_allreduce_bytes(tensor.numel(), tensor.element_size(), self.comm.size,
+                                        self.comm.rank)
+        self.stats.bytes_up += up
+        self.stats.bytes_down += down
 
     # --- finishing -----------------------------------------------------------------------------
     def synchronize(self) -> None:

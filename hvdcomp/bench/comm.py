@@ -50,7 +50,8 @@ import torch
 
 from ..algorithms import ALGORITHMS, make_algorithm
 from ..compressors import from_spec
-from ..exchange import PATTERNS, Exchange, chunk_bounds
+from ..exchange import PATTERNS, Exchange
+from ..exchange_ledger import ring_allreduce_bytes, ring_allreduce_mean
 
 MIB = 1 << 20
 DEFAULT_SIZES_MIB = (1, 4, 16, 64, 256)
@@ -151,27 +152,23 @@ def formula_bytes(method: Method, numel: int, world_size: int) -> Tuple[float, f
     """Bytes per rank per round from the compressors' ``payload_nbytes`` of the whole buffer
     (see the module docstring's table)."""
     n = world_size
-    share = (n - 1) / n
-    if method.kind == "horovod":
-        return share * 4 * numel, share * 4 * numel
-    if method.kind == "horovod-fp16":
-        return share * 2 * numel, share * 2 * numel
+    if method.kind in ("horovod", "horovod-fp16"):
+        ring = ring_allreduce_mean((4 if method.kind == "horovod" else 2) * numel, n)
+        return ring, ring
     up = from_spec(method.up).payload_nbytes(numel, torch.float32)
     down = from_spec(method.down).payload_nbytes(numel, torch.float32)
     if method.pattern == "two_phase":
-        return share * up, share * down
+        return (n - 1) / n * up, (n - 1) / n * down
     if method.pattern == "allgather":
         return (n - 1) * up, 0.0
-    return share * up, share * up            # allreduce pattern: a ring allreduce of the payload
+    ring = ring_allreduce_mean(up, n)        # allreduce pattern: a ring allreduce of the payload
+    return ring, ring
 
 
 def ring_model_bytes(numel: int, itemsize: int, world_size: int, rank: int) -> Tuple[int, int]:
-    """The exchange's accounting of an allreduce (reduce-scatter half up, allgather half down),
-    pieces cut by :func:`hvdcomp.exchange.chunk_bounds`: used for Horovod's own allreduces."""
-    bounds = chunk_bounds(numel, world_size)
-    up = sum((b - a) * itemsize for j, (a, b) in enumerate(bounds) if j != rank)
-    a, b = bounds[rank]
-    return up, (world_size - 1) * (b - a) * itemsize
+    """The exchange's accounting of an allreduce (reduce-scatter half up, allgather half down;
+    :func:`hvdcomp.exchange_ledger.ring_allreduce_bytes`): used for Horovod's own allreduces."""
+    return ring_allreduce_bytes(numel, itemsize, world_size, rank)
 
 
 # --- measuring ---------------------------------------------------------------------------------

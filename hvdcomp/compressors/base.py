@@ -38,6 +38,27 @@ class Compressor(abc.ABC):
     #: from the constructor's signature).
     parameters: "Dict[str, str] | None" = None
 
+    # --- what the exchange reads (declared here; hvdcomp.exchange reads nothing else) ----------
+    #: True for a compressor whose scale covers the whole bucket (``sign``): the exchange then
+    #: passes ``bucket=(‖bucket‖₁, numel)`` to ``roundtrip_into`` with every chunk, summed from
+    #: :meth:`partial_norm` of the chunks (see :mod:`hvdcomp.exchange_codec`).
+    needs_bucket_norm: bool = False
+
+    @property
+    def alignment(self) -> int:
+        """Elements: the exchange cuts buckets into chunks only at multiples of this, so that
+        a blockwise compressor's blocks never straddle two ranks' chunks (then its output is
+        the same sharded as on the whole bucket).  1 (any cut) by default; a compressor with a
+        ``block`` parameter (``blocksign``) declares its block.  Override to declare another."""
+        block = getattr(self, "block", None)
+        if isinstance(block, int) and not isinstance(block, bool) and block > 0:
+            return block
+        return 1
+
+    def partial_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """For ``needs_bucket_norm``: this part's share of the bucket norm (summed over parts)."""
+        raise NotImplementedError(f"{self.name} does not declare needs_bucket_norm")
+
     @abc.abstractmethod
     def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
         """Exact number of bytes that travel for a chunk of ``numel`` elements of ``dtype``

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..atomic import atomic_write_text
+from ..exchange_ledger import ring_allreduce_mean
 from ..labels import directions, method_name
 
 
@@ -159,7 +160,7 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
 def psgd_bytes_per_step(gradient_bytes: int, world_size: int) -> float:
     """Bytes one rank sends per step under P-SGD: a ring allreduce of the dense 32-bit gradient,
     (N−1)/N of it in the reduce-scatter ("up") and as much again in the allgather ("down")."""
-    return 2.0 * (world_size - 1) / world_size * gradient_bytes
+    return 2.0 * ring_allreduce_mean(gradient_bytes, world_size)
 
 
 def compression_ratio(gradient_bytes: int, world_size: int, steps: int, bytes_up: float,

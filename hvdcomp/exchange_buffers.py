@@ -1,0 +1,85 @@
+"""Buffers reused across rounds, for the exchange and the algorithms alike.
+
+On CPU a round costs memory passes, and writing a freshly allocated large tensor costs page
+faults worth several passes (docs/benchmarks.md), so the elementwise steps and the decoders write
+into buffers kept per (bucket, role) across rounds.  Large fresh CPU buffers come from
+:func:`hvdcomp.compressors._wire.allocate` (numpy: transparent huge pages).  A buffer's contents
+are not state: checkpoints never carry them.
+
+:func:`held_bytes` counts the bytes of the tensors an object keeps (its memory bound is tested
+as a multiple of the bucket size in tests/test_memory_bound.py).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .compressors._wire import allocate
+
+__all__ = ["ReusedBuffers", "allocate", "held_bytes", "store_difference"]
+
+
+class ReusedBuffers:
+    """Work buffers, one per (bucket, role), kept across rounds; contents are garbage."""
+
+    def __init__(self):
+        self._buffers: Dict[Tuple[str, str], torch.Tensor] = {}
+
+    def get(self, key: str, role: str, numel: int, dtype: torch.dtype,
+            device) -> torch.Tensor:
+        """An uninitialised 1-D buffer of ``numel`` elements, the same one every round."""
+        buffer = self._buffers.get((key, role))
+        if (buffer is None or buffer.numel() != numel or buffer.dtype != dtype
+                or buffer.device != torch.device(device)):
+            buffer = allocate(numel, dtype, device)
+            self._buffers[(key, role)] = buffer
+        return buffer
+
+    def like(self, key: str, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous buffer of ``tensor``'s shape, dtype and device."""
+        return self.get(key, role, tensor.numel(), tensor.dtype, tensor.device).view(tensor.shape)
+
+    def tensors(self):
+        return list(self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def store_difference(store: Dict[str, torch.Tensor], key: str, minuend: torch.Tensor,
+                     subtrahend: torch.Tensor) -> torch.Tensor:
+    """``store[key] = minuend − subtrahend``, written into the tensor already stored under
+    ``key`` when it fits (same values as a fresh subtraction, without the allocation)."""
+    target = store.get(key)
+    if (target is None or target.shape != minuend.shape or target.dtype != minuend.dtype
+            or target.device != minuend.device or not target.is_contiguous()
+            or target.data_ptr() in (minuend.data_ptr(), subtrahend.data_ptr())):
+        store[key] = minuend - subtrahend
+    else:
+        torch.sub(minuend, subtrahend, out=target)
+    return store[key]
+
+
+def held_bytes(*objects) -> int:
+    """Bytes of the distinct tensor storages reachable from ``objects`` through attributes,
+    dicts, lists and tuples (each storage counted once, however many views point into it)."""
+    seen_storages: Dict[int, int] = {}
+    seen_objects = set()
+    stack = list(objects)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen_objects:
+            continue
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            seen_storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) \
+                and type(obj).__module__.startswith("hvdcomp"):
+            stack.extend(vars(obj).values())
+    return sum(seen_storages.values())

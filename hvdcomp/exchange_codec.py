@@ -1,0 +1,144 @@
+"""What the exchange asks of compressors: chunking, payload checks, decoding into buffers.
+
+Chunking (:func:`chunk_bounds`): a bucket of d elements is cut into N chunks of ``ceil(d/N)``
+elements rounded up to a multiple of ``alignment``; the last chunks may be shorter or empty (an
+empty chunk sends 0 bytes, its compressor is never called).  ``alignment`` defaults to
+lcm(64, each compressor's declared ``Compressor.alignment``), so that bit-packed chunks are whole
+bytes and blocks never straddle chunks: a blockwise compressor then gives the same result sharded
+as on the whole bucket.
+
+A compressor that declares ``needs_bucket_norm`` (``sign``: one scale per bucket, as the papers'
+SignSGD) is handed ``bucket=(‖bucket‖₁, numel)`` with each chunk, so that sharding the bucket over
+N ranks does not change its output: the worker holds the whole bucket; the servers each hold one
+chunk and add their chunks' ``partial_norm`` with one allgather of N numbers (summed in rank
+order: the same total on every rank).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .comm.base import Communicator, scale_like_horovod
+from .compressors import Compressor
+from .exchange_ledger import ByteLedger
+
+#: smallest chunk alignment in elements: 64 keeps 1-bit payloads whole bytes (and 2-, 4-bit ones)
+BASE_ALIGNMENT = 64
+
+
+def chunk_bounds(numel: int, size: int, alignment: int = BASE_ALIGNMENT) -> List[Tuple[int, int]]:
+    """``[(start, stop)]`` of the chunk each of ``size`` ranks owns in a bucket of ``numel``."""
+    if size < 1 or alignment < 1 or numel < 0:
+        raise ValueError(f"chunk_bounds needs numel ≥ 0, size ≥ 1, alignment ≥ 1; got "
+                         f"{numel}, {size}, {alignment}")
+    per_rank = math.ceil(numel / size)
+    per_rank = math.ceil(per_rank / alignment) * alignment
+    return [(min(j * per_rank, numel), min((j + 1) * per_rank, numel)) for j in range(size)]
+
+
+def default_alignment(*compressors: Compressor) -> int:
+    """lcm of :data:`BASE_ALIGNMENT` and each compressor's declared ``alignment``."""
+    alignment = BASE_ALIGNMENT
+    for compressor in compressors:
+        alignment = math.lcm(alignment, int(compressor.alignment))
+    return alignment
+
+
+def summable_dtype(compressor: Compressor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to view a linear compressor's payload as, so that an allreduce sums payloads
+    (``compressor.wire_dtype(dtype)``); a clear ValueError for compressors that are not linear."""
+    if not compressor.linear:
+        raise ValueError(f"pattern 'allreduce' needs a linear compressor (payloads that can be "
+                         f"summed); {compressor.spec()!r} is not: use pattern 'two_phase' or "
+                         "'allgather'")
+    try:
+        return compressor.wire_dtype(dtype)
+    except TypeError as exc:
+        raise ValueError(f"pattern 'allreduce': {exc}; use pattern 'two_phase'") from None
+
+
+def payload_nbytes(compressor: Compressor, numel: int, dtype: torch.dtype) -> int:
+    return compressor.payload_nbytes(numel, dtype) if numel else 0
+
+
+def _check_payload(compressor: Compressor, x: torch.Tensor, payload: torch.Tensor) -> None:
+    expected = compressor.payload_nbytes(x.numel(), x.dtype)
+    if payload.dtype != torch.uint8 or payload.numel() != expected:
+        raise ValueError(f"compressor {compressor.spec()!r} returned {payload.numel()} "
+                         f"{payload.dtype} bytes for {x.numel()} elements; payload_nbytes "
+                         f"says {expected} uint8")
+
+
+def roundtrip(compressor: Compressor, x: torch.Tensor, seed: int):
+    """(payload, C(x)); an empty chunk sends nothing and never reaches the compressor."""
+    if x.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=x.device), x.clone()
+    payload, decoded = compressor.roundtrip(x.contiguous(), seed)
+    _check_payload(compressor, x, payload)
+    return payload, decoded
+
+
+def roundtrip_into(compressor: Compressor, x: torch.Tensor, out: torch.Tensor, seed: int,
+                   bucket=None) -> torch.Tensor:
+    """:func:`roundtrip` with C(x) written into ``out``; returns the payload.  ``bucket``: the
+    bucket's norm for a compressor that ``needs_bucket_norm`` (``sign``)."""
+    if x.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=x.device)
+    extra = {} if bucket is None else {"bucket": bucket}
+    payload = compressor.roundtrip_into(x.contiguous(), out, seed, **extra)
+    _check_payload(compressor, x, payload)
+    return payload
+
+
+def decode_into(compressor: Compressor, payload: torch.Tensor, out: torch.Tensor,
+                seed: int) -> torch.Tensor:
+    if out.numel():
+        compressor.decompress_into(payload, out, seed)
+    return out
+
+
+def decode_mean_into(compressor: Compressor, payloads: Sequence[torch.Tensor],
+                     mean: torch.Tensor, addend: torch.Tensor, seed: int) -> torch.Tensor:
+    """``mean`` ← (C_0 + C_1 + ... + C_{N−1}) · (1/N) of the decoded payloads: summed left to
+    right so that every rank, the simulator and the oracle add in the same order, and scaled as
+    Horovod's ``Average`` scales (times 1/N in the tensor's dtype, not divided by N), so that
+    with the identity compressor the average equals ``hvd.allreduce(op=Average)`` whenever the
+    sum itself is exact.  The first payload is decoded into ``mean``, the others one after the
+    other into ``addend`` (a buffer as large as ``mean``, not overlapping it) and added in."""
+    if not mean.numel():
+        return mean
+    decode_into(compressor, payloads[0], mean, seed)
+    for payload in payloads[1:]:
+        mean.add_(decode_into(compressor, payload, addend, seed))
+    return scale_like_horovod(mean, 1.0 / len(payloads))
+
+
+def split(buffer: torch.Tensor, sizes: Sequence[int], key: str) -> Tuple[torch.Tensor, ...]:
+    if sum(sizes) != buffer.numel():
+        raise ValueError(f"bucket {key!r}: received {buffer.numel()} payload bytes, expected "
+                         f"{sum(sizes)}; ranks disagree on the compressor or the bucket size")
+    return torch.split(buffer, list(sizes))
+
+
+def worker_bucket_norm(compressor: Compressor, message: torch.Tensor):
+    """``bucket=`` for the worker's chunks (it holds the whole bucket); None when not needed."""
+    if not compressor.needs_bucket_norm:
+        return None
+    return compressor.partial_norm(message), message.numel()
+
+
+def server_bucket_norm(comm: Communicator, ledger: ByteLedger, name: str,
+                       compressor: Compressor, chunk: torch.Tensor, numel: int):
+    """``bucket=`` for a server's chunk: its norm added to the other servers' (one allgather of
+    N float64 numbers, counted as downlink); None when not needed."""
+    if not compressor.needs_bucket_norm:
+        return None
+    mine = compressor.partial_norm(chunk).to(torch.float64).reshape(1)
+    norms = comm.allgather(mine, name)
+    ledger.count_allgather("downlink_norm", 1, torch.float64)
+    total = norms[0].clone()
+    for norm in norms[1:]:
+        total += norm
+    return total, numel

@@ -1,0 +1,150 @@
+"""The round kinds of :class:`hvdcomp.exchange.Exchange`: how one bucket's bytes move in one
+round, for each collective pattern (``two_phase``, ``allgather``, ``allreduce``).  Each kind is a
+``start(ex, key, flat)`` that runs the worker steps and launches the uplink, and a
+``finish(ex, handle)`` that waits, runs the server steps, and returns the worker's update; exact
+rounds (LIEC-SGD) are in :mod:`hvdcomp.exchange_sync`.  ``ex`` is the exchange: its algorithm,
+communicator, ledger, buffers, names and seeds."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from .comm.base import Handle
+from .compressors._wire import allocate
+from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into, payload_nbytes,
+                             roundtrip, roundtrip_into, server_bucket_norm, split,
+                             summable_dtype, worker_bucket_norm)
+
+
+class ExchangeHandle:
+    """One bucket's exchange in flight: returned by :meth:`Exchange.start`, consumed by
+    :meth:`Exchange.finish`."""
+
+    def __init__(self, key: str, round_: int, kind: str, shape: torch.Size, dtype: torch.dtype,
+                 pending: Dict[str, Handle], **context: Any):
+        self.key = key
+        self.round = round_
+        self.kind = kind          # "two_phase" | "allgather" | "allreduce" | "sync"
+        self.shape = shape
+        self.dtype = dtype
+        self.pending = pending
+        self.context = context
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return f"<ExchangeHandle {self.key!r} round {self.round} {self.kind}>"
+
+
+# --- the two-phase sharded server --------------------------------------------------------------
+def start_two_phase(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
+    algo, up = ex.algorithm, ex.uplink(key)
+    bounds = chunk_bounds(flat.numel(), ex.size, ex.alignment)
+    message = algo.worker_message(key, flat)
+    bucket = worker_bucket_norm(up, message)
+    # C(p_i), chunk by chunk, decoded straight into one reused buffer (no torch.cat)
+    sent = ex.buffers.get(key, "sent", flat.numel(), flat.dtype, flat.device)
+    payloads = [roundtrip_into(up, message[start:stop], sent[start:stop],
+                               ex.seed_for(key, "up", j), bucket)
+                for j, (start, stop) in enumerate(bounds)]
+    algo.worker_sent(key, message, sent)
+    splits = [p.numel() for p in payloads]
+    ex.ledger.count("uplink", up=sum(s for j, s in enumerate(splits) if j != ex.rank))
+    pending = {"uplink": ex.comm.alltoall_async(torch.cat(payloads), splits,
+                                                ex.name(key, "up"))}
+    return ExchangeHandle(key, ex.round, "two_phase", flat.shape, flat.dtype, pending,
+                          bounds=bounds)
+
+
+def finish_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
+    algo, key, dtype = ex.algorithm, handle.key, handle.dtype
+    bounds = handle.context["bounds"]
+    start, stop = bounds[ex.rank]
+    own = stop - start
+    # server: decode the N payloads of the chunk this rank owns, average in rank order
+    received, _ = handle.pending["uplink"].wait()
+    up = ex.uplink(key)
+    sizes = [payload_nbytes(up, own, dtype)] * ex.size
+    mean = ex.buffers.get(key, "mean", own, dtype, received.device)
+    addend = ex.buffers.get(key, "addend", own, dtype, received.device)
+    decode_mean_into(up, split(received, sizes, key), mean, addend, ex.seed_for(key, "up", ex.rank))
+    server_message = algo.server_message(key, mean)
+    decoded = ex.buffers.get(key, "server_sent", own, dtype, server_message.device)
+    bucket = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"), algo.down,
+                                server_message, bounds[-1][1])
+    payload = roundtrip_into(algo.down, server_message, decoded,
+                             ex.seed_for(key, "down", ex.rank), bucket)
+    algo.server_sent(key, server_message, decoded)
+    ex.ledger.count("downlink", down=(ex.size - 1) * payload.numel())
+    # downlink: one allgather of the server payloads; decode the whole bucket into one fresh
+    # tensor (it is returned, so it cannot be a reused buffer)
+    gathered = ex.comm.allgather(payload, ex.name(key, "down"))
+    sizes = [payload_nbytes(algo.down, b - a, dtype) for a, b in bounds]
+    received_update = allocate(bounds[-1][1], dtype, gathered.device)
+    for j, (p, (a, b)) in enumerate(zip(split(gathered, sizes, key), bounds)):
+        decode_into(algo.down, p, received_update[a:b], ex.seed_for(key, "down", j))
+    return algo.worker_update(key, received_update)
+
+
+# --- allgather (GRACE/DGC) ---------------------------------------------------------------------
+def start_allgather(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
+    algo, up = ex.algorithm, ex.uplink(key)
+    message = algo.worker_message(key, flat)
+    sent = ex.buffers.get(key, "sent", flat.numel(), flat.dtype, flat.device)
+    payload = roundtrip_into(up, message, sent, ex.seed_for(key, "up", 0))
+    algo.worker_sent(key, message, sent)
+    ex.ledger.count("uplink", up=(ex.size - 1) * payload.numel())
+    pending = {"uplink": ex.comm.allgather_async(payload, ex.name(key, "up"))}
+    return ExchangeHandle(key, ex.round, "allgather", flat.shape, flat.dtype, pending)
+
+
+def finish_allgather(ex, handle: ExchangeHandle) -> torch.Tensor:
+    key, dtype = handle.key, handle.dtype
+    numel = handle.shape.numel()
+    gathered = handle.pending["uplink"].wait()
+    up = ex.uplink(key)
+    sizes = [payload_nbytes(up, numel, dtype)] * ex.size
+    # the mean is returned through the server steps: a fresh tensor
+    mean = allocate(numel, dtype, gathered.device)
+    addend = ex.buffers.get(key, "addend", numel, dtype, gathered.device)
+    decode_mean_into(up, split(gathered, sizes, key), mean, addend, ex.seed_for(key, "up", 0))
+    return replicated_server(ex, key, mean)
+
+
+# --- allreduce (linear compressors) ------------------------------------------------------------
+def start_allreduce(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
+    algo = ex.algorithm
+    message = algo.worker_message(key, flat)
+    payload, decoded = roundtrip(algo.up, message, ex.seed_for(key, "up", 0))
+    algo.worker_sent(key, message, decoded)
+    wire = summable_dtype(algo.up, flat.dtype)
+    values = payload.view(wire)
+    ex.ledger.count_ring_allreduce("allreduce", values.numel(), wire)
+    pending = {"allreduce": ex.comm.allreduce_async(values, ex.name(key, "allreduce"),
+                                                    "average")}
+    return ExchangeHandle(key, ex.round, "allreduce", flat.shape, flat.dtype, pending,
+                          wire=wire)
+
+
+def finish_allreduce(ex, handle: ExchangeHandle) -> torch.Tensor:
+    averaged = handle.pending["allreduce"].wait()
+    # decoded into a fresh tensor: the server steps may add into the mean in place, and a
+    # linear compressor's decompress may return a view of its payload
+    mean = allocate(handle.shape.numel(), handle.dtype, averaged.device)
+    decode_into(ex.algorithm.up, averaged.view(torch.uint8), mean,
+                ex.seed_for(handle.key, "up", 0))
+    return replicated_server(ex, handle.key, mean)
+
+
+def replicated_server(ex, key: str, mean: torch.Tensor) -> torch.Tensor:
+    """Server steps run on every rank over the whole bucket; no downlink compression."""
+    algo = ex.algorithm
+    server_message = algo.server_message(key, mean)
+    algo.server_sent(key, server_message, server_message)
+    return algo.worker_update(key, server_message)
+
+
+STARTS = {"two_phase": start_two_phase, "allgather": start_allgather,
+          "allreduce": start_allreduce}
+FINISHES = {"two_phase": finish_two_phase, "allgather": finish_allgather,
+            "allreduce": finish_allreduce}
