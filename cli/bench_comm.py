@@ -182,6 +182,8 @@ def command(sizes, algorithms, compressors, patterns, baselines, warmup, repeats
         click.echo("warning: 1 rank, nothing crosses a link; run under `mpirun -np 2` or with "
                    "--link", err=True)
     info = bench.run_info(hvd)
+    from hvdcomp.bench.horovod_settings import settings_in_force
+    info["horovod_settings"] = settings_in_force()      # what this rank's Horovod read
     status = _progress(hvd.rank() == 0 and not as_json)
     results = bench.bench_comm(hvd, size_list, methods, warmup=warmup, repeats=repeats,
                                seed=seed, iface=iface, progress=status)
@@ -205,8 +207,11 @@ def comm_table(payload: Dict[str, object]):
     from rich.table import Table
 
     link = payload.get("link") or "no emulated link"
+    settings = ", ".join(f"{name}={s['value']} ({s['source']})"
+                         for name, s in payload.get("horovod_settings", {}).items())
     table = Table(title=f"exchange of one buffer, {payload['world_size']} ranks, link: {link} "
-                        f"(median of {payload['repeats']}; bytes per rank per round)")
+                        f"(median of {payload['repeats']}; bytes per rank per round)"
+                        + (f"\nHorovod settings: {settings}" if settings else ""))
     for name in ("method", "MiB", "time ms", "min–max ms", "algbw GB/s", "busbw GB/s",
                  "vs horovod", "up B", "down B", "formula up/down B", "bytes"):
         table.add_column(name, justify="left" if name in ("method", "bytes") else "right")

@@ -1,13 +1,16 @@
-"""``hvdcomp bench train``: steps/s and samples/s of a model per algorithm, split into compute,
-compression and communication, beside the compute-only ideal and Horovod's own optimizer.
+"""``hvdcomp bench train``: steps/s and samples/s of a model per method, split into compute,
+compression and communication, beside a compute-only baseline (no communication library),
+Horovod idle, Horovod's own optimizer and, with ``--peer ddp``, PyTorch DDP and its hooks; with
+each rank's peak memory.
 
-Runs inside ranks (``mpirun -np 2 hvdcomp bench train``), or with ``--link RATE`` launches 2 ranks
-across an emulated link itself (see ``hvdcomp bench comm --help``). The measuring lives in
-:mod:`hvdcomp.bench.train`.
+A launcher: run it without mpirun. Every row starts its own ``--np`` ranks with ``mpirun`` on
+this machine, or 2 ranks across an emulated link with ``--link RATE``. The measuring lives in
+:mod:`hvdcomp.bench.train` (rows, table), :mod:`hvdcomp.bench.train_launch` (the launches) and
+the workers they start.
 """
 from __future__ import annotations
 
-import os
+import sys
 from typing import Dict
 
 import click
@@ -15,8 +18,7 @@ import click
 from hvdcomp.cli.formats import output_format
 from hvdcomp.bench.output import BenchError
 
-from hvdcomp.cli.bench_comm import (LINK_HELP, check_out_option, emit, init_horovod,
-                                    relaunch_over_link, split_list)
+from hvdcomp.cli.bench_comm import LINK_HELP, check_out_option, emit, split_list
 
 
 @click.command("train")
@@ -33,74 +35,81 @@ from hvdcomp.cli.bench_comm import (LINK_HELP, check_out_option, emit, init_horo
               help="Comma-separated uplink compressor specs (cross product with --algorithms).")
 @click.option("--baselines", default="horovod", show_default=True,
               help="Comma-separated Horovod optimizer baselines (horovod, horovod-fp16), or "
-                   "'none'. The compute-only ideal always runs.")
+                   "'none'. The compute-only and horovod-idle rows always run.")
+@click.option("--peer", "peers", default="none", show_default=True,
+              help="Comma-separated other systems measured in the same run: 'ddp' (PyTorch DDP "
+                   "with its default allreduce, fp16_compress_hook and powerSGD_hook), or 'none'.")
+@click.option("--powersgd-rank", default=1, show_default=True, type=click.IntRange(min=1),
+              help="matrix_approximation_rank of the DDP powerSGD_hook row.")
 @click.option("--pattern", default=None,
               type=click.Choice(["two_phase", "allgather", "allreduce"]),
               help="Exchange pattern of the hvdcomp rows (default: the optimizer's).")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Untimed steps per method.")
+              help="Untimed steps per row.")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Timed steps per method.")
+              help="Timed steps per row.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--np", "np_", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Ranks per row (mpirun on this machine; --link needs 2).")
+@click.option("--row-timeout", default=1800, show_default=True, type=click.IntRange(min=1),
+              help="Seconds one row may take before its ranks are stopped and the run fails.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the JSON to this file (checked before measuring, written "
                    "atomically at the end).")
 @click.option("--link", default=None, help=LINK_HELP)
 @output_format
 def command(model, batch_size, image_size, num_classes, algorithms, compressors, baselines,
-            pattern, warmup, steps, seed, fmt, out, link):
-    """Training throughput per method, with compute / compression / communication per step."""
+            peers, powersgd_rank, pattern, warmup, steps, seed, np_, row_timeout, fmt, out, link):
+    """Training throughput per method, with compute / compression / communication per step and
+    each rank's peak memory. Launches its own ranks: run it without mpirun."""
     as_json = fmt == "json"
-    from hvdcomp.bench import train as bench
+    from hvdcomp.bench import train as rows
+    from hvdcomp.bench.train_launch import bench_train, check_can_launch
+    from hvdcomp.train.config import detect_launcher
     from hvdcomp.train.models import check_model_name
 
+    launcher = detect_launcher()
+    if launcher["name"] != "single":
+        raise BenchError(f"bench train starts its own ranks (each row in its own processes), but "
+                         f"this process was started by {launcher['name']}: run `hvdcomp bench "
+                         "train` without it (--np N ranks here, or --link RATE)")
     try:
         check_model_name(model)
     except ValueError as exc:
         raise BenchError(f"--model: {exc}")
-    out = check_out_option(out)
     none = lambda text: [] if text.strip().lower() == "none" else split_list(text)  # noqa: E731
     try:
-        methods = bench.plan_train_methods(none(algorithms), split_list(compressors),
-                                           none(baselines))
+        methods = rows.plan_train_methods(none(algorithms), split_list(compressors),
+                                          none(baselines), none(peers), powersgd_rank)
     except ValueError as exc:
         raise BenchError(str(exc))
-    if link is not None:
-        relaunch_over_link(link, ["train"], dict(
-            model=model, batch_size=batch_size, image_size=image_size, num_classes=num_classes,
-            algorithms=algorithms, compressors=compressors, baselines=baselines, pattern=pattern,
-            warmup=warmup, steps=steps, seed=seed, json=as_json,
-            out=out))
-
-    hvd = init_horovod()
-    info = bench.run_info(hvd)
-    progress = (lambda m: click.echo(f"  measuring {m}", err=True)) \
-        if hvd.rank() == 0 and not as_json else (lambda m: None)
-    results = bench.bench_train(hvd, methods, model, batch_size, image_size, num_classes,
-                                warmup, steps, seed, pattern, progress=progress)
-    info["loadavg_end"] = list(os.getloadavg())
-    if hvd.rank() == 0:
-        payload = {**info, "warmup": warmup, "steps": steps, "results": [r.as_dict() for r in results]}
-        emit(payload, as_json, out, lambda: train_table(payload))
-    hvd.shutdown()
+    out = check_out_option(out)
+    check_can_launch(np_, link)
+    spec = dict(model=model, batch_size=batch_size, image_size=image_size,
+                num_classes=num_classes, warmup=warmup, steps=steps, seed=seed, pattern=pattern,
+                device="cpu")
+    progress = (lambda m: None) if as_json else (lambda m: click.echo(f"  measuring {m}", err=True))
+    try:
+        payload = bench_train(methods, spec, np_, link, row_timeout, progress)
+    except KeyboardInterrupt:
+        click.echo("interrupted: ranks stopped", err=True)
+        sys.exit(130)
+    emit(payload, as_json, out, lambda: train_table(payload))
 
 
 def train_table(payload: Dict[str, object]):
     from rich.markup import escape
     from rich.table import Table
 
+    from hvdcomp.bench.train import COLUMNS, header_lines, row_cells
+
     first = payload["results"][0]
-    link = payload.get("link") or "no emulated link"
-    table = Table(title=f"{first['model']} ({first['parameters']:,} parameters), batch "
-                        f"{first['batch_size']}/rank, {payload['world_size']} ranks, link: {link} "
-                        f"(means of {payload['steps']} steps)")
-    for name in ("method", "step ms", "compute ms", "compress ms", "comm ms", "steps/s",
-                 "samples/s", "vs ideal", "up B/step", "down B/step"):
+    title = (f"{first['model']} ({first['parameters']:,} parameters), batch "
+             f"{first['batch_size']}/rank (means of {payload['steps']} steps)\n"
+             + "\n".join(header_lines(payload)))
+    table = Table(title=title)
+    for name in COLUMNS:
         table.add_column(name, justify="left" if name == "method" else "right")
-    for r in payload["results"]:
-        table.add_row(escape(r["method"]), f"{1e3 * r['step_s']:.1f}", f"{1e3 * r['compute_s']:.1f}",
-                      f"{1e3 * r['compress_s']:.1f}", f"{1e3 * r['comm_s']:.1f}",
-                      f"{r['steps_per_s']:.2f}", f"{r['samples_per_s']:.1f}",
-                      "" if r["vs_ideal"] is None else f"{100 * r['vs_ideal']:.0f} %",
-                      f"{r['bytes_up']:,.0f}", f"{r['bytes_down']:,.0f}")
+    for cells in row_cells(payload):
+        table.add_row(*(escape(c) for c in cells))
     return table

@@ -51,7 +51,8 @@ def _label(bits: float) -> str:
     return f"{bits:g} bit/s"
 
 
-def plot_step_time_vs_bandwidth(docs: Sequence[dict], path: str, title: Optional[str] = None) -> Path:
+def plot_step_time_vs_bandwidth(docs: Sequence[dict], path: str,
+                                title: Optional[str] = None) -> Path:
     """Write the figure to ``path`` (PNG, SVG... by suffix) and return the path."""
     import matplotlib
     matplotlib.use("Agg")
@@ -64,7 +65,8 @@ def plot_step_time_vs_bandwidth(docs: Sequence[dict], path: str, title: Optional
     for method, points in data.items():
         xs = [unshaped_x if b is None else b for b, _ in points]
         ys = [1e3 * t for _, t in points]
-        style = dict(linestyle="--", color="black") if method == "ideal" else dict(marker="o")
+        style = dict(linestyle="--", color="black") if method in ("ideal", "compute-only") \
+            else dict(marker="o")
         axes.plot(xs, ys, label=method, **style)
     ticks = shaped + ([unshaped_x] if any(b is None for p in data.values() for b, _ in p) else [])
     axes.set_xscale("log")
