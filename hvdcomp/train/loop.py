@@ -31,7 +31,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from . import engine
 from .agreement import settings_of, settle
-from .config import TrainConfig, TrainingFailed, parse_checkpoint_every
+from .config import TrainConfig, parse_checkpoint_every
 from .data import (augment_generator, epoch_order, load_dataset, shard_indices,
                    steps_per_epoch)
 # re-exported: the CLI and tests import these from here
@@ -42,6 +42,7 @@ from .evaluation import sum_over_ranks
 from .models import build_model
 from .progress import ProgressReporter
 from .results import RunDirectory, compression_ratio, environment_facts, print_summary
+from .step_metrics import StepMetrics
 
 #: Exit status of a run stopped by --stop-after-steps (it exits like a crash: no summary).
 STOPPED_EXIT_CODE = 3
@@ -106,6 +107,7 @@ class _Training:
         self.model = build_model(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
         self.dist = build_distributed_optimizer(self.model, cfg, comm, spe)
         self.progress = _fresh_progress()
+        self.metrics = StepMetrics(device, comm.rank)
         self.start_step = 0
         self.run_dir: Optional[RunDirectory] = None
         self.last_eval: Dict[str, float] = {}
@@ -149,6 +151,7 @@ class _Training:
         """A checkpoint: this rank's shard, and rank 0's manifest once every shard is on disk."""
         # every rank's own running sums travel with its state, so that a resume restores them
         # (rank 0's alone would give every rank rank 0's partial loss and accuracy)
+        self.metrics.read(self.progress, self.cfg.lr)
         own_progress = {**self.progress, "wall_time": self.wall(),
                         **{f"total_{k}": v for k, v in self.totals().items()}}
         mine = {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
@@ -185,13 +188,7 @@ class _Training:
         dist.zero_grad()
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            # Stop before a NaN reaches the exchange: every rank's error buffers would carry
-            # it for ever, and Horovod's own allreduce would spread it silently.
-            raise TrainingFailed(
-                f"loss is {loss.item()} at step {step} on rank {self.comm.rank}: training "
-                f"diverged; lower --lr (now {self.cfg.lr}), add --warmup-epochs, or resume from "
-                "an earlier checkpoint with a smaller learning rate")
+        self.metrics.check_before_backward(step, loss, self.cfg.lr)
         loss.backward()
         dist.step()
         elapsed = time.perf_counter() - started
@@ -199,17 +196,14 @@ class _Training:
         # compute = the step's wall time less what the optimizer spent compressing and waiting
         progress["time_compute"] += max(0.0, elapsed - (after["time_compress"] - before[
             "time_compress"]) - (after["time_comm"] - before["time_comm"]))
-        progress["window_loss"] += loss.item()
-        progress["window_steps"] += 1
-        progress["epoch_loss"] += loss.item() * len(y)
-        progress["epoch_correct"] += (logits.argmax(1) == y).sum().item()
-        progress["epoch_seen"] += len(y)
-        return loss.item()
+        # the running sums, read on the host when due (each step on the CPU; see step_metrics)
+        return self.metrics.add(step, loss, logits, y, progress, self.cfg.lr)
 
     # --- after a step --------------------------------------------------------------------------
     def log_window(self, done: int) -> None:
         """The mean loss over ranks of the steps since the last step record."""
         progress = self.progress
+        self.metrics.read(progress, self.cfg.lr)
         mean_loss = mean_over_ranks([progress["window_loss"] / progress["window_steps"]],
                                     self.comm, f"hvdcomp.train.loss.{done}")
         progress["window_loss"], progress["window_steps"] = 0.0, 0.0
@@ -219,6 +213,7 @@ class _Training:
 
     def end_epoch(self, done: int, bar: ProgressReporter) -> None:
         progress = self.progress
+        self.metrics.read(progress, self.cfg.lr)
         sums = sum_over_ranks([progress["epoch_loss"], progress["epoch_correct"],
                                progress["epoch_seen"]], self.comm, f"hvdcomp.train.epoch.{done}")
         self.last_eval = evaluate(self.model, self.dataset, self.comm, self.device,
