@@ -153,9 +153,17 @@ class Exchange:
     def bytes_up(self) -> int:
         return self.ledger.up
 
+    @bytes_up.setter
+    def bytes_up(self, value: int) -> None:     # a checkpoint's counters (optimizer load_slice)
+        self.ledger.restore(up=value)
+
     @property
     def bytes_down(self) -> int:
         return self.ledger.down
+
+    @bytes_down.setter
+    def bytes_down(self, value: int) -> None:
+        self.ledger.restore(down=value)
 
     @property
     def bytes_by_phase(self) -> Dict[str, int]:
@@ -218,7 +226,9 @@ class Exchange:
         if self.algorithm.is_sync_step():
             handle = start_sync(self, key, flat)
         else:
-            handle = STARTS[self.pattern](self, key, flat)
+            # a method that runs its own collectives (PowerSGD) declares round_kind "owned"
+            handle = STARTS[getattr(self.algorithm, "round_kind", None) or self.pattern](
+                self, key, flat)
         handle.shape = grad.shape
         if config_check is not None:
             handle.pending["config"] = config_check
@@ -287,8 +297,7 @@ class Exchange:
     def uplink(self, key: str) -> Compressor:
         """The uplink compressor of bucket ``key``: ``algorithm.uplink_for(key)`` (DGC per
         layer: one compressor per bucket layout)."""
-        per_bucket = getattr(self.algorithm, "uplink_for", None)
-        return per_bucket(key) if per_bucket is not None else self.algorithm.up
+        return self.algorithm.uplink_for(key)
 
     def name(self, key: str, phase: str) -> str:
         """The collective's name: the same every round (Horovod's response cache keeps one

@@ -15,7 +15,7 @@ downlink, (N−1)·|piece rank|, the buffer cut into N pieces of ceil(d/N) eleme
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -78,6 +78,12 @@ class ByteLedger:
         """An allgather of this rank's ``numel`` elements: sent to the N−1 others (downlink)."""
         self.count(phase, down=(self.world_size - 1) * nbytes(numel, dtype))
 
+    def restore(self, up: Optional[int] = None, down: Optional[int] = None) -> None:
+        """Set the cumulative counters (resuming from a checkpoint); the round starts there."""
+        self.up = self.up if up is None else int(up)
+        self.down = self.down if down is None else int(down)
+        self._round_start = (self.up, self.down)
+
     def close_round(self) -> None:
         self.last_round = {"up": self.up - self._round_start[0],
                            "down": self.down - self._round_start[1]}
@@ -88,6 +94,5 @@ class ByteLedger:
                 "bytes_by_phase": dict(self.by_phase)}
 
     def load_state_dict(self, state) -> None:
-        self.up, self.down = int(state["bytes_up"]), int(state["bytes_down"])
+        self.restore(up=state["bytes_up"], down=state["bytes_down"])
         self.by_phase = dict(state["bytes_by_phase"])
-        self._round_start = (self.up, self.down)

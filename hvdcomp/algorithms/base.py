@@ -34,7 +34,7 @@ as a training method (:mod:`hvdcomp.algorithms.registry`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 
@@ -65,6 +65,11 @@ class Algorithm(TrainingMethod):
     #: needs contractive compressors and refuses others at construction
     #: (:meth:`hvdcomp.compressors.Compressor.contraction_problem`).
     error_feedback: bool = True
+    #: The attributes that are this algorithm's state (dicts of tensors keyed by bucket, such as
+    #: ``"worker_error"``): what :meth:`state_dict` saves and :meth:`load_state_dict` restores,
+    #: listed explicitly as PyTorch's ``PowerSGDState`` lists its fields.  Work buffers and
+    #: values that live for one round only are not state and are not listed.
+    state_fields: Tuple[str, ...] = ()
 
     def __init__(self, up: "Compressor | str" = "none", down: "Compressor | str | None" = None):
         self.up = from_spec(up)
@@ -103,6 +108,11 @@ class Algorithm(TrainingMethod):
         """The update direction worker i applies (its optimizer adds weight decay, momentum)."""
         return received
 
+    def uplink_for(self, key: str) -> Compressor:
+        """The uplink compressor of bucket ``key`` (DGC compresses per layer: one compressor per
+        bucket layout); ``up`` by default."""
+        return self.up
+
     # --- periodic exact steps (defaults: never) -------------------------------------------------
     def is_sync_step(self) -> bool:
         """True when this round is an exact, uncompressed step (LIEC-SGD every ``period`` rounds);
@@ -136,9 +146,8 @@ class Algorithm(TrainingMethod):
     def state_dict(self) -> Dict[str, Any]:
         """This rank's error-feedback state, with tensors cloned to CPU-independent copies."""
         state = {"step": self.step, "config": self.config()}
-        for attr, value in vars(self).items():
-            if isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
-                state[attr] = {k: v.detach().clone() for k, v in value.items()}
+        for attr in self.state_fields:
+            state[attr] = {k: v.detach().clone() for k, v in getattr(self, attr).items()}
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -150,9 +159,12 @@ class Algorithm(TrainingMethod):
         for attr, value in state.items():
             if attr in ("step", "config"):
                 continue
-            current: Optional[dict] = getattr(self, attr, None)
-            if not isinstance(current, dict):
-                raise ValueError(f"checkpoint holds unknown state {attr!r} for {self.name}")
+            if attr not in self.state_fields:
+                if isinstance(value, dict) and not value:
+                    continue   # older checkpoints saved empty per-round dicts too: nothing to load
+                raise ValueError(f"checkpoint holds unknown state {attr!r} for {self.name} "
+                                 f"(its state: {', '.join(self.state_fields) or 'none'})")
+            current: Dict[str, torch.Tensor] = getattr(self, attr)
             current.clear()
             current.update({k: v.clone() for k, v in value.items()})
 

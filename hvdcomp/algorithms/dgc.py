@@ -118,6 +118,7 @@ class DGC(Algorithm):
     from :meth:`set_layout`).
     """
     name = "dgc"
+    state_fields = ("momentum", "velocity", "server_error")
     info = MethodInfo(
         name="dgc", label="DGC", order=90, up="dgc:ratio=0.001", down="none",
         pattern="allgather", momentum_inside=True,
@@ -327,8 +328,6 @@ class DGC(Algorithm):
 
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
-        for shape_only in ("_layouts", "_uplinks"):   # the model's shape, set by the optimizer
-            state.pop(shape_only, None)
         state["epoch"] = self.epoch
         return state
 

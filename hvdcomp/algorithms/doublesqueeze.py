@@ -28,6 +28,7 @@ class DoubleSqueeze(Algorithm):
     across rounds, and v = m + δ is added into the mean the exchange hands over (a fresh tensor
     it does not read again); the values are those of the formulas above."""
     name = "doublesqueeze"
+    state_fields = ("worker_error", "server_error")
     info = MethodInfo(
         name="doublesqueeze", label="DoubleSqueeze", order=30,
         summary="error feedback on the workers and on the server; both directions compressed",

@@ -77,6 +77,7 @@ class EF21(Algorithm):
     Stepsize: :func:`hvdcomp.algorithms.stepsize.ef21_stepsize`.
     """
     name = "ef21"
+    state_fields = ("worker_estimate", "server_aggregate")
     info = MethodInfo(name="ef21", label="EF21", order=50, paper=EF21_PAPER,
                       summary="workers send compressed changes of their gradient estimates; "
                               "dense downlink")
@@ -175,6 +176,7 @@ class EF21SGDM(EF21):
     gradient; the form of the update is research notes §2.3 [UNVERIFIED against the paper's text].
     """
     name = "ef21sgdm"
+    state_fields = EF21.state_fields + ("worker_momentum",)
     info = MethodInfo(
         name="ef21sgdm", label="EF21-SGDM", order=70, momentum_inside=True,
         summary="EF21 on a momentum of stochastic gradients",
@@ -224,6 +226,7 @@ class EF21BC(Algorithm):
     takes ∇f_i(x^k) and returns g^k, as in :class:`EF21`. Bits: up = C_w's, down = C_M's.
     """
     name = "ef21bc"
+    state_fields = ("worker_estimate", "worker_aggregate", "server_estimate", "server_aggregate")
     info = MethodInfo(
         name="ef21bc", label="EF21-BC", order=80,
         summary="EF21 with the downlink compressed too (bidirectional)",

@@ -31,6 +31,7 @@ from .memsgd import ReusedBuffers, store_difference
 class LIEC(Algorithm):
     """LIEC-SGD with averaging period ``period`` (the paper's p; 32 and 100 in its README)."""
     name = "liec"
+    state_fields = ("server_error",)      # r_i lives one round only
     info = MethodInfo(
         name="liec", label="LIEC-SGD", order=40,
         summary="local immediate error compensation, a server error, exact averaging every "

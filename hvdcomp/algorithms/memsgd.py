@@ -14,48 +14,13 @@ The downlink is dense (``compresses_downlink = False``: a ``down`` compressor is
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 
-from ..compressors._wire import allocate
+from ..exchange_buffers import ReusedBuffers, store_difference  # noqa: F401  (cser, liec...)
 from .base import Algorithm
 from .registry import MethodInfo, Paper
-
-
-class ReusedBuffers:
-    """Work buffers of the error-feedback algorithms, one per (bucket, role), kept across rounds.
-
-    On CPU, writing a freshly allocated tensor of a large bucket costs page faults worth several
-    copies (docs/benchmarks.md), so the elementwise steps write into buffers kept here instead of
-    allocating each round.  Their contents are not state.  Deliberately not a dict attribute:
-    :meth:`Algorithm.state_dict` saves every dict of tensors as state."""
-
-    def __init__(self):
-        self._buffers: Dict[Tuple[str, str], torch.Tensor] = {}
-
-    def like(self, key: str, role: str, tensor: torch.Tensor) -> torch.Tensor:
-        """An uninitialised contiguous buffer of ``tensor``'s shape, dtype and device."""
-        buffer = self._buffers.get((key, role))
-        if (buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype
-                or buffer.device != tensor.device):
-            buffer = allocate(tensor.numel(), tensor.dtype, tensor.device).view(tensor.shape)
-            self._buffers[(key, role)] = buffer
-        return buffer
-
-
-def store_difference(store: Dict[str, torch.Tensor], key: str, minuend: torch.Tensor,
-                     subtrahend: torch.Tensor) -> torch.Tensor:
-    """``store[key] = minuend − subtrahend``, written into the tensor already stored under
-    ``key`` when it fits (same values as a fresh subtraction, without the allocation)."""
-    target = store.get(key)
-    if (target is None or target.shape != minuend.shape or target.dtype != minuend.dtype
-            or target.device != minuend.device or not target.is_contiguous()
-            or target.data_ptr() in (minuend.data_ptr(), subtrahend.data_ptr())):
-        store[key] = minuend - subtrahend
-    else:
-        torch.sub(minuend, subtrahend, out=target)
-    return store[key]
 
 
 class MemSGD(Algorithm):
@@ -70,6 +35,7 @@ class MemSGD(Algorithm):
         paper=Paper("Sparsified SGD with Memory", "Stich, Cordonnier, Jaggi", 2018,
                     "https://arxiv.org/abs/1809.07599", "NeurIPS"))
     compresses_downlink = False
+    state_fields = ("worker_error",)
 
     def __init__(self, up="none", down=None):
         super().__init__(up, down)

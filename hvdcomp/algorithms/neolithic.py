@@ -57,8 +57,8 @@ class MultiRound(Compressor):
         return self._inner
 
     @property
-    def block(self):  # chunk alignment follows the inner compressor's blocks
-        return getattr(self._inner, "block", None)
+    def alignment(self) -> int:  # chunk alignment follows the inner compressor's blocks
+        return self._inner.alignment
 
     def payload_nbytes(self, numel, dtype=torch.float32):
         return self.rounds * self._inner.payload_nbytes(numel, dtype)
