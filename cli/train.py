@@ -55,6 +55,16 @@ class TrainCommand(click.Command):
             _fail(_without_usage(exc))
 
 
+class AlgorithmOption(click.Option):
+    """``--algorithm``, whose help lists the registered methods (hvdcomp.algorithms.registry),
+    read when help is shown so that importing the command does not import torch."""
+
+    def get_help_record(self, ctx):
+        from hvdcomp.algorithms.registry import cli_help
+        self.help = cli_help() + " (docs/algorithms.md)"
+        return super().get_help_record(ctx)
+
+
 def _without_usage(exc: click.UsageError) -> str:
     return " ".join(exc.format_message().split())
 
@@ -70,9 +80,8 @@ def _without_usage(exc: click.UsageError) -> str:
               help="Non-IID shards: Dirichlet(ALPHA) label split (default: IID shards).")
 @click.option("--augment/--no-augment", default=None,
               help="Random crop (pad 4) + flip; default on for CIFAR / Tiny ImageNet.")
-@click.option("--algorithm", default="liec", show_default=True,
-              help="psgd | memsgd | doublesqueeze | liec | neolithic | cser | ef21 | ef21w | "
-                   "ef21sgdm | ef21bc | ef21pp | ef21wpp | dgc | monna")
+@click.option("--algorithm", default="liec", show_default=True, cls=AlgorithmOption,
+              help="every method of hvdcomp.algorithms.registry")
 @click.option("--compressor", default=None, metavar="SPEC",
               help="Compressor both ways, e.g. sign, topk:ratio=0.01 (default: none for psgd, "
                    "sign otherwise).")
@@ -266,17 +275,13 @@ def _validated(cfg, launcher):
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible to this process; "
                               "use --device cpu")
-    from hvdcomp.train.distributed import is_dense_baseline, make_compression
-    if cfg.algorithm == "monna":
-        from hvdcomp.train.robust_step import check_monna_options
+    from hvdcomp.algorithms import registry
+    from hvdcomp.train.distributed import is_dense_baseline
+    if not is_dense_baseline(cfg):
         try:
-            check_monna_options(cfg, launcher["world_size"], launcher["rank"])
-        except ValueError as exc:
-            raise ConfigError(f"algorithm 'monna': {exc}") from None
-    elif not is_dense_baseline(cfg):
-        try:
-            # the algorithm checks its own hyperparameters
-            make_compression(cfg, launcher["world_size"], launcher["rank"], steps_per_epoch_=1)
+            # the method checks its own hyperparameters (registry.TrainingMethod.check_train)
+            registry.method(cfg.algorithm).check_train(cfg, launcher["world_size"],
+                                                       launcher["rank"])
             if cfg.pattern == "allreduce":
                 from hvdcomp.compressors import from_spec
                 from hvdcomp.exchange import summable_dtype

@@ -144,7 +144,30 @@ def replicated_server(ex, key: str, mean: torch.Tensor) -> torch.Tensor:
     return algo.worker_update(key, server_message)
 
 
+# --- a method that runs its own collectives (round_kind "owned": PowerSGD) ---------------------
+def owned_allreduce(ex, key: str):
+    """``allreduce(tensor, phase) -> Handle`` (average over ranks) for an owned round: named
+    like every collective of the bucket, counted in the ledger as a ring allreduce."""
+    def allreduce(tensor: torch.Tensor, phase: str) -> Handle:
+        ex.ledger.count_ring_allreduce(phase, tensor.numel(), tensor.dtype)
+        return ex.comm.allreduce_async(tensor, ex.name(key, phase), "average")
+    return allreduce
+
+
+def start_owned(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
+    if ex.pattern != "allreduce":
+        raise ValueError(f"algorithm {ex.algorithm.name!r} all-reduces its own messages: use "
+                         f"pattern 'allreduce', not {ex.pattern!r}")
+    state = ex.algorithm.start_round(key, flat, owned_allreduce(ex, key))
+    return ExchangeHandle(key, ex.round, "owned", flat.shape, flat.dtype, {}, state=state)
+
+
+def finish_owned(ex, handle: ExchangeHandle) -> torch.Tensor:
+    return ex.algorithm.finish_round(handle.key, handle.context["state"],
+                                     owned_allreduce(ex, handle.key))
+
+
 STARTS = {"two_phase": start_two_phase, "allgather": start_allgather,
-          "allreduce": start_allreduce}
+          "allreduce": start_allreduce, "owned": start_owned}
 FINISHES = {"two_phase": finish_two_phase, "allgather": finish_allgather,
-            "allreduce": finish_allreduce}
+            "allreduce": finish_allreduce, "owned": finish_owned}

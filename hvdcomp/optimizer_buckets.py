@@ -75,6 +75,10 @@ class BucketReducer:
             for bucket in self.buckets:
                 if bucket.exchange is self.exchange:
                     algorithm.set_layout(bucket.key, [(p.numel(), p.dim()) for p in bucket.params])
+        if hasattr(algorithm, "set_shapes"):  # PowerSGD views each tensor as a matrix
+            for bucket in self.buckets:
+                if bucket.exchange is self.exchange:
+                    algorithm.set_shapes(bucket.key, [tuple(p.shape) for p in bucket.params])
         self._average_before_step = False
         self.stats = ExchangeStats()
         for exchange in (self.exchange, self.dense_exchange):

@@ -335,8 +335,7 @@ def test_a_refused_combination_is_reported_once_at_a_key_that_causes_it(tmp_path
     assert info.value.problems == [
         f"{path}:{line_of(text, 'compressor =')}: matrix.compressor: 2 points "
         "algorithm-monna_compressor-sign_ranks-2, algorithm-monna_compressor-sign_ranks-4: "
-        "algorithm 'monna' exchanges whole models, uncompressed: drop --compressor/--up/--down "
-        "(robustness comes from the aggregator)"]
+        "algorithm 'monna' exchanges whole models, uncompressed: drop --compressor/--up/--down"]
 
 
 CIFAR_SPEC = """\

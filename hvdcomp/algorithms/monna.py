@@ -18,7 +18,7 @@ class MoNNAMethod(TrainingMethod):
 
     info = MethodInfo(
         name="monna", label="MoNNA", order=100, up="none", down="none",
-        takes_compressors=False, momentum_inside=True,
+        compressors_refused="exchanges whole models, uncompressed", momentum_inside=True,
         summary="Polyak momentum, a half-step, nearest-neighbour averaging of the models "
                 "(robust to faulty workers)",
         paper=Paper("Robust Collaborative Learning with Linear Gradient Overhead",

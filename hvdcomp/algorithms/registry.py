@@ -61,11 +61,12 @@ class MethodInfo:
 
     ``up``/``down``: default compressor specs (``down=None``: the uplink's, or ``none`` when the
     method sends its downlink dense); ``pattern``: default exchange pattern (None: the
-    optimizer's, ``two_phase``); ``takes_compressors``: False for a method that exchanges whole
-    models (a compressor is refused); ``momentum_inside``: the update carries the method's own
-    momentum, so the wrapped SGD defaults to 0; ``sgd_momentum``/``sgd_nesterov``: the SGD
-    momentum its paper ran (applied when ``--momentum`` is not given); ``paper_lr``: the paper's
-    learning rate where it gives one (documentation only; ``--lr`` keeps its default).
+    optimizer's, ``two_phase``); ``compressors_refused``: for a method that takes no compressor,
+    why (MoNNA exchanges whole models; PowerSGD has its own factors); ``momentum_inside``: the
+    update carries the method's own momentum, so the wrapped SGD defaults to 0;
+    ``sgd_momentum``: the SGD momentum its paper ran (applied when ``--momentum`` is not given);
+    ``paper_lr``: the paper's learning rate where it gives one (documentation only; ``--lr``
+    keeps its default).
     ``order``: position in listings (CLI help, error messages, the docs' table)."""
 
     name: str
@@ -75,7 +76,7 @@ class MethodInfo:
     up: str = "sign"
     down: Optional[str] = None
     pattern: Optional[str] = None
-    takes_compressors: bool = True
+    compressors_refused: str = ""
     momentum_inside: bool = False
     sgd_momentum: float = 0.0
     paper_lr: Optional[float] = None
@@ -209,6 +210,20 @@ def _paper_cell(paper: Optional[Paper]) -> str:
     return f"[{_cell(paper.authors)} {paper.year}]({paper.link})"
 
 
+TABLE_BEGIN = "<!-- registry-table: begin (python -m hvdcomp.algorithms.registry --write) -->"
+TABLE_END = "<!-- registry-table: end -->"
+
+
+def page_with_table(page: str) -> str:
+    """``page`` (docs/algorithms.md) with the text between its table markers replaced by
+    :func:`markdown_table`."""
+    head, found, rest = page.partition(TABLE_BEGIN)
+    _, found_end, tail = rest.partition(TABLE_END)
+    if not (found and found_end):
+        raise ValueError(f"the page has no {TABLE_BEGIN!r} ... {TABLE_END!r} markers")
+    return f"{head}{TABLE_BEGIN}\n{markdown_table()}\n{TABLE_END}{tail}"
+
+
 def markdown_table() -> str:
     """The summary table of docs/algorithms.md (between its ``registry-table`` markers)."""
     rows = ["| `--algorithm` | Method | Paper | up / down (default) | pattern | SGD momentum "
@@ -216,13 +231,32 @@ def markdown_table() -> str:
             "|---|---|---|---|---|---|---|"]
     for name in names():
         declared = METHODS[name].info
-        if declared.takes_compressors:
+        if not declared.compressors_refused:
             compressors = f"`{declared.up}` / `{default_down(name, declared.up)}`"
         else:
-            compressors = "none (exchanges models)"
+            compressors = "— (its own)"
         momentum = "inside the method" if declared.momentum_inside else \
             f"{declared.sgd_momentum:g}"
         rows.append(f"| `{name}` | {_cell(declared.label)} | {_paper_cell(declared.paper)} | "
                     f"{compressors} | {declared.pattern or 'two_phase'} | {momentum} | "
                     f"{_options_cell(declared)} |")
     return "\n".join(rows)
+
+
+def main(argv: List[str]) -> None:
+    """``python -m hvdcomp.algorithms.registry [--write [PAGE]]``: print the table, or rewrite
+    it in PAGE (docs/algorithms.md)."""
+    from pathlib import Path
+
+    from hvdcomp.algorithms import registry   # the package's module, where classes registered
+    if argv[:1] == ["--write"]:
+        target = Path(argv[1] if len(argv) > 1 else "docs/algorithms.md")
+        text = registry.page_with_table(target.read_text(encoding="utf-8"))
+        target.write_text(text, encoding="utf-8")
+    else:
+        print(registry.markdown_table())
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

@@ -18,23 +18,23 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..exchange import PATTERNS
 
+from ..algorithms import registry as _registry
 from ..errors import UserError
 
-#: Algorithms ``hvdcomp train`` knows; every name but psgd goes through hvdcomp.DistributedOptimizer.
-ALGORITHMS = ("psgd", "memsgd", "doublesqueeze", "liec", "ef21", "ef21w", "ef21sgdm", "ef21bc",
-              "dgc", "monna", "neolithic", "cser", "ef21pp", "ef21wpp")
-#: Algorithms whose update direction already carries a momentum of their own (DGC's momentum
+# The per-method tables below are read from the registry of training methods
+# (hvdcomp.algorithms.registry): each method declares them on its own class.
+#: Methods ``hvdcomp train`` knows, in listing order.
+ALGORITHMS = tuple(_registry.names())
+#: Methods whose update direction already carries a momentum of their own (DGC's momentum
 #: correction, EF21-SGDM's v_i, MoNNA's Polyak momentum): the wrapped SGD then defaults to
 #: momentum 0 so that momentum is not applied twice.
-MOMENTUM_INSIDE = ("dgc", "ef21sgdm", "monna")
-#: SGD momentum when --momentum is not given: the paper's setting for each method. 0.9 only for the
-#: dense baseline psgd (momentum SGD, DGC's baseline). Everything else runs the SGD its paper ran:
-#: LIEC-SGD and its baselines MEM-SGD and DoubleSqueeze plain SGD (the authors' code leaves
-#: torch's SGD at momentum 0), the EF21 family plain SGD (EF21 with heavy ball is EF21-HB, another
-#: method), and MOMENTUM_INSIDE momentum 0 (their momentum is in the update; the tensors DGC and
-#: EF21-SGDM send dense get the method's momentum, see hvdcomp.train.uncompressed). Any other
-#: value is an explicit --momentum, printed in the summary.
-PAPER_SGD_MOMENTUM = {"psgd": 0.9}
+MOMENTUM_INSIDE = tuple(n for n in ALGORITHMS if _registry.info(n).momentum_inside)
+#: SGD momentum when --momentum is not given: the paper's setting for each method
+#: (``MethodInfo.sgd_momentum``; 0.9 for the dense baseline psgd, 0 for the methods whose papers
+#: ran plain SGD and for MOMENTUM_INSIDE). Any other value is an explicit --momentum, printed in
+#: the summary.
+PAPER_SGD_MOMENTUM = {n: _registry.info(n).sgd_momentum for n in ALGORITHMS
+                      if _registry.info(n).sgd_momentum}
 #: Algorithms train cannot run yet, with the reason shown to the user.
 UNSUPPORTED: Dict[str, str] = {}
 SCHEDULES = ("constant", "step", "cosine")
@@ -51,25 +51,13 @@ class TrainingFailed(RuntimeError):
     The launcher (mpirun, srun --kill-on-bad-exit, horovodrun) then ends the other ranks."""
 
 
-#: Per-algorithm defaults where "sign both ways" is not what the paper does: P-SGD is dense; DGC
-#: sparsifies the uplink with its sampled top-k (0.1 % density, the paper's final sparsity) and,
-#: as in the paper and its reference code, allgathers the sparse payloads with no downlink
-#: compression. MoNNA exchanges whole models, uncompressed.
-DEFAULT_UP = {"psgd": "none", "dgc": "dgc:ratio=0.001", "monna": "none"}
-DEFAULT_DOWN = {"dgc": "none"}
-DEFAULT_PATTERN = {"dgc": "allgather"}
-#: Baselines that take the compressor and pattern defaults of the method they extend (EF21-PP is
-#: EF21 with partial participation; NEOLITHIC is DoubleSqueeze with R-round compression; CSER's
-#: mean comes back dense, as MEM-SGD's) ...
-SAME_DEFAULTS_AS = {"neolithic": "doublesqueeze", "cser": "memsgd", "ef21pp": "ef21",
-                    "ef21wpp": "ef21w"}
-for _new, _like in SAME_DEFAULTS_AS.items():
-    for _table in (DEFAULT_UP, DEFAULT_DOWN, DEFAULT_PATTERN):
-        if _like in _table:
-            _table.setdefault(_new, _table[_like])
-DEFAULT_DOWN.setdefault("cser", "none")
-#: ... and run, as their papers (and LIEC-SGD's code for its baselines) did, without momentum.
-PAPER_MOMENTUM_ZERO = ("neolithic", "cser", "ef21pp", "ef21wpp")
+#: Default compressors and pattern of each method (``MethodInfo.up``/``down``/``pattern``):
+#: sign both ways unless its paper does otherwise (P-SGD dense; DGC its sampled top-k up,
+#: allgathered, nothing down; the dense-downlink methods none down; MoNNA exchanges models).
+DEFAULT_UP = {n: _registry.info(n).up for n in ALGORITHMS}
+DEFAULT_DOWN = {n: _registry.default_down(n, _registry.info(n).up) for n in ALGORITHMS}
+DEFAULT_PATTERN = {n: _registry.info(n).pattern for n in ALGORITHMS
+                   if _registry.info(n).pattern is not None}
 
 
 @dataclass
@@ -117,31 +105,16 @@ class TrainConfig:
         cfg = dataclasses.replace(self, algorithm_options=dict(self.algorithm_options))
         cfg.model = cfg.model.strip().lower()
         cfg.algorithm = cfg.algorithm.strip().lower()
-        if cfg.algorithm not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm {cfg.algorithm!r}; choose one of: "
-                              f"{', '.join(ALGORITHMS)}")
+        method = _apply_method_defaults(cfg)
         if cfg.algorithm in UNSUPPORTED:
             raise ConfigError(f"algorithm {cfg.algorithm!r} is not supported by `hvdcomp train` "
                               f"yet: {UNSUPPORTED[cfg.algorithm]}")
-        if cfg.algorithm == "monna" and (cfg.up or cfg.down) not in (None, "none"):
-            raise ConfigError("algorithm 'monna' exchanges whole models, uncompressed: drop "
-                              "--compressor/--up/--down (robustness comes from the aggregator)")
-        if cfg.up is None:
-            cfg.up = DEFAULT_UP.get(cfg.algorithm, "sign")
-        if cfg.down is None:
-            cfg.down = DEFAULT_DOWN.get(cfg.algorithm, cfg.up)
-            if not _compresses_downlink(cfg.algorithm):
-                cfg.down = "none"   # the method sends its downlink dense (a --down is refused)
-        if cfg.pattern is None:
-            cfg.pattern = DEFAULT_PATTERN.get(cfg.algorithm)
         if cfg.pattern is not None and cfg.pattern not in PATTERNS:
             raise ConfigError(f"unknown --pattern {cfg.pattern!r}; choose one of: {', '.join(PATTERNS)}")
         cfg.up = _canonical_compressor(cfg.up, "--up/--compressor")
         cfg.down = _canonical_compressor(cfg.down, "--down")
-        if cfg.momentum is None and cfg.algorithm in PAPER_MOMENTUM_ZERO:
-            cfg.momentum = 0.0
         if cfg.momentum is None:
-            cfg.momentum = PAPER_SGD_MOMENTUM.get(cfg.algorithm, 0.0)
+            cfg.momentum = method.sgd_momentum      # the paper's SGD momentum
         if cfg.augment is None:
             cfg.augment = dataset_name(cfg.dataset) in ("cifar10", "cifar100", "tinyimagenet")
         _check_range("--epochs", cfg.epochs, 1)
@@ -207,10 +180,25 @@ def _jsonish(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _compresses_downlink(algorithm: str) -> bool:
-    from hvdcomp.algorithms import ALGORITHMS as REGISTERED
-    cls = REGISTERED.get(algorithm)
-    return cls is None or cls.compresses_downlink
+def _apply_method_defaults(cfg: TrainConfig) -> "_registry.MethodInfo":
+    """Fill ``cfg``'s compressors and pattern from its method's declaration in the registry
+    (:mod:`hvdcomp.algorithms.registry`); returns that declaration."""
+    try:
+        method = _registry.info(cfg.algorithm)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if method.compressors_refused and (cfg.up or cfg.down) not in (None, "none"):
+        raise ConfigError(f"algorithm {cfg.algorithm!r} {method.compressors_refused}: drop "
+                          "--compressor/--up/--down")
+    if cfg.up is None:
+        cfg.up = method.up
+    if cfg.down is None:
+        # the declared downlink, or the uplink's, or none for a method that sends its downlink
+        # dense (a --down is refused there)
+        cfg.down = _registry.default_down(cfg.algorithm, cfg.up)
+    if cfg.pattern is None:
+        cfg.pattern = method.pattern
+    return method
 
 
 def _check_range(option: str, value: int, low: int) -> None:

@@ -6,7 +6,8 @@ The only code that knows which distributed optimizer runs is :func:`build_distri
   Horovod engine Horovod's own ``hvd.DistributedOptimizer`` (ring allreduce of the dense gradient,
   fused by Horovod), on the torch engine :class:`.dense.AllreduceOptimizer` (one allreduce average
   per gradient through the communicator, the arithmetic of Horovod's ``Average``);
-* ``monna``: :class:`.robust_step.MoNNAStep` over the communicator;
+* a method that owns its exchange (MoNNA: ``TrainingMethod.train_step`` of the registry,
+  :mod:`hvdcomp.algorithms.registry`, returns :class:`.robust_step.MoNNAStep`) steps itself;
 * everything else: ``hvdcomp.DistributedOptimizer`` over the engine's communicator, with the
   compression of :func:`make_compression`. It averages LIEC-SGD's models itself in ``step()``.
 """
@@ -33,9 +34,10 @@ def build_distributed_optimizer(model: torch.nn.Module, cfg: TrainConfig, comm,
     DGC and EF21-SGDM carry their momentum inside the compressed update; the tensors they send
     dense get the method's momentum in a parameter group of their own (:mod:`.uncompressed`).
     """
-    if cfg.algorithm == "monna":
-        from .robust_step import MoNNAStep
-        return MoNNAStep(model, cfg, comm)
+    from hvdcomp.algorithms import registry
+    own_step = registry.method(cfg.algorithm).train_step(model, cfg, comm)
+    if own_step is not None:   # the method owns its exchange (MoNNA)
+        return own_step
     from hvdcomp.optimizer import DEFAULT_SMALL_TENSOR_BYTES
     from .uncompressed import parameter_groups
     base = torch.optim.SGD(parameter_groups(model, cfg, DEFAULT_SMALL_TENSOR_BYTES), lr=cfg.lr,
@@ -70,29 +72,16 @@ def make_compression(cfg: TrainConfig, world_size: int, rank: int,
                      steps_per_epoch_: Optional[int] = None):
     """``hvdcomp.Compression.algorithm(name, up=, down=, **hyperparameters)`` for ``cfg``.
 
-    Fills what the training run knows and the user need not type: LIEC's ``period``; DGC's
+    Each method fills what the training run knows and the user need not type, in its own
+    ``train_options`` hook (:mod:`hvdcomp.algorithms.registry`): LIEC's ``period``; DGC's
     ``steps_per_epoch`` (its sparsity warm-up counts epochs); EF21-PP's ``rank`` and ``seed``
     (the shared draw of participants); EF21-W's (and EF21-W-PP's) ``rank`` and, when not
-    given, equal ``smoothness`` constants (uniform weights: EF21-W then equals EF21; pass
-    ``--algorithm-option smoothness=[L_1,...,L_N]`` for per-worker constants). The CLI calls
-    this before the engine starts too, so bad hyperparameters fail before any rank starts."""
+    given, equal ``smoothness`` constants. The CLI calls this before the engine starts too, so
+    bad hyperparameters fail before any rank starts."""
+    from hvdcomp.algorithms import registry
     from hvdcomp.compression import Compression
-    options = dict(cfg.algorithm_options)
-    if cfg.algorithm == "liec":
-        options.setdefault("period", cfg.period)
-    if cfg.algorithm == "dgc" and steps_per_epoch_ is not None:
-        options.setdefault("steps_per_epoch", steps_per_epoch_)
-    if cfg.algorithm == "dgc" and options.get("per_layer", True) and cfg.pattern != "allgather":
-        raise ValueError(f"per-layer top-k (the paper's, the default) needs the whole bucket, "
-                         f"i.e. --pattern allgather, not {cfg.pattern!r}; pass "
-                         "--algorithm-option per_layer=false to select per bucket or chunk")
-    if cfg.algorithm in ("ef21w", "ef21wpp"):
-        options.setdefault("smoothness", [1.0] * world_size)
-        options.setdefault("rank", rank)
-    if cfg.algorithm in ("ef21pp", "ef21wpp"):
-        # EF21-PP's draw of the participating workers: every rank knows its rank and the seed
-        options.setdefault("rank", rank)
-        options.setdefault("seed", cfg.seed)
+    options = registry.method(cfg.algorithm).train_options(cfg, world_size, rank,
+                                                            steps_per_epoch_)
     return Compression.algorithm(cfg.algorithm, up=cfg.up, down=cfg.down, **options)
 
 

@@ -1,0 +1,57 @@
+"""The registry of training methods (hvdcomp/algorithms/registry.py) and what is derived from it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hvdcomp.algorithms import ALGORITHMS, registry
+from hvdcomp.train import config
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "algorithms.md"
+
+
+def test_docs_table_is_the_registrys():
+    page = DOC.read_text(encoding="utf-8")
+    assert registry.page_with_table(page) == page, (
+        "docs/algorithms.md's table is out of date: python -m hvdcomp.algorithms.registry --write")
+
+
+def test_every_method_declares_its_info_and_five_step_ones_are_algorithms():
+    names = registry.names()
+    assert set(ALGORITHMS) <= set(names)
+    assert {"monna", "powersgd_ef"} <= set(names)
+    for name in names:
+        info = registry.info(name)
+        assert info.name == name and info.label and info.summary
+        for option in info.options:
+            assert option.valid, (name, option.name)
+
+
+def test_train_tables_come_from_the_registry():
+    assert config.ALGORITHMS == tuple(registry.names())
+    assert config.DEFAULT_UP["dgc"] == "dgc:ratio=0.001"
+    assert config.DEFAULT_DOWN["memsgd"] == "none" and config.DEFAULT_DOWN["liec"] == "sign"
+    assert config.DEFAULT_PATTERN == {"dgc": "allgather", "powersgd_ef": "allreduce"}
+    assert config.PAPER_SGD_MOMENTUM == {"psgd": 0.9, "powersgd_ef": 0.9}
+    assert set(config.MOMENTUM_INSIDE) == {"dgc", "ef21sgdm", "monna"}
+
+
+def test_cli_help_lists_every_method():
+    from click.testing import CliRunner
+    from hvdcomp.cli.train import command
+    text = " ".join(CliRunner().invoke(command, ["--help"]).output.split())
+    for name in registry.names():
+        assert name in text
+
+
+def test_unknown_method_names_the_choices_and_the_powersgd_compressor():
+    with pytest.raises(config.ConfigError, match="powersgd_ef"):
+        config.TrainConfig(algorithm="powersgd").resolved()
+
+
+def test_methods_that_take_no_compressor_refuse_one():
+    for name in ("monna", "powersgd_ef"):
+        with pytest.raises(config.ConfigError, match="drop --compressor"):
+            config.TrainConfig(algorithm=name, up="sign").resolved()
+        assert config.TrainConfig(algorithm=name).resolved().up == "none"
