@@ -74,6 +74,69 @@ static inline uint8_t encode8(const float *x, bins_t bins) {
 #endif
 }
 
+#ifdef __AVX2__
+static inline int hmax8(__m256i v) {
+    __m128i a = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    a = _mm_max_epi32(a, _mm_shuffle_epi32(a, 0x4E));
+    return _mm_cvtsi128_si32(_mm_max_epi32(a, _mm_shuffle_epi32(a, 0xB1)));
+}
+
+static inline int hmin8(__m256i v) {
+    __m128i a = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    a = _mm_min_epi32(a, _mm_shuffle_epi32(a, 0x4E));
+    return _mm_cvtsi128_si32(_mm_min_epi32(a, _mm_shuffle_epi32(a, 0xB1)));
+}
+#endif
+
+/* The L1 bins of 64 elements.  When their non-zero exponents (max(e, 1)) span at most 23, every
+   |x_i| is a multiple of 2^(lo-150) below 2^(hi-126), so their sum in float64 is exact in any
+   order (below 2^53 units); it is added as two integers, its low 26 bits in units of
+   2^(lo-150) to bin lo and the rest to bin lo+26 (the same exact total as per-element bins).
+   Otherwise (wider span, Inf/NaN, huge values) per element. */
+static inline void bin64(const float *x, bins_t bins, int table) {
+#ifdef __AVX2__
+    const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF), none = _mm256_set1_epi32(255);
+    __m256i emax = _mm256_setzero_si256(), emin = none;
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (int k = 0; k < 8; k++) {
+        __m256i w = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * k)), absmask);
+        __m256i e = _mm256_srli_epi32(w, 23);
+        __m256i nonzero = _mm256_cmpgt_epi32(w, _mm256_setzero_si256());
+        emax = _mm256_max_epi32(emax, e);
+        emin = _mm256_min_epi32(emin, _mm256_blendv_epi8(
+            none, _mm256_max_epi32(e, _mm256_set1_epi32(1)), nonzero));
+        __m256 a = _mm256_castsi256_ps(w);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    }
+    int hi = hmax8(emax), lo = hmin8(emin);
+    if (lo == 255) return;                                   /* all zero */
+    if (hi < 255 && hi - lo <= 23 && lo <= 229) {
+        __m256d s = _mm256_add_pd(s0, s1);
+        __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+        double sum = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+        uint64_t scale_bits = (uint64_t)(1023 + 150 - lo) << 52;  /* 2^(150 - lo) */
+        double scale;
+        memcpy(&scale, &scale_bits, sizeof scale);
+        int64_t units = (int64_t)(sum * scale);
+        bins[table][lo] += units & ((1 << 26) - 1);
+        bins[table][lo + 26] += units >> 26;
+        return;
+    }
+#endif
+    (void)table;
+    bin_elements((const uint32_t *)x, 64, bins);
+}
+
+/* Sign bytes of n elements (n a multiple of 64) and, with bins, their L1 bins. */
+static void encode_blocks(const float *x, int64_t n, bins_t bins, uint8_t *bits) {
+    for (int64_t b = 0; b < n / 64; b++) {
+        const float *block = x + 64 * b;
+        for (int k = 0; k < 8; k++) bits[8 * b + k] = encode8(block + 8 * k, NULL);
+        if (bins) bin64(block, bins, (int)(b & (TABLES - 1)));
+    }
+}
+
 /* Called once when the library is loaded, before any thread uses the kernels. */
 void hv_init(void) { init_reversed(); }
 
@@ -88,9 +151,11 @@ static void add_tables(bins_t local, int64_t *bins) {
 void hv_sign_encode_f32(const float *x, int64_t n, int64_t *bins, uint8_t *bits) {
     int64_t whole = n / 8;
     int tail = (int)(n % 8);
+    int64_t blocks = n / 64 * 64;
     bins_t local;
     memset(local, 0, sizeof local);
-    for (int64_t q = 0; q < whole; q++)
+    encode_blocks(x, blocks, bins ? local : NULL, bits);
+    for (int64_t q = blocks / 8; q < whole; q++)
         bits[q] = encode8(x + 8 * q, bins ? local : NULL);
     if (tail) {
         bin_elements((const uint32_t *)(x + 8 * whole), tail, local);
@@ -103,9 +168,10 @@ void hv_sign_encode_f32(const float *x, int64_t n, int64_t *bins, uint8_t *bits)
 void hv_l1_bins_f32(const float *x, int64_t n, int64_t *bins) {
     bins_t local;
     memset(local, 0, sizeof local);
-    for (int64_t q = 0; q < n / 8; q++)
-        (void)encode8(x + 8 * q, local);
-    bin_elements((const uint32_t *)(x + 8 * (n / 8)), (int)(n % 8), local);
+    for (int64_t b = 0; b < n / 64; b++)
+        bin64(x + 64 * b, local, (int)(b & (TABLES - 1)));
+    for (int64_t i = n / 64 * 64; i < n; i++)
+        bin_elements((const uint32_t *)(x + i), 1, local);
     add_tables(local, bins);
 }
 
