@@ -179,6 +179,8 @@ def render_point(spec: SweepSpec, point: SweepPoint, paths: SweepPaths,
         launcher=cluster.launcher, srun_mpi=cluster.srun_mpi,
         launcher_args=[q(a) for a in cluster.launcher_args],
         hvdcomp=cluster.hvdcomp, train_args=train_args,
+        # torch.distributed needs rank 0's address, which srun and mpirun do not give
+        torch_engine=point.options.get("engine") == "torch",
     )
 
 

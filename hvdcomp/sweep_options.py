@@ -21,6 +21,7 @@ FALLBACK_TRAIN_OPTIONS: Dict[str, Tuple[type, ...]] = {
     "schedule": (str,), "milestones": (str,), "warmup-epochs": (float,), "seed": (int,),
     "out": (str,), "overwrite": (bool,), "resume": (bool,), "log-every": (int,),
     "checkpoint-every": (int, str), "keep-checkpoints": (int,), "device": (str,), "quiet": (bool,),
+    "engine": (str,),
 }
 
 #: Options the sweep sets itself in every script: the run directory and what to do with an

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,6 +227,34 @@ def test_gpu_binding_picks_one_gpu_per_local_rank(tmp_path: Path):
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "4,5"})
     assert out.stdout.strip() == "5", out.stderr
+
+
+def test_the_torch_engine_gets_rank_0s_address_on_srun_and_mpirun(tmp_path: Path):
+    """`engine` is a train option like any other (a matrix axis here); the torch engine's script
+    exports MASTER_ADDR / MASTER_PORT (srun and mpirun give torch.distributed no rendezvous),
+    and mpirun forwards them to every rank."""
+    text = MINIMAL.replace('ranks = [2, 4]', 'ranks = [2]\nengine = ["horovod", "torch"]')
+    horovod, torch_ = render_text(tmp_path, text, 0), render_text(tmp_path, text, 1)
+    assert "--engine horovod" in horovod and "MASTER_ADDR" not in horovod
+    assert "--engine torch" in torch_ and "srun --mpi=pmix --ntasks=2" in torch_
+    start = torch_.index('if [ -z "${MASTER_ADDR:-}" ]')
+    exports = torch_[start:torch_.index("export MASTER_PORT", start)]
+    exports += torch_[torch_.index("export MASTER_PORT"):].splitlines()[0]
+    probe = exports + '\necho "$MASTER_ADDR:$MASTER_PORT"'
+    if shutil.which("scontrol"):      # the job's first node, from Slurm's compressed node list
+        out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True,
+                             env={**os.environ, "SLURM_JOB_ID": "1234",
+                                  "SLURM_JOB_NODELIST": "node[3-4]"})
+        assert out.stdout.strip() == "node3:30735", out.stderr
+    out = subprocess.run(["/bin/bash", "-c", probe], capture_output=True, text=True,
+                         env={"PATH": "/nonexistent", "SLURM_JOB_ID": "1234"})
+    assert out.stdout.strip() == "127.0.0.1:30735", out.stderr   # no scontrol: one node
+    mpirun = render_text(tmp_path, text.replace('tasks-per-node = 2',
+                                                'tasks-per-node = 2\nlauncher = "mpirun"'), 1)
+    assert "-x MASTER_ADDR -x MASTER_PORT" in mpirun
+    for script in (horovod, torch_, mpirun):
+        bash_n = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+        assert bash_n.returncode == 0, bash_n.stderr
 
 
 def test_rendering_is_deterministic(tmp_path: Path):
