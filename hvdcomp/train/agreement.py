@@ -76,9 +76,9 @@ def fail_across_ranks(message: str, launcher: Dict[str, Any],
     docstring); a lone process, or one where the engine cannot start, raises it at once."""
     if launcher.get("world_size", 1) <= 1 or launcher.get("name") == "single":
         raise UserError(message)
-    from .engine import ENGINES, default_engine, start
+    from .engine import usable_engine, start
     try:
-        comm = start(engine if engine in ENGINES else default_engine(launcher), launcher)
+        comm = start(usable_engine(engine, launcher), launcher)
     except Exception:  # noqa: BLE001 - no way to reach the others: say it here, tagged
         raise UserError(message) from None
     settle(comm, message, None)

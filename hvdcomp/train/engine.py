@@ -95,6 +95,18 @@ def check_engine(engine: str, launcher: Dict[str, Any], device: str = "cpu",
     rendezvous(launcher, env)   # raises ConfigError when rank 0's address cannot be known
 
 
+def usable_engine(requested: Optional[str], launcher: Dict[str, Any]) -> str:
+    """``requested`` when it can start under ``launcher`` here, else the default: the engine
+    in which ranks that must fail together meet (:func:`.agreement.fail_across_ranks`)."""
+    if requested in ENGINES:
+        try:
+            check_engine(requested, launcher)
+            return requested
+        except ConfigError:
+            pass
+    return default_engine(launcher)
+
+
 @dataclass(frozen=True)
 class Rendezvous:
     """Where the torch engine's ranks meet (see the module docstring)."""
