@@ -1,8 +1,9 @@
 """hvdcomp's DDP communication hook (hvdcomp/ddp.py) on real 2-rank Gloo processes: psgd/none
 equals DDP's default allreduce to the last bit; every other algorithm equals
-hvdcomp.DistributedOptimizer (the Horovod engine's optimizer, here over the torch communicator)
-to the last bit on the same seed; LIEC-SGD's exact rounds average the replicas; the state
-pickles into a checkpoint and resumes exactly; what cannot be honoured is refused up front."""
+hvdcomp.DistributedOptimizer to the last bit on the same seed, both over the torch communicator
+in the same processes and over Horovod under mpirun (another library and launcher); LIEC-SGD's
+exact rounds average the replicas; the state pickles into a checkpoint and resumes exactly;
+what cannot be honoured is refused up front."""
 from __future__ import annotations
 
 import io
@@ -117,12 +118,55 @@ def test_algorithms_equal_the_optimizer_on_the_same_seed(case):
         # independent of hvdcomp: compression really happened (not DDP's plain average) ...
         assert not _equal(out["hook"], out["ddp"])
         assert 0 < out["bytes"][0] < results[0]["bytes"][0] * 10
-    if case == "liec/sign":
-        # ... and LIEC-SGD's exact round (step 3 of 5) averaged the replicas: equal after it?
-        # No: steps 4 and 5 drift again; the drift-free check is test_liec_exact_round_*.
-        assert not _equal(results[0]["hook"], results[1]["hook"])
-    else:
-        assert _equal(results[0]["hook"], results[1]["hook"])  # one model everywhere
+    # LIEC-SGD's replicas drift between exact rounds (steps 4 and 5 follow the exact 3rd; see
+    # test_liec_exact_round_averages_the_replicas); every other method keeps one model
+    assert _equal(results[0]["hook"], results[1]["hook"]) == (case != "liec/sign")
+
+
+# --- against the Horovod engine itself (mpirun, Horovod's collectives) ----------------------------
+HOROVOD_CASES = ["liec/sign", "doublesqueeze/topk", "memsgd/sign"]
+
+
+def _hook_runs(cases):
+    import torch.distributed as dist
+
+    results = {}
+    for case in cases:
+        net = _net()
+        model, _ = _ddp(net, compression=_compression(case), bucket_bytes=BUCKET_BYTES)
+        _train(model, torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), dist.get_rank(),
+               STEPS)
+        results[case] = _params(net)
+    return results
+
+
+def _horovod_runs(cases):
+    import horovod.torch as hvd
+
+    import hvdcomp
+    results = {}
+    for case in cases:
+        net = _net()
+        optimizer = hvdcomp.DistributedOptimizer(
+            torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9),
+            named_parameters=net.named_parameters(), compression=_compression(case),
+            bucket_bytes=BUCKET_BYTES)
+        _train(net, optimizer, hvd.rank(), STEPS)
+        results[case] = _params(net)
+    return results
+
+
+@pytest.mark.mpi
+def test_hook_on_torch_ranks_equals_the_horovod_engine_under_mpirun():
+    """Two launchers, two libraries (Gloo processes with DDP; mpirun with Horovod's
+    collectives): the same parameters to the last bit."""
+    from multirank import run_ranks
+
+    hook = run_torch_ranks(_hook_runs, np=2, timeout=300, cases=HOROVOD_CASES)
+    horovod = run_ranks(_horovod_runs, np=2, controller="mpi", timeout=300, cases=HOROVOD_CASES)
+    for rank in range(2):
+        for case in HOROVOD_CASES:
+            assert _equal(hook[rank][case], horovod[rank][case]), (rank, case)
 
 
 def _liec_replicas(steps):
