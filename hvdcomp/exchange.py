@@ -22,10 +22,12 @@ Three patterns (``pattern=``), all driving the five steps of :mod:`hvdcomp.algor
     for ``"allgather"``.
 
 Rounds in which ``algorithm.is_sync_step()`` holds (LIEC-SGD every ``period`` rounds) are exact
-(:mod:`hvdcomp.exchange_sync`): ``start`` launches a dense allreduce average of the gradient and
-an allgather of the server state (``algorithm.server_flush``, each chunk from its owner), and
-``finish`` returns ``algorithm.sync_update(key, mean, flushed)``. In such a round the optimizer
-also calls :meth:`Exchange.average_parameters`.
+(:mod:`hvdcomp.exchange_sync`): ``start`` launches one dense allreduce average of the gradient
+and, when given (``start(key, grad, params=...)``, as the optimizer does), the bucket's
+parameters with it, plus an allgather of the server state (``algorithm.server_flush``, each
+chunk from its owner); ``finish`` writes the averaged parameters back and returns
+``algorithm.sync_update(key, mean, flushed)``. Parameters not passed to ``start`` are averaged
+by :meth:`Exchange.average_parameters`.
 
 The parts, one module each: the round kinds (:mod:`hvdcomp.exchange_rounds`, exact rounds in
 :mod:`hvdcomp.exchange_sync`); what the exchange asks of compressors, chunking included
@@ -39,7 +41,8 @@ bytes of payload *this rank sends to other ranks*, as if every collective were p
 sends; bytes a rank sends itself are not counted, nor are the collectives' own headers, nor the
 one-time configuration check. Two-phase uplink: Σ_{j≠rank} |payload of chunk j|; downlink:
 (N−1)·|server payload of this rank's chunk|. Allgather uplink: (N−1)·|payload|, downlink 0.
-Allreduces (``"allreduce"`` pattern, sync rounds, parameter averaging) are counted as a ring
+Allreduces (``"allreduce"`` pattern, sync rounds: phase ``sync`` for gradient and parameters
+together, ``sync_grad``/``sync_params`` when apart) are counted as a ring
 allreduce sends (:mod:`hvdcomp.exchange_ledger`); the real bytes depend on the MPI or NCCL
 algorithm. The allgather of the server state in a sync round is counted as downlink, and
 so is the allgather of the chunks' L1 norms that ``sign`` needs on the downlink ((N−1)·8 bytes).
@@ -73,7 +76,7 @@ bucket order on every rank, because ``finish`` issues the downlink collective an
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -211,10 +214,16 @@ class Exchange:
         """True when this round is an exact one (the optimizer then calls average_parameters)."""
         return self.algorithm.is_sync_step()
 
-    def start(self, key: str, grad: torch.Tensor) -> ExchangeHandle:
+    def start(self, key: str, grad: torch.Tensor,
+              params: Sequence[torch.Tensor] = ()) -> ExchangeHandle:
         """Launch the exchange of bucket ``key`` with this rank's gradient ``grad`` (any shape;
         treated as flat). Non-blocking. The first time a key is seen without :meth:`prepare`, its
-        configuration check is launched too and verified by :meth:`finish`."""
+        configuration check is launched too and verified by :meth:`finish`.
+
+        ``params``: the parameters the bucket holds the gradients of.  Used only in an exact
+        round (LIEC-SGD): they are then averaged by the gradient's own allreduce and
+        :meth:`finish` writes their averages into them in place, so the caller does not pass
+        them to :meth:`average_parameters` (they must not change between start and finish)."""
         key = str(key)
         if key in self._in_flight or key in self._done_this_round:
             raise ValueError(f"bucket {key!r} was already exchanged in round {self.round}: call "
@@ -224,7 +233,7 @@ class Exchange:
         config_check = self._check_bucket(key, (grad.numel(), grad.dtype))
         flat = grad.detach().reshape(-1)
         if self.algorithm.is_sync_step():
-            handle = start_sync(self, key, flat)
+            handle = start_sync(self, key, flat, params)
         else:
             # a method that runs its own collectives (PowerSGD) declares round_kind "owned"
             handle = STARTS[getattr(self.algorithm, "round_kind", None) or self.pattern](

@@ -2,21 +2,36 @@
 ``algorithm.is_sync_step()`` holds, the exchange averages each bucket's gradient exactly and
 gathers the server state (``algorithm.server_flush``, each chunk from its owner), and ``finish``
 returns ``algorithm.sync_update(key, mean, flushed)``; the optimizer also averages the parameters
-exactly (:func:`average_parameters`)."""
+exactly (:func:`average_parameters`).
+
+One dense collective, not two: when ``start`` is given the bucket's parameters (the optimizer
+does), the gradient and the parameters travel in one allreduce of their concatenation, and
+``finish`` writes the averaged parameters back in place; an allreduce average is elementwise, so
+every value is the one the two separate allreduces gave (tests/test_optimizer.py compares the
+optimizer with the two-collective reference bit for bit).  The server state still travels by its
+own allgather of 1/N of the bucket (it is summed into the update, not averaged)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, List, Sequence
 
 import torch
 
 from .comm.base import Handle
+from .compressors._wire import allocate
 from .exchange_codec import chunk_bounds
 from .exchange_rounds import ExchangeHandle
 
 
-def start_sync(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
-    pending = {"gradient": ex.comm.allreduce_async(flat, ex.name(key, "sync_grad"), "average")}
-    ex.ledger.count_ring_allreduce("sync_grad", flat.numel(), flat.dtype)
+def start_sync(ex, key: str, flat: torch.Tensor,
+               params: Sequence[torch.Tensor] = ()) -> ExchangeHandle:
+    params = [p for p in params]
+    if params and all(p.dtype == flat.dtype and p.device == flat.device for p in params):
+        pending = {"gradient": _launch_joint(ex, key, flat, params)}
+    else:
+        params = []
+        pending = {"gradient": ex.comm.allreduce_async(flat, ex.name(key, "sync_grad"),
+                                                       "average")}
+        ex.ledger.count_ring_allreduce("sync_grad", flat.numel(), flat.dtype)
     flushed = ex.algorithm.server_flush(key)
     if ex.pattern == "two_phase":
         start, stop = chunk_bounds(flat.numel(), ex.size, ex.alignment)[ex.rank]
@@ -31,13 +46,33 @@ def start_sync(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
     else:  # replicated server state: every rank holds the whole bucket's
         local = flat.new_zeros(flat.numel()) if flushed is None else flushed
         pending["server_error"] = Handle.done(local)
-    return ExchangeHandle(key, ex.round, "sync", flat.shape, flat.dtype, pending)
+    return ExchangeHandle(key, ex.round, "sync", flat.shape, flat.dtype, pending, params=params)
+
+
+def _launch_joint(ex, key: str, flat: torch.Tensor, params: List[torch.Tensor]):
+    """One allreduce average of [gradient, parameters...] (a fresh buffer: an exact round comes
+    once every ``period`` rounds, not worth keeping a buffer for)."""
+    numel = flat.numel() + sum(p.numel() for p in params)
+    joint = allocate(numel, flat.dtype, flat.device)
+    joint[:flat.numel()].copy_(flat)
+    offset = flat.numel()
+    for p in params:
+        joint[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+        offset += p.numel()
+    ex.ledger.count_ring_allreduce("sync", numel, flat.dtype)
+    return ex.comm.allreduce_async(joint, ex.name(key, "sync"), "average")
 
 
 def finish_sync(ex, handle: ExchangeHandle) -> torch.Tensor:
-    mean = handle.pending["gradient"].wait()
+    averaged = handle.pending["gradient"].wait()
     flushed = handle.pending["server_error"].wait()
-    return ex.algorithm.sync_update(handle.key, mean, flushed)
+    numel = handle.shape.numel()
+    offset = numel
+    with torch.no_grad():
+        for p in handle.context["params"]:
+            p.copy_(averaged[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return ex.algorithm.sync_update(handle.key, averaged[:numel], flushed)
 
 
 def average_parameters(ex, tensors: Iterable[torch.Tensor]) -> None:

@@ -105,7 +105,8 @@ class BucketReducer:
         grads = [self._dense_grad(p) for p in bucket.params]
         flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
         began = time.perf_counter()
-        bucket.handle = bucket.exchange.start(bucket.key, flat)
+        # params: in an exact round (LIEC-SGD) they travel in the gradient's own allreduce
+        bucket.handle = bucket.exchange.start(bucket.key, flat, params=bucket.params)
         self.stats.time_compress += time.perf_counter() - began
 
     def _dense_grad(self, p: torch.Tensor) -> torch.Tensor:
@@ -169,9 +170,13 @@ class BucketReducer:
     def before_step(self) -> None:
         if self._average_before_step:
             # LIEC-SGD's exact round: the local models drifted apart by the workers' own
-            # compression errors; average them exactly, then apply the exact update.
-            params = [p for b in self.buckets for p in b.params]
-            self.exchange.average_parameters(params)
+            # compression errors; average them exactly, then apply the exact update.  The
+            # buckets of the algorithm's exchange were averaged by their gradient's allreduce
+            # (Exchange.start's params); the small dense tensors' buckets are averaged here.
+            params = [p for b in self.buckets if b.exchange is not self.exchange
+                      for p in b.params]
+            if params:
+                self.exchange.average_parameters(params)
             self._average_before_step = False
 
     def reset(self) -> None:
