@@ -19,7 +19,7 @@ from hvdcomp.comm import simulate
 from hvdcomp.compressors import from_spec
 from hvdcomp.exchange import Exchange
 
-from gpu_support import GPU_MARKS, SyncFreeRegion, deferred_finite_check
+from gpu_support import GPU_MARKS, SyncFreeRegion, deferred_finite_check, first_difference
 from oracle import decoded, gradients, oracle, per_chunk, plain_chunks, run_exchange
 
 pytestmark = GPU_MARKS
@@ -73,10 +73,18 @@ def rounds(comm, name, up, down, grads, device, pattern="two_phase", checked=(),
     return torch.stack(updates)
 
 
-def compare(name, on_gpu, on_cpu, rtol, atol):
+def compare(name, on_gpu, on_cpu, rtol, atol, flips=0.0):
+    """Every rank's updates close to the CPU's; ``flips``: the fraction of elements allowed to
+    differ more (sign compressors: a scale one ulp apart moves the error-feedback residuals by as
+    much, which turns the sign of the few coordinates within that distance of 0; a flipped sign
+    differs by twice the scale there and nowhere else)."""
     for rank in range(RANKS):
-        torch.testing.assert_close(on_gpu[rank], on_cpu[rank], rtol=rtol, atol=atol,
-                                   msg=lambda text: f"{name}, rank {rank}: {text}")
+        far = ~torch.isclose(on_gpu[rank], on_cpu[rank], rtol=rtol, atol=atol)
+        allowed = int(flips * far.numel())
+        assert int(far.sum()) <= allowed, (
+            f"{name}, rank {rank}: {int(far.sum())} of {far.numel()} updates differ from the "
+            f"CPU's by more than rtol={rtol}, atol={atol} (at most {allowed} may); first: "
+            f"{first_difference(on_gpu[rank][far], on_cpu[rank][far])}")
 
 
 # --- the same updates as on the CPU ---------------------------------------------------------------
@@ -99,13 +107,13 @@ def test_every_algorithm_updates_as_on_the_cpu_with_top_k(name):
 @deferred_finite_check()
 def test_every_algorithm_updates_as_on_the_cpu_with_sign(name):
     """Sign both ways (fp32): the scale is a float sum the GPU adds in another order, so equal
-    to rounding rather than bit for bit."""
+    to rounding rather than bit for bit, up to the rare coordinate whose sign that turns."""
     up = "dgc:ratio=0.05" if name == "dgc" else "sign"
     build_or_skip(name, up, "sign")
     grads = gradients(seed=22, steps=4, n=RANKS, d=D).float()
     on_gpu = simulate(RANKS, rounds, name, up, "sign", grads, "cuda")
     on_cpu = simulate(RANKS, rounds, name, up, "sign", grads, "cpu")
-    compare(name, on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
+    compare(name, on_gpu, on_cpu, rtol=1e-5, atol=1e-6, flips=0.01)
 
 
 @deferred_finite_check()
@@ -118,7 +126,7 @@ def test_dgc_local_clipping_on_the_gpu_matches_the_cpu():
         args = ("dgc", "topk:ratio=0.1", None, grads)
         on_gpu = simulate(RANKS, rounds, *args, "cuda", extra=extra)
         on_cpu = simulate(RANKS, rounds, *args, "cpu", extra=extra)
-        compare(f"dgc clip_norm={clip_norm}", on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
+        compare(f"dgc clip_norm={clip_norm}", on_gpu, on_cpu, rtol=1e-5, atol=1e-6, flips=0.01)
 
 
 # --- the float64 oracle ---------------------------------------------------------------------------
