@@ -67,7 +67,7 @@ def test_sign_compressors_match_the_cpu_up_to_the_order_of_the_scale_sum(spec, n
     on_cpu = c.decompress(c.compress(x, 9), numel, torch.float32, 9)
     on_gpu = c.decompress(c.compress(x.cuda(), 9), numel, torch.float32, 9).cpu()
     assert torch.equal(torch.signbit(on_gpu), torch.signbit(on_cpu))
-    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=0)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("spec", RANDOM)
