@@ -1,4 +1,8 @@
-"""``hvdcomp doctor``: what this environment has, and whether real Horovod ranks can talk.
+"""``hvdcomp doctor``: what this environment has, and whether real ranks can talk on each engine.
+
+Both engines of ``hvdcomp train --engine`` are reported: Horovod (its build, 2 ranks over MPI and
+over Gloo) and torch.distributed (its backends, 2 ranks under ``torchrun`` meeting through
+hvdcomp's own engine start and allreducing through its communicator).
 
 Each check is a :class:`Check` with a status and, when it fails, the command that fixes it. The
 facts also go into every run directory (``env.json``) through :func:`collect_facts`.
@@ -82,11 +86,26 @@ def horovod_facts() -> Dict[str, Any]:
 def torch_facts() -> Dict[str, Any]:
     try:
         import torch
+        import torch.distributed as dist
     except Exception as exc:
         return {"version": None, "error": str(exc)}
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
-    return {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_devices": devices}
+    backends = {"gloo": dist.is_available() and dist.is_gloo_available(),
+                "nccl": dist.is_available() and dist.is_nccl_available(),
+                "mpi": dist.is_available() and dist.is_mpi_available()}
+    return {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_devices": devices,
+            "distributed": dist.is_available(), "distributed_backends": backends}
+
+
+def engine_facts() -> Dict[str, Any]:
+    """Which ``--engine`` can run here, and the default under a plain launcher (mpirun)."""
+    from hvdcomp.train.engine import default_engine, horovod_problem, torch_problem
+    problems = {"horovod": horovod_problem(), "torch": torch_problem()}
+    return {"usable": [name for name, problem in problems.items() if problem is None],
+            "problems": {name: problem for name, problem in problems.items() if problem},
+            "default": default_engine({"name": "mpirun"}),
+            "default_under_torchrun": default_engine({"name": "torchrun"})}
 
 
 def collect_facts() -> Dict[str, Any]:
@@ -112,6 +131,7 @@ def collect_facts() -> Dict[str, Any]:
         "torch": torch_facts(),
         "torchvision": _version("torchvision") if not _import_error("torchvision") else None,
         "horovod": horovod_facts(),
+        "engines": engine_facts(),
         "mpi": mpi_facts(),
         "mpi4py": {"version": mpi4py_version, "library": mpi_library},
         "cpus": os.cpu_count(),
@@ -128,6 +148,19 @@ print(f"rank {hvd.rank()}/{hvd.size()} ok", flush=True)
 """
 
 
+SMOKE_TORCH = """
+import torch
+from hvdcomp.train.config import detect_launcher
+from hvdcomp.train.engine import start, stop
+comm = start("torch", detect_launcher())
+total = comm.allreduce(torch.tensor([float(comm.rank + 1)]), "doctor.smoke", op="sum")
+expected = comm.size * (comm.size + 1) / 2
+assert total.item() == expected, (total.item(), expected)
+print(f"rank {comm.rank}/{comm.size} ok", flush=True)
+stop(comm)
+"""
+
+
 def launcher_env() -> Dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -138,7 +171,14 @@ def launcher_env() -> Dict[str, str]:
 def smoke_ranks(controller: str, np: int = 2, timeout: float = 90) -> Check:
     """Start ``np`` ranks that must reach each other through a Horovod allreduce."""
     name = f"{np} ranks over {controller}"
-    if controller == "mpi":
+    if controller == "torch":
+        name = f"{np} ranks over torch.distributed (torchrun, Gloo)"
+        torchrun = Path(sys.executable).with_name("torchrun")
+        if not torchrun.exists():
+            return Check(name, False, f"{torchrun} not found", SETUP_HINT)
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(np), "--no-python",
+               sys.executable, "-c", SMOKE_TORCH]
+    elif controller == "mpi":
         mpirun = shutil.which("mpirun")
         if not mpirun:
             return Check(name, False, "mpirun not found on PATH", MPI_HINT)
@@ -157,7 +197,8 @@ def smoke_ranks(controller: str, np: int = 2, timeout: float = 90) -> Check:
                      "check that loopback TCP works and no firewall blocks it; " + SETUP_HINT)
     oks = proc.stdout.count(" ok")
     if proc.returncode == 0 and oks == np:
-        return Check(name, True, f"{np} ranks allreduced through Horovod")
+        through = "hvdcomp's torch engine" if controller == "torch" else "Horovod"
+        return Check(name, True, f"{np} ranks allreduced through {through}")
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
     return Check(name, False, f"exit code {proc.returncode}: " + " | ".join(tail), SETUP_HINT)
 
@@ -183,7 +224,9 @@ def run_checks(ranks: bool = True) -> (List[Check], Dict[str, Any]):
         checks.append(Check("Horovod", ctl["mpi"] and ctl["gloo"],
                             f"{hf['version']}: controllers "
                             + ", ".join(k for k, v in ctl.items() if v) + f"; tensor ops {ops}",
-                            "rebuild Horovod with HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1: " + SETUP_HINT))
+                            "rebuild Horovod with HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1: "
+                            + SETUP_HINT))
+    checks.append(_engines_check(facts["engines"]))
     gpus = tf.get("cuda_devices") or []
     checks.append(Check("CUDA devices", True, ", ".join(gpus) if gpus else "none (CPU only)"))
     if ranks and hf["version"] is not None:
@@ -191,4 +234,16 @@ def run_checks(ranks: bool = True) -> (List[Check], Dict[str, Any]):
         checks.append(smoke_ranks("gloo"))
     elif ranks:
         checks.append(Check("2 ranks", False, "not tried: Horovod is missing", SETUP_HINT))
+    if ranks and "torch" in facts["engines"]["usable"]:
+        checks.append(smoke_ranks("torch"))
     return checks, facts
+
+
+def _engines_check(engines: Dict[str, Any]) -> Check:
+    """One line for ``hvdcomp train --engine``: which engines can run, the default, and why not."""
+    usable = engines["usable"]
+    why_not = "; ".join(f"{name}: {problem}" for name, problem in engines["problems"].items())
+    detail = (f"usable: {', '.join(usable) or 'none'}; default {engines['default']} "
+              f"({engines['default_under_torchrun']} under torchrun)"
+              + (f"; not usable: {why_not}" if why_not else ""))
+    return Check("train engines", bool(usable), detail, SETUP_HINT)

@@ -28,6 +28,11 @@ def test_doctor_passes_here_and_reports_facts():
     assert report["ok"] is True
     names = {c["name"]: c for c in report["checks"]}
     assert names["2 ranks over mpi"]["ok"] and names["2 ranks over gloo"]["ok"]
+    # both engines of hvdcomp train: torch.distributed's ranks meet through hvdcomp's own start
+    assert names["2 ranks over torch.distributed (torchrun, Gloo)"]["ok"]
+    assert names["train engines"]["ok"]
+    assert report["facts"]["engines"]["usable"] == ["horovod", "torch"]
+    assert report["facts"]["engines"]["default_under_torchrun"] == "torch"
     import horovod
     import torch
     assert report["facts"]["horovod"]["version"] == horovod.__version__
