@@ -157,8 +157,11 @@ class HvdcompState:
                                  f"{tuple(p.shape)} that this state does not know: build the "
                                  "state from the DistributedDataParallel model it hooks")
             reducer.grads[id(p)] = grad
-        future: torch.futures.Future = torch.futures.Future()
-        self._waiting.append((bucket.buffer(), future))
+        buffer = bucket.buffer()
+        # a future that will hold a CUDA tensor must name its device (NCCL)
+        future: torch.futures.Future = (torch.futures.Future(devices=[buffer.device])
+                                        if buffer.is_cuda else torch.futures.Future())
+        self._waiting.append((buffer, future))
         for p in params:
             reducer.ready(p)
         if bucket.is_last():

@@ -136,3 +136,37 @@ def test_different_shapes_raise_instead_of_hanging():
     messages = run_torch_ranks(_mismatched_shape, np=2, timeout=60)
     assert messages[0] == messages[1] == \
         "allreduce 't.shape': ranks sent different dtypes or shapes"
+
+
+# --- the exchange on one NCCL rank (GPU tensors end to end) --------------------------------------
+def _every_algorithm_on(device, comm=None):
+    from oracle import gradients, run_exchange
+    from test_exchange_ranks import EVERY_ALGORITHM
+
+    comm = comm or _comm()
+    grads = gradients(seed=3, steps=4, n=comm.size, d=333).to(device)
+    out = {}
+    for name, up, down, hyper in EVERY_ALGORITHM:
+        hyper = {k: (comm.rank if k == "rank" else v) for k, v in hyper.items()}
+        if "smoothness" in hyper:
+            hyper["smoothness"] = hyper["smoothness"][:comm.size]
+        for pattern in (("allgather",) if name == "dgc" else ("two_phase", "allgather")):
+            result = run_exchange(comm, name, grads, up, down, pattern, hyper, buckets=2)
+            out[f"{name}/{pattern}"] = result["updates"].cpu()
+    return out
+
+
+@pytest.mark.gpu
+def test_every_algorithm_on_one_nccl_rank_matches_the_simulator():
+    """CUDA gradients through the exchange and NCCL; the simulator on CPU is the reference (to
+    rounding: GPU reductions such as sign's norms may sum in another order)."""
+    from hvdcomp.comm import simulate
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    real = run_torch_ranks(_every_algorithm_on, np=1, backend="nccl", timeout=300,
+                           device="cuda")[0]
+    simulated = simulate(1, lambda comm: _every_algorithm_on("cpu", comm))[0]
+    assert real.keys() == simulated.keys()
+    for case, updates in simulated.items():
+        torch.testing.assert_close(real[case], updates, rtol=1e-9, atol=1e-12, msg=case)

@@ -20,11 +20,11 @@ BUCKET_BYTES = 8192
 DDP_BUCKET_MB = 0.01
 
 
-def _net(seed=0):
+def _net(seed=0, device="cpu"):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(),
                                torch.nn.Linear(64, 64), torch.nn.Tanh(),
-                               torch.nn.Linear(64, 4))
+                               torch.nn.Linear(64, 4)).to(device)
 
 
 def _batch(step, rank):
@@ -45,10 +45,10 @@ def _compression(case):
             }[case]()
 
 
-def _train(model, optimizer, rank, steps, first=0):
+def _train(model, optimizer, rank, steps, first=0, device="cpu"):
     loss_fn = torch.nn.CrossEntropyLoss()
     for step in range(first, first + steps):
-        x, y = _batch(step, rank)
+        x, y = (t.to(device) for t in _batch(step, rank))
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
@@ -64,34 +64,36 @@ def _ddp(net, **hook):
 
 
 def _params(net):
-    return [p.detach().clone() for p in net.parameters()]
+    return [p.detach().cpu().clone() for p in net.parameters()]
 
 
 # --- parity --------------------------------------------------------------------------------------
-def _ddp_hook_and_optimizer(case):
+def _ddp_hook_and_optimizer(case, device="cpu"):
     import torch.distributed as dist
 
     import hvdcomp
     from hvdcomp.comm import TorchDistCommunicator
 
     rank = dist.get_rank()
-    net = _net()
+    net = _net(device=device)
     model, state = _ddp(net, compression=_compression(case), bucket_bytes=BUCKET_BYTES)
-    _train(model, torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), rank, STEPS)
+    _train(model, torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), rank, STEPS,
+           device=device)
     out = {"hook": _params(net), "bytes": (state.stats.bytes_up, state.stats.bytes_down)}
     # the Horovod engine's optimizer on the same seed
-    net2 = _net()
+    net2 = _net(device=device)
     optimizer = hvdcomp.DistributedOptimizer(
         torch.optim.SGD(net2.parameters(), lr=LR, momentum=0.9),
         named_parameters=net2.named_parameters(), compression=_compression(case),
         comm=TorchDistCommunicator(), bucket_bytes=BUCKET_BYTES)
-    _train(net2, optimizer, rank, STEPS)
+    _train(net2, optimizer, rank, STEPS, device=device)
     out["optimizer"] = _params(net2)
     out["optimizer_bytes"] = (optimizer.stats.bytes_up, optimizer.stats.bytes_down)
     # DDP's own default allreduce: the uncompressed reference
-    net3 = _net()
+    net3 = _net(device=device)
     model3, _ = _ddp(net3)
-    _train(model3, torch.optim.SGD(net3.parameters(), lr=LR, momentum=0.9), rank, STEPS)
+    _train(model3, torch.optim.SGD(net3.parameters(), lr=LR, momentum=0.9), rank, STEPS,
+           device=device)
     out["ddp"] = _params(net3)
     return out
 
@@ -167,6 +169,20 @@ def test_hook_on_torch_ranks_equals_the_horovod_engine_under_mpirun():
     for rank in range(2):
         for case in HOROVOD_CASES:
             assert _equal(hook[rank][case], horovod[rank][case]), (rank, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["psgd/none", "liec/sign", "dgc/dgc"])
+def test_hook_on_one_nccl_rank_equals_the_optimizer(case):
+    """A single-rank NCCL group on one GPU, CUDA parameters: the hook's exchange (and, for
+    psgd/none, DDP's own allreduce) against hvdcomp.DistributedOptimizer, to the last bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = run_torch_ranks(_ddp_hook_and_optimizer, np=1, backend="nccl", timeout=300,
+                          case=case, device="cuda")[0]
+    assert _equal(out["hook"], out["optimizer"]), case
+    if case == "psgd/none":
+        assert _equal(out["hook"], out["ddp"])
 
 
 def _liec_replicas(steps):
