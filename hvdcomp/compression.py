@@ -68,7 +68,8 @@ class RandomKCompressor(_HorovodCompressor):
 
     The indices come from ``(seed, numel, n-th call for this numel)``: ranks must compress their
     tensors in the same order (true when every rank runs the same model; Horovod's hooks fire in
-    autograd order), and each process needs its own object (in-process simulated ranks too). Unscaled (contractive, δ = k/d); without error feedback it is biased — with
+    autograd order), and each process needs its own object (in-process simulated ranks too).
+    Unscaled (contractive, δ = k/d); without error feedback it is biased — with
     error feedback use ``Compression.memsgd("randomk:ratio=...")`` instead.
     """
 
@@ -187,6 +188,35 @@ class Compression:
         """EF21-PP (``hyper``: ``seed``); EF21-W-PP is ``Compression.algorithm("ef21wpp", ...)``."""
         return AlgorithmCompression("ef21pp", up=up, rank=rank, participation=participation,
                                     **hyper)
+
+
+def _registry_factory(name: str):
+    """``Compression.<name>(up=<its default>, down=None, **hyper)`` for a registered algorithm
+    that has no hand-written factory above (hvdcomp.algorithms.registry)."""
+    from .algorithms import registry
+
+    info = registry.info(name)
+
+    def factory(up: Any = None, down: Optional[Any] = None, **hyper: Any) -> AlgorithmCompression:
+        return AlgorithmCompression(name, up=info.up if up is None else up, down=down, **hyper)
+
+    options = ", ".join(f"{o.name} ({o.valid})" for o in info.options) or "none"
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = (f"{info.label}: {info.summary}. Default up: {info.up!r}; options: "
+                       f"{options}. Generated from the method's MethodInfo.")
+    return staticmethod(factory)
+
+
+def _add_registry_factories() -> None:
+    """One factory per registered five-step algorithm: a new algorithm module gets its
+    ``Compression.<name>`` without an edit here (the ones above keep their signatures)."""
+    from .algorithms import ALGORITHMS
+    for name in ALGORITHMS:
+        if name.isidentifier() and not hasattr(Compression, name):
+            setattr(Compression, name, _registry_factory(name))
+
+
+_add_registry_factories()
 
 
 def is_stateful(compression: Any) -> bool:

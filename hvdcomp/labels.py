@@ -30,6 +30,15 @@ AGGREGATORS = {"nna": "NNA", "trimmed_mean": "trimmed mean", "krum": "Krum", "rf
                "cclip": "CClip"}
 
 
+def _declared(algorithm: str):
+    """The method's MethodInfo from the registry, or None (unknown, or torch missing here)."""
+    try:
+        from .algorithms import registry
+        return registry.info(algorithm)
+    except Exception:  # noqa: BLE001 - a laptop reading runs without torch: the record alone
+        return None
+
+
 def _percent(fraction: Any) -> str:
     return f"{100 * float(fraction):g} %"
 
@@ -87,6 +96,9 @@ def downlink_spec(config: Dict[str, Any]) -> str:
 def directions(config: Dict[str, Any]) -> str:
     """``up sign, down sign`` / ``up top-k 1 %, down dense 32-bit`` /
     ``up DGC 0.1 %, allgathered: ...``."""
+    declared = _declared(str(config.get("algorithm", "")))
+    if declared is not None and declared.travels:   # messages of its own (PowerSGD's factors)
+        return declared.describe(declared.travels, config.get("algorithm_options") or {})
     up = f"up {compressor_label(config.get('up'))}"
     if not sends_downlink(config):
         if config.get("pattern") == "allgather":
@@ -99,7 +111,10 @@ def method_name(config: Dict[str, Any]) -> str:
     """A short name for legends and tables: the paper's name of the algorithm, then what it
     compresses, with arrows for the directions (↑ up, ↓ down)."""
     algorithm = str(config.get("algorithm", "?"))
-    name = DISPLAY_NAMES.get(algorithm, algorithm)
+    declared = _declared(algorithm)
+    if declared is not None and declared.legend:
+        return declared.describe(declared.legend, config.get("algorithm_options") or {})
+    name = DISPLAY_NAMES.get(algorithm) or (declared.label if declared else algorithm)
     if algorithm == "monna":   # whole models, uncompressed: what differs is how they are merged
         options = config.get("algorithm_options") or {}
         aggregator = str(options.get("aggregator", "nna"))

@@ -24,7 +24,8 @@ from hvdcomp.train.uncompressed import (describe_momentum, parameter_groups,
 @pytest.mark.parametrize("algorithm", [a for a in ALGORITHMS if a != "monna"])
 def test_sgd_momentum_defaults_to_the_papers(algorithm):
     cfg = TrainConfig(algorithm=algorithm).resolved()
-    assert cfg.momentum == (0.9 if algorithm == "psgd" else 0.0)
+    # PowerSGD's paper (its Algorithm 2) applies momentum 0.9 after decompression
+    assert cfg.momentum == (0.9 if algorithm in ("psgd", "powersgd_ef") else 0.0)
     # any other value is the user's explicit choice, kept as given
     assert TrainConfig(algorithm=algorithm, momentum=0.5).resolved().momentum == 0.5
 

@@ -55,3 +55,26 @@ def test_methods_that_take_no_compressor_refuse_one():
         with pytest.raises(config.ConfigError, match="drop --compressor"):
             config.TrainConfig(algorithm=name, up="sign").resolved()
         assert config.TrainConfig(algorithm=name).resolved().up == "none"
+
+
+def test_sweep_validation_knows_every_registered_method():
+    """Sweep specs are checked by train's own checks, so they follow the registry too."""
+    from hvdcomp.sweep_check import TrainValidator
+    validator = TrainValidator()
+    assert validator.check_arguments(["--algorithm", "powersgd_ef", "--algorithm-option",
+                                      "rank=2"], ranks=2) is None
+    problem = validator.check_arguments(["--algorithm", "powersgd_ef", "--compressor", "sign"],
+                                        ranks=2)
+    assert "own rank-r factors" in problem
+    problem = validator.check_arguments(["--algorithm", "powersgd_ef", "--algorithm-option",
+                                         "rank=0"], ranks=2)
+    assert "rank must be an integer >= 1" in problem
+
+
+def test_compression_has_a_factory_for_every_algorithm():
+    from hvdcomp import Compression
+    from hvdcomp.algorithms import ALGORITHMS
+    for name in ALGORITHMS:
+        assert callable(getattr(Compression, name)), name
+    built = Compression.powersgd_ef(rank=2).build()
+    assert built.config()["rank"] == 2 and built.up.spec() == "none"

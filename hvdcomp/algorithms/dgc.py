@@ -152,6 +152,10 @@ class DGC(Algorithm):
         return options
 
     @classmethod
+    def sends_dense(cls, parameter, options):
+        return bool(options.get("per_layer", True)) and parameter.dim() <= 1
+
+    @classmethod
     def dense_tensor_momentum(cls, options):
         # the reference applies ordinary momentum m to them after averaging
         momentum = float(options.get("momentum", 0.9))

@@ -84,6 +84,9 @@ class PowerSGDMethod(Algorithm):
         compressors_refused="compresses with its own rank-r factors (--algorithm-option "
                             "rank=R), not a compressor",
         summary="rank-r power iteration, warm start, error feedback; P and Q all-reduced",
+        legend="PowerSGD rank {rank}",
+        travels="rank-{rank} factors P and Q all-reduced (both ways); tensors of dim <= 1 and "
+                "matrices saving under {min_compression_rate}x dense",
         paper=Paper("PowerSGD: Practical Low-Rank Gradient Compression for Distributed "
                     "Optimization", "Vogels, Karimireddy, Jaggi", 2019,
                     "https://arxiv.org/abs/1905.13727", "NeurIPS"),
@@ -177,6 +180,16 @@ class PowerSGDMethod(Algorithm):
             parts.append(torch.randn(m.cols, m.rank, generator=generator,
                                      dtype=dtype).reshape(-1))
         return torch.cat(parts).to(device)
+
+    def message_nbytes(self, key: str, numel: int, dtype: torch.dtype) -> int:
+        """Bytes of what one worker contributes to this round's allreduces for bucket ``key``
+        (P, Q' and the dense tensors; the whole bucket in a start-up round)."""
+        item = torch.empty((), dtype=dtype).element_size()
+        if self.step < self.start_iter:
+            return numel * item
+        matrices, dense = self.layout(key, numel)
+        factors = sum(m.rank * (m.rows + m.cols) for m in matrices)
+        return (factors + sum(b - a for a, b in dense)) * item
 
     # --- the owned round: exchange_rounds.start_owned / finish_owned ----------------------------
     def start_round(self, key: str, flat: torch.Tensor, allreduce) -> Dict[str, Any]:

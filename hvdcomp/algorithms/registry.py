@@ -67,6 +67,9 @@ class MethodInfo:
     ``sgd_momentum``: the SGD momentum its paper ran (applied when ``--momentum`` is not given);
     ``paper_lr``: the paper's learning rate where it gives one (documentation only; ``--lr``
     keeps its default).
+    ``legend``/``travels``: for a method whose messages are not its compressors' (PowerSGD's
+    factors), its name in legends and what travels, as format strings over its options
+    (``"PowerSGD rank {rank}"``; :mod:`hvdcomp.labels`).
     ``order``: position in listings (CLI help, error messages, the docs' table)."""
 
     name: str
@@ -81,7 +84,15 @@ class MethodInfo:
     sgd_momentum: float = 0.0
     paper_lr: Optional[float] = None
     options: Tuple[Option, ...] = ()
+    legend: str = ""
+    travels: str = ""
     order: int = 100
+
+    def describe(self, template: str, options: Dict[str, Any]) -> str:
+        """``template`` filled with the options' defaults overridden by ``options``."""
+        values = {o.name: o.default for o in self.options}
+        values.update(options or {})
+        return template.format(**values)
 
     def option(self, name: str) -> Optional[Option]:
         return next((o for o in self.options if o.name == name), None)
@@ -123,6 +134,12 @@ class TrainingMethod:
         distributed optimizer (``zero_grad``, ``set_lr``, ``step``, ``counters``, ...). None:
         the method runs inside :class:`hvdcomp.DistributedOptimizer`."""
         return None
+
+    @classmethod
+    def sends_dense(cls, parameter, options: Dict[str, Any]) -> bool:
+        """Whether the method sends this parameter's gradient dense inside its buckets (DGC per
+        layer: dim ≤ 1), beyond the optimizer's small tensors."""
+        return False
 
     @classmethod
     def dense_tensor_momentum(cls, options: Dict[str, Any]) -> Optional[Dict[str, Any]]:

@@ -24,22 +24,21 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-#: algorithms whose compressed direction carries its own momentum (see the module docstring)
-OWN_MOMENTUM = ("dgc", "ef21sgdm")
+def _method(cfg):
+    """The registered class of ``cfg.algorithm``, or None (a record of an unknown method)."""
+    from hvdcomp.algorithms import registry
+    try:
+        return registry.method(str(cfg.algorithm))
+    except ValueError:
+        return None
 
 
 def uncompressed_group_options(cfg) -> Optional[Dict[str, Any]]:
     """SGD options for the tensors ``cfg.algorithm`` does not compress, or None when they train
-    like the others (every algorithm but those of :data:`OWN_MOMENTUM`)."""
-    options = cfg.algorithm_options
-    if cfg.algorithm == "dgc":
-        momentum = float(options.get("momentum", 0.9))
-        nesterov = bool(options.get("nesterov", False)) and momentum > 0
-        return {"momentum": momentum, "dampening": 0.0, "nesterov": nesterov}
-    if cfg.algorithm == "ef21sgdm":
-        keep = 1.0 - float(options.get("eta", 0.1))
-        return {"momentum": keep, "dampening": keep, "nesterov": False}
-    return None
+    like the others: each method's ``dense_tensor_momentum`` hook (DGC's m; EF21-SGDM's
+    momentum = dampening = 1 − η; every other method None)."""
+    method = _method(cfg)
+    return None if method is None else method.dense_tensor_momentum(cfg.algorithm_options)
 
 
 def is_uncompressed(cfg, parameter: torch.Tensor, small_tensor_bytes: int) -> bool:
@@ -47,13 +46,14 @@ def is_uncompressed(cfg, parameter: torch.Tensor, small_tensor_bytes: int) -> bo
     rule), or of dim ≤ 1 under DGC per layer."""
     if parameter.numel() * parameter.element_size() < small_tensor_bytes:
         return True
-    per_layer = bool(cfg.algorithm_options.get("per_layer", True))
-    return cfg.algorithm == "dgc" and per_layer and parameter.dim() <= 1
+    method = _method(cfg)
+    return method is not None and method.sends_dense(parameter, cfg.algorithm_options)
 
 
 def parameter_groups(model: torch.nn.Module, cfg, small_tensor_bytes: int) -> List[Dict[str, Any]]:
-    """The SGD parameter groups of ``model`` for ``cfg``: one group, or (for :data:`OWN_MOMENTUM`)
-    the compressed tensors at ``--momentum`` and the uncompressed ones at the method's momentum.
+    """The SGD parameter groups of ``model`` for ``cfg``: one group, or (for a method with a
+    ``dense_tensor_momentum``) the compressed tensors at ``--momentum`` and the uncompressed
+    ones at the method's momentum.
     Group order follows the parameters' order, so every rank builds the same groups."""
     params = [p for p in model.parameters()]
     own = uncompressed_group_options(cfg)
@@ -98,7 +98,9 @@ def message_compression(optimizer) -> Dict[str, float]:
         numel, dtype = bucket.numel, bucket.params[0].dtype
         uplink = (algorithm.uplink_for(bucket.key) if hasattr(algorithm, "uplink_for")
                   else algorithm.up)
-        if exchange.pattern == "two_phase":
+        if getattr(algorithm, "round_kind", None) == "owned":   # its own messages (PowerSGD)
+            payload += algorithm.message_nbytes(bucket.key, numel, dtype)
+        elif exchange.pattern == "two_phase":
             payload += sum(uplink.payload_nbytes(b - a, dtype) for a, b in
                            exchange.layout(bucket.key) if b > a)
         else:
