@@ -34,9 +34,11 @@ import torch
 from ._native_src import SOURCE
 from .base import CompressionError
 
-# -ffp-contract=off: no fused multiply-adds, so float arithmetic rounds as torch's does
+# -ffp-contract=off: no fused multiply-adds, so float arithmetic rounds as torch's does;
+# -fno-trapping-math lets loops with float selects vectorise (values unchanged: IEEE operations
+# round the same whether or not the compiler assumes that they may trap)
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing",
-          "-ffp-contract=off"]
+          "-ffp-contract=off", "-fno-trapping-math"]
 #: elements below which a kernel runs on the calling thread only
 _GRAIN = 1 << 18
 T = TypeVar("T")

@@ -212,37 +212,84 @@ static inline uint32_t lowbias32(uint32_t x) {
    field codes (nbytes in all): group g of 8 codes of ``bits`` bits at bytes [g*bits, (g+1)*bits),
    code j of the group at bits [bits*j, bits*(j+1)) of the little-endian word.  Same float32
    operations as the torch reference, in the same order (built with -ffp-contract=off). */
-void hv_qsgd_encode_f32(const float *x, int64_t start, int64_t stop, float norm, int s,
-                        int bits, uint32_t k1, uint32_t k2, uint8_t *codes, int64_t nbytes) {
+static void qsgd_codes(const float *restrict x, int64_t first, int n, float norm, int s,
+                       uint32_t k1, uint32_t k2, int32_t *restrict code) {
     const float levels = (float)s;
-    for (int64_t g = start / 8; g * 8 < stop; g++) {
-        uint64_t word = 0;
-        for (int j = 0; j < 8 && g * 8 + j < stop; j++) {
-            int64_t i = g * 8 + j;
-            float a = x[i] < 0 ? -x[i] : x[i];
-            float scaled = (a / norm) * levels;
-            float level = floorf(scaled);
-            float u = (float)(lowbias32(lowbias32((uint32_t)i ^ k1) ^ k2) >> 8) * 0x1p-24f;
-            if (u < scaled - level) level += 1.0f;
-            if (level > levels) level = levels;
-            int64_t code = x[i] >= 0 ? s + (int64_t)level : s - (int64_t)level;
-            word |= (uint64_t)code << (bits * j);
-        }
-        int64_t room = nbytes - g * bits;
-        memcpy(codes + g * bits, &word, (size_t)(room < bits ? room : bits));
+    for (int j = 0; j < n; j++) {      /* straight-line: the compiler vectorises it */
+        float v = x[j];
+        float a = v < 0 ? -v : v;
+        float scaled = (a / norm) * levels;
+        float level = floorf(scaled);
+        uint32_t h = lowbias32(lowbias32(((uint32_t)first + (uint32_t)j) ^ k1) ^ k2);
+        float u = (float)(int32_t)(h >> 8) * 0x1p-24f;
+        level += (u < scaled - level) ? 1.0f : 0.0f;
+        level = level > levels ? levels : level;
+        int32_t step = (int32_t)level;
+        code[j] = v >= 0 ? s + step : s - step;
     }
 }
 
-/* out[i] = (code_i - s) * step for i in [start, stop) (start a multiple of 8). */
+#define QSGD_BLOCK 512
+
+static void qsgd_values(const int32_t *restrict code, int n, int s, float step,
+                        float *restrict out) {
+    for (int j = 0; j < n; j++) out[j] = (float)(code[j] - s) * step;
+}
+
+
+/* The packed codes are one little-endian bit stream: code i at bits [bits*i, bits*(i+1)).
+   A range that starts at a multiple of 64 codes starts on a whole 64-bit word. */
+void hv_qsgd_encode_f32(const float *x, int64_t start, int64_t stop, float norm, int s,
+                        int bits, uint32_t k1, uint32_t k2, uint8_t *codes, int64_t nbytes) {
+    int32_t code[QSGD_BLOCK];
+    uint8_t *dst = codes + start * bits / 8;
+    uint64_t acc = 0;
+    int filled = 0;
+    (void)nbytes;
+    for (int64_t b = start; b < stop; b += QSGD_BLOCK) {
+        int n = stop - b < QSGD_BLOCK ? (int)(stop - b) : QSGD_BLOCK;
+        qsgd_codes(x + b, b, n, norm, s, k1, k2, code);
+        for (int j = 0; j < n; j++) {
+            acc |= (uint64_t)(uint32_t)code[j] << filled;
+            filled += bits;
+            if (filled >= 64) {
+                memcpy(dst, &acc, 8);
+                dst += 8;
+                filled -= 64;
+                acc = (uint64_t)(uint32_t)code[j] >> (bits - filled);
+            }
+        }
+    }
+    memcpy(dst, &acc, (size_t)((filled + 7) / 8));   /* the stream's last, partial word */
+}
+
+/* out[i] = (code_i - s) * step for i in [start, stop) (start a multiple of 64). */
 void hv_qsgd_decode_f32(const uint8_t *codes, int64_t nbytes, int64_t start, int64_t stop,
                         int s, int bits, float step, float *out) {
     const uint64_t mask = (1u << bits) - 1;
-    for (int64_t g = start / 8; g * 8 < stop; g++) {
-        uint64_t word = 0;
-        int64_t room = nbytes - g * bits;
-        memcpy(&word, codes + g * bits, (size_t)(room < bits ? room : bits));
-        for (int j = 0; j < 8 && g * 8 + j < stop; j++)
-            out[g * 8 + j] = (float)((int64_t)((word >> (bits * j)) & mask) - s) * step;
+    int32_t code[QSGD_BLOCK];
+    int64_t pos = start * bits / 8;
+    uint64_t acc = 0;
+    int avail = 0;
+    for (int64_t b = start; b < stop; b += QSGD_BLOCK) {
+        int n = stop - b < QSGD_BLOCK ? (int)(stop - b) : QSGD_BLOCK;
+        for (int j = 0; j < n; j++) {
+            if (avail >= bits) {
+                code[j] = (int32_t)(acc & mask);
+                acc >>= bits;
+                avail -= bits;
+                continue;
+            }
+            uint64_t word = 0;
+            if (nbytes - pos >= 8) memcpy(&word, codes + pos, 8);
+            else memcpy(&word, codes + pos, (size_t)(nbytes - pos));
+            pos += 8;
+            code[j] = (int32_t)((acc | (word << avail)) & mask);
+            int used = bits - avail;
+            acc = word >> used;
+            avail = 64 - used;
+        }
+        qsgd_values(code, n, s, step, out + b);
     }
 }
 

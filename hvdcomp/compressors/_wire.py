@@ -39,7 +39,8 @@ def allocate(numel: int, dtype: torch.dtype, device: torch.device, zero: bool = 
     fresh 64 MiB torch buffer cost ~4-5x a memcpy in page faults on the benchmark machine, a
     numpy one ~1.3x (docs/benchmarks.md).  The result behaves like any CPU tensor."""
     device = torch.device(device)
-    if device.type == "cpu" and dtype in _NUMPY_DTYPES and numel * itemsize(dtype) >= _HUGE_PAGE_WORTHY:
+    huge = numel * itemsize(dtype) >= _HUGE_PAGE_WORTHY
+    if device.type == "cpu" and dtype in _NUMPY_DTYPES and huge:
         array = (np.zeros if zero else np.empty)(numel, dtype=_NUMPY_DTYPES[dtype])
         return torch.from_numpy(array)
     return (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=device)

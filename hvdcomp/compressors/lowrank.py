@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from ._wire import (Layout, LayoutCompressor, check_int, check_out_dtype, check_payload, compute_dtype, flat_input,
-                    generator, mix_seeds)
+from ._wire import (Layout, LayoutCompressor, check_int, check_out_dtype, check_payload,
+                    compute_dtype, flat_input, generator, mix_seeds)
 from .base import check_finite
 from .registry import register
 

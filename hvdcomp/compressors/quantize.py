@@ -136,7 +136,7 @@ class QSGD(LayoutCompressor):
         k1, k2 = seed_words(seed)
         _native.run(lambda start, stop: lib.hv_qsgd_encode_f32(
             x.data_ptr(), start, stop, norm, self.levels, self.bits, k1, k2, codes.data_ptr(),
-            codes.numel()), x.numel())
+            codes.numel()), x.numel(), align=64)   # pieces start on whole 64-bit words
 
     def _step(self, payload, numel: int, dtype: torch.dtype):
         """``(layout, step)``: the payload's layout and the decoded value of one level."""
@@ -169,5 +169,5 @@ class QSGD(LayoutCompressor):
         step_value = float(step)        # CPU: no device to wait for
         _native.run(lambda start, stop: lib.hv_qsgd_decode_f32(
             codes.data_ptr(), codes.numel(), start, stop, self.levels, self.bits, step_value,
-            out.data_ptr()), numel)
+            out.data_ptr()), numel, align=64)
         return out
