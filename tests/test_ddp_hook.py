@@ -171,18 +171,22 @@ def test_hook_on_torch_ranks_equals_the_horovod_engine_under_mpirun():
             assert _equal(hook[rank][case], horovod[rank][case]), (rank, case)
 
 
+def _cases_on(cases, device):
+    return {case: _ddp_hook_and_optimizer(case, device) for case in cases}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["psgd/none", "liec/sign", "dgc/dgc"])
-def test_hook_on_one_nccl_rank_equals_the_optimizer(case):
+def test_hook_on_one_nccl_rank_equals_the_optimizer():
     """A single-rank NCCL group on one GPU, CUDA parameters: the hook's exchange (and, for
     psgd/none, DDP's own allreduce) against hvdcomp.DistributedOptimizer, to the last bit."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    out = run_torch_ranks(_ddp_hook_and_optimizer, np=1, backend="nccl", timeout=300,
-                          case=case, device="cuda")[0]
-    assert _equal(out["hook"], out["optimizer"]), case
-    if case == "psgd/none":
-        assert _equal(out["hook"], out["ddp"])
+    cases = ["psgd/none", "liec/sign", "dgc/dgc"]
+    results = run_torch_ranks(_cases_on, np=1, backend="nccl", timeout=240, cases=cases,
+                              device="cuda")[0]
+    for case, out in results.items():
+        assert _equal(out["hook"], out["optimizer"]), case
+    assert _equal(results["psgd/none"]["hook"], results["psgd/none"]["ddp"])
 
 
 def _liec_replicas(steps):
