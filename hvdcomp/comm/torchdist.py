@@ -117,10 +117,12 @@ class TorchDistCommunicator(Communicator):
                              "process group: a communicator exists only on its group's ranks")
         self.rank, self.size = rank, dist.get_world_size(self._group)
         self._ranks = dist.get_process_group_ranks(self._group)
+        # "gloo", "nccl", "mpi", or a per-device list such as "cuda:nccl,cpu:gloo"
         self.backend = str(dist.get_backend(self._group)).lower()
         self._device = (torch.device("cuda", torch.cuda.current_device())
-                        if self.backend == "nccl" else torch.device("cpu"))
-        self._headers = (self._group if self.backend in ("gloo", "mpi")
+                        if "nccl" in self.backend else torch.device("cpu"))
+        cpu_capable = "gloo" in self.backend or self.backend == "mpi"
+        self._headers = (self._group if cpu_capable
                          else dist.new_group(ranks=self._ranks, backend="gloo"))
         if alltoall not in ALLTOALL_MODES:
             raise ValueError(f"alltoall must be one of {ALLTOALL_MODES}, not {alltoall!r}")
