@@ -23,7 +23,8 @@ from hvdcomp.bench.output import BenchError
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
               help="Untimed calls before timing.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--finite-check", type=click.Choice(["always", "deferred", "off"]), default="always",
+@click.option("--finite-check", type=click.Choice(["auto", "always", "deferred", "off"]),
+              default="auto",
               show_default=True, help="NaN/Inf check mode during the run (see compressors.base).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads during the run (default: torch's own choice).")

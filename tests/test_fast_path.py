@@ -263,3 +263,32 @@ def test_counter_uniforms_are_uniform_and_independent_of_the_piece():
     # neighbouring elements uncorrelated; another seed gives other draws
     assert abs(float(torch.corrcoef(torch.stack([u[1:], u[:-1]]))[0, 1])) < 6 / 2 ** 10
     assert not torch.equal(u, counter_uniforms(1 << 20, 6, "cpu", torch.float64))
+
+
+# --- the finite check of the casts: a C scan instead of torch.isfinite(x).all() ------------------
+@settings(max_examples=40, deadline=None)
+@given(numel=LENGTHS, where=st.floats(0, 1), bad=st.sampled_from(["nan", "inf", "-inf", None]),
+       spec=st.sampled_from(["none", "fp16", "bf16"]))
+def test_cast_finite_check_same_verdict_on_both_roads(numel, where, bad, spec):
+    x = vector(numel, 8, "gauss")
+    if bad is not None and numel:
+        x[int(where * (numel - 1))] = float(bad)
+    for name in ("reference", "native"):
+        with road(name):
+            if bad is None or not numel:
+                from_spec(spec).compress(x)
+            else:
+                with pytest.raises(CompressionError, match=r"NaN or Inf \(1 of "):
+                    from_spec(spec).compress(x)
+
+
+def test_fp16_overflow_is_refused_on_both_roads():
+    x = vector(1 << 19, 9, "gauss")
+    x[77] = 1e6        # finite in float32, Inf once cast to float16
+    for name in ("reference", "native"):
+        with road(name), pytest.raises(CompressionError, match="overflows beyond"):
+            from_spec("fp16").compress(x)
+
+
+def test_default_finite_check_mode_is_auto():
+    assert compressor_base.finite_check_mode() == "auto"

@@ -145,7 +145,7 @@ def interleaved_medians(fns: Sequence[Callable[[], object]], device: torch.devic
 def bench_compressors(specs: Sequence[str] = DEFAULT_COMPRESSORS,
                       sizes_mib: Sequence[float] = DEFAULT_SIZES_MB, device: str = "cpu",
                       warmup: int = 1, repeats: int = 5, seed: int = 0,
-                      finite_check: str = "always", threads: "int | None" = None,
+                      finite_check: str = "auto", threads: "int | None" = None,
                       progress: Callable[[str], None] = lambda message: None
                       ) -> List[CompressorResult]:
     """Time every (spec, size) pair; returns one record each, sizes outermost."""

@@ -142,19 +142,27 @@ class Compressor(abc.ABC):
 # leaves, so compressors refuse it.  Reading a verdict back from a CUDA tensor synchronises the host
 # with the device, which stalls the backward pass; the mode below lets a run choose:
 #
-#   "always"   (default) check every compressed tensor at once; on CUDA this costs one sync per
-#              call (on CPU nothing: there is no device to wait for).
+#   "auto"     (default) CPU tensors are checked at once (no device to wait for); CUDA tensors as
+#              in "deferred", and each later check also polls, without waiting, the counts whose
+#              copy to the host has completed (a CUDA event), raising there: a NaN is reported a
+#              few buckets late, never a sync per bucket.  :func:`raise_if_nonfinite` (once per
+#              step) reports what is still in flight.
+#   "always"   check every compressed tensor at once; on CUDA this costs one sync per call.
 #   "deferred" CUDA tensors add their count of non-finite elements to a device-side counter
 #              (no sync); call :func:`raise_if_nonfinite` once per step, where the caller syncs
 #              anyway (after the optimizer step).  CPU tensors are still checked at once.
 #   "off"      no check; a NaN spreads.  For benchmarks only.
 #
-# Compressors pass a ``summary``: a reduction they compute anyway (an L1 or L2 norm) that is
-# non-finite whenever ``x`` has a non-finite element, so the check reads one number instead of
-# making another pass over ``x``.
-FINITE_CHECK_MODES = ("always", "deferred", "off")
-_finite_check_mode = "always"
+# Compressors pass a ``summary``: a reduction they compute anyway (an L1 or L2 norm, the top-k
+# maximum) that is non-finite whenever ``x`` has a non-finite element, so the check reads one
+# number instead of making another pass over ``x``.  Without one (none, fp16, bf16) a CPU tensor
+# is scanned by the C kernel of :mod:`._native` (a read at memory speed on all threads) when it is
+# available, else by ``torch.isfinite``.
+FINITE_CHECK_MODES = ("auto", "always", "deferred", "off")
+_finite_check_mode = "auto"
 _deferred_nonfinite: Dict[torch.device, torch.Tensor] = {}
+#: device -> (pinned host copy of its counter, event recorded after the copy) for "auto"
+_polls: Dict[torch.device, Tuple[torch.Tensor, Any]] = {}
 
 
 def set_finite_check(mode: str) -> str:
@@ -171,16 +179,51 @@ def finite_check_mode() -> str:
     return _finite_check_mode
 
 
+def _nonfinite_error(what: str, bad: int) -> CompressionError:
+    return CompressionError(
+        f"{what} contained NaN or Inf ({bad} elements since the last check); lower the "
+        "learning rate or enable gradient clipping")
+
+
 def raise_if_nonfinite(what: str = "gradient") -> None:
-    """In ``"deferred"`` mode: raise CompressionError if any tensor checked since the last call
-    had a NaN/Inf.  Reads one number per device (one sync); resets the counters."""
+    """In ``"deferred"`` and ``"auto"`` modes: raise CompressionError if any tensor checked since
+    the last call had a NaN/Inf.  Reads one number per device (one sync); resets the counters."""
     pending = list(_deferred_nonfinite.items())
     _deferred_nonfinite.clear()
+    _polls.clear()
     bad = sum(int(count) for _, count in pending)
     if bad:
-        raise CompressionError(
-            f"{what} contained NaN or Inf ({bad} elements since the last check); lower the "
-            "learning rate or enable gradient clipping")
+        raise _nonfinite_error(what, bad)
+
+
+def _defer(probe: torch.Tensor, what: str) -> None:
+    """Add the count of non-finite elements of a device tensor to its device's counter; in
+    "auto" mode, first raise what an earlier, completed copy of the counter shows (no wait)."""
+    device = probe.device
+    poll = _polls.get(device)
+    if poll is not None and poll[1].query():         # the copy has landed: reading it is free
+        if int(poll[0]):
+            _deferred_nonfinite.pop(device, None)
+            _polls.pop(device, None)
+            raise _nonfinite_error(what, int(poll[0]))
+    count = (~torch.isfinite(probe)).sum()
+    previous = _deferred_nonfinite.get(device)
+    _deferred_nonfinite[device] = count = count if previous is None else previous + count
+    if _finite_check_mode == "auto" and device.type == "cuda":
+        host = poll[0] if poll is not None else torch.empty((), dtype=count.dtype,
+                                                            pin_memory=True)
+        host.copy_(count, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        _polls[device] = (host, event)
+
+
+def _all_finite_cpu(x: torch.Tensor) -> bool:
+    """Whether a CPU tensor is all finite: the C kernel's count when it applies, else torch."""
+    from . import _native
+    lib = _native.usable(x)
+    count = _native.count_nonfinite(lib, x.reshape(-1)) if lib is not None else None
+    return bool(torch.isfinite(x).all()) if count is None else count == 0
 
 
 def check_finite(x: torch.Tensor, what: str = "gradient",
@@ -194,12 +237,12 @@ def check_finite(x: torch.Tensor, what: str = "gradient",
     if not x.numel() or _finite_check_mode == "off":
         return
     probe = summary if summary is not None else x
-    if _finite_check_mode == "deferred" and probe.device.type != "cpu":
-        count = (~torch.isfinite(probe)).sum()
-        previous = _deferred_nonfinite.get(probe.device)
-        _deferred_nonfinite[probe.device] = count if previous is None else previous + count
+    if _finite_check_mode in ("deferred", "auto") and probe.device.type != "cpu":
+        _defer(probe, what)
         return
-    if not bool(torch.isfinite(probe).all()):
+    finite = (_all_finite_cpu(probe) if probe.device.type == "cpu" and summary is None
+              else bool(torch.isfinite(probe).all()))
+    if not finite:
         nonfinite = int((~torch.isfinite(x)).sum())
         detail = (f"{nonfinite} of {x.numel()} elements" if nonfinite
                   else "finite values too large for the wire format")
