@@ -119,3 +119,22 @@ def test_deferred_finite_check_still_refuses_nan_on_the_gpu(spec):
         c.compress(x, 1)
     with pytest.raises(CompressionError):
         compressor_base.raise_if_nonfinite()
+
+
+
+def test_horovod_random_k_draws_the_cpus_indices_without_waiting():
+    """``hvdcomp.Compression.randomk`` (Horovod's compressor interface): the indices come from a
+    CPU generator, so every rank, CPU or GPU, draws the same; they reach the GPU from pinned
+    memory without blocking."""
+    from hvdcomp.compression import Compression
+    x = gaussian(98_000, 12).reshape(7, -1)
+    xc = x.cuda()
+    on_cpu, on_gpu = Compression.randomk(0.1, seed=3), Compression.randomk(0.1, seed=3)
+    on_cpu.compress(x)                        # the n-th call draws the n-th indices
+    on_gpu.compress(xc)                       # first call: pinned memory, kernels
+    sent_cpu, ctx_cpu = on_cpu.compress(x)
+    with no_host_sync():
+        sent, ctx = on_gpu.compress(xc)
+        decoded = on_gpu.decompress(sent, ctx)
+    assert sent.is_cuda and same_bits(sent, sent_cpu)
+    assert same_bits(decoded, on_cpu.decompress(sent_cpu, ctx_cpu))
