@@ -56,16 +56,21 @@ sharded as on the whole bucket. A block larger than ceil(d/N) therefore concentr
 few ranks (load imbalance, bytes no longer flat in N): keep blocks well below bucket size / N,
 or pass ``alignment=64`` and accept that blocks restart at chunk boundaries.
 
-Buffers: the two-phase round decodes chunks straight into slices of buffers
-(``Compressor.decompress_into``/``roundtrip_into``, no ``torch.cat``) that it keeps per bucket
-across rounds (:class:`hvdcomp.exchange_buffers.ReusedBuffers`): C(p_i) handed to
-``worker_sent``, the mean handed to ``server_message`` (two-phase), C(v) handed to
-``server_sent``, and the addend of the mean.  Algorithms therefore copy what they keep from these
-arguments (subtracting or adding them, as every in-tree algorithm does).  The exchange does not
-read the mean again after ``server_message``, nor the received C(v) after ``worker_update`` (a
-fresh tensor, as it may be returned): the steps may add into them in place (LIEC-SGD,
-DoubleSqueeze do).  The values are those of the plain formulas, bit for bit; only the number of
-passes changes.
+Buffers (memory: a rank keeps its algorithm's state plus one bucket of scratch,
+tests/test_memory_bound.py): the worker's C(p_i) is written (``Compressor.roundtrip_into``) into
+one buffer the exchange keeps per bucket across rounds
+(:class:`hvdcomp.exchange_buffers.ReusedBuffers`) and handed to ``worker_sent``; that buffer is
+the algorithm's until ``worker_update`` of the same bucket and round: it may write over it
+(LIEC-SGD and CSER keep r_i = p_i − C(p_i) there) but must copy what it keeps longer.  The
+two-phase server needs no buffer of its own: the update tensor it returns (fresh each round) is
+its scratch until the downlink arrives: the mean in one chunk-sized region, the addend and then
+C(v) in its own chunk (where the downlink decodes C(v) again).  ``worker_message`` may return a
+tensor the algorithm owns and overwrite it in ``worker_sent`` (MEM-SGD and DoubleSqueeze write
+p_i over their error): payloads that view the message are copied before that.  The exchange does
+not read the mean again after ``server_message``, nor the received C(v) after ``worker_update``:
+the steps may add into them in place (LIEC-SGD, DoubleSqueeze do).  Large fresh CPU tensors come
+from ``compressors._wire.allocate`` (numpy: transparent huge pages, fewer page faults).  The
+values are those of the plain formulas, bit for bit; only the memory and the passes change.
 
 Names: every collective is called ``<name_prefix>.<key>.<phase>`` (``name_prefix`` defaults to
 ``hvdcomp``), the same every round; ``start`` may be called in

@@ -11,6 +11,7 @@ as a multiple of the bucket size in tests/test_memory_bound.py).
 """
 from __future__ import annotations
 
+import types
 from typing import Dict, Tuple
 
 import torch
@@ -50,20 +51,31 @@ class ReusedBuffers:
 def store_difference(store: Dict[str, torch.Tensor], key: str, minuend: torch.Tensor,
                      subtrahend: torch.Tensor) -> torch.Tensor:
     """``store[key] = minuend − subtrahend``, written into the tensor already stored under
-    ``key`` when it fits (same values as a fresh subtraction, without the allocation)."""
+    ``key`` when it fits (same values as a fresh subtraction, without the allocation), also
+    when it *is* the minuend or the subtrahend (an elementwise op may write over its input;
+    a partial overlap gets a fresh tensor)."""
     target = store.get(key)
     if (target is None or target.shape != minuend.shape or target.dtype != minuend.dtype
             or target.device != minuend.device or not target.is_contiguous()
-            or target.data_ptr() in (minuend.data_ptr(), subtrahend.data_ptr())):
+            or _partly_overlaps(target, subtrahend) or _partly_overlaps(target, minuend)):
         store[key] = minuend - subtrahend
     else:
         torch.sub(minuend, subtrahend, out=target)
     return store[key]
 
 
+def _partly_overlaps(target: torch.Tensor, other: torch.Tensor) -> bool:
+    """Same first element but not the same elements (a full alias is fine for an elementwise op;
+    other partial overlaps are not looked for, as before)."""
+    return target.data_ptr() == other.data_ptr() and (target.shape != other.shape
+                                                      or target.stride() != other.stride())
+
+
 def held_bytes(*objects) -> int:
     """Bytes of the distinct tensor storages reachable from ``objects`` through attributes,
-    dicts, lists and tuples (each storage counted once, however many views point into it)."""
+    dicts, lists and tuples (each storage counted once, however many views point into it);
+    communicators are not followed (their tensors are the collectives', not the owner's)."""
+    from .comm.base import Communicator     # a communicator's tensors are not the owner's
     seen_storages: Dict[int, int] = {}
     seen_objects = set()
     stack = list(objects)
@@ -72,6 +84,8 @@ def held_bytes(*objects) -> int:
         if id(obj) in seen_objects:
             continue
         seen_objects.add(id(obj))
+        if isinstance(obj, Communicator):
+            continue
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
             seen_storages[storage.data_ptr()] = storage.nbytes()
@@ -79,7 +93,7 @@ def held_bytes(*objects) -> int:
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set)):
             stack.extend(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type) \
-                and type(obj).__module__.startswith("hvdcomp"):
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType,
+                                                               types.FunctionType)):
             stack.extend(vars(obj).values())
     return sum(seen_storages.values())

@@ -13,8 +13,8 @@ import torch
 from .comm.base import Handle
 from .compressors._wire import allocate
 from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into, payload_nbytes,
-                             roundtrip, roundtrip_into, server_bucket_norm, split,
-                             summable_dtype, worker_bucket_norm)
+                             roundtrip_into, server_bucket_norm, split, summable_dtype,
+                             worker_bucket_norm)
 
 
 class ExchangeHandle:
@@ -36,6 +36,16 @@ class ExchangeHandle:
         return f"<ExchangeHandle {self.key!r} round {self.round} {self.kind}>"
 
 
+def own_payload(payload: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
+    """``payload``, copied when it views the message (``none``): worker_sent may write over the
+    message (MEM-SGD, DoubleSqueeze keep p_i in their error's storage) while the collective
+    still reads the payload."""
+    if payload.numel() and payload.untyped_storage().data_ptr() == \
+            message.untyped_storage().data_ptr():
+        return payload.clone()
+    return payload
+
+
 # --- the two-phase sharded server --------------------------------------------------------------
 def start_two_phase(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
     algo, up = ex.algorithm, ex.uplink(key)
@@ -47,11 +57,11 @@ def start_two_phase(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
     payloads = [roundtrip_into(up, message[start:stop], sent[start:stop],
                                ex.seed_for(key, "up", j), bucket)
                 for j, (start, stop) in enumerate(bounds)]
-    algo.worker_sent(key, message, sent)
     splits = [p.numel() for p in payloads]
+    packed = torch.cat(payloads)   # before worker_sent: a payload may view the message
+    algo.worker_sent(key, message, sent)
     ex.ledger.count("uplink", up=sum(s for j, s in enumerate(splits) if j != ex.rank))
-    pending = {"uplink": ex.comm.alltoall_async(torch.cat(payloads), splits,
-                                                ex.name(key, "up"))}
+    pending = {"uplink": ex.comm.alltoall_async(packed, splits, ex.name(key, "up"))}
     return ExchangeHandle(key, ex.round, "two_phase", flat.shape, flat.dtype, pending,
                           bounds=bounds)
 
@@ -61,29 +71,43 @@ def finish_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
     bounds = handle.context["bounds"]
     start, stop = bounds[ex.rank]
     own = stop - start
-    # server: decode the N payloads of the chunk this rank owns, average in rank order
     received, _ = handle.pending["uplink"].wait()
+    # The update is decoded into one fresh tensor (it is returned, so it cannot be a reused
+    # buffer); until the downlink arrives, two of its chunk-sized regions serve the server as
+    # scratch (the mean, then the addend and C(v)), so a rank keeps no server buffers.
+    update = allocate(bounds[-1][1], dtype, received.device)
+    mean, scratch = _server_regions(update, start, stop)
+    # server: decode the N payloads of the chunk this rank owns, average in rank order
     up = ex.uplink(key)
     sizes = [payload_nbytes(up, own, dtype)] * ex.size
-    mean = ex.buffers.get(key, "mean", own, dtype, received.device)
-    addend = ex.buffers.get(key, "addend", own, dtype, received.device)
-    decode_mean_into(up, split(received, sizes, key), mean, addend, ex.seed_for(key, "up", ex.rank))
+    decode_mean_into(up, split(received, sizes, key), mean, scratch,
+                     ex.seed_for(key, "up", ex.rank))
     server_message = algo.server_message(key, mean)
-    decoded = ex.buffers.get(key, "server_sent", own, dtype, server_message.device)
     bucket = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"), algo.down,
                                 server_message, bounds[-1][1])
-    payload = roundtrip_into(algo.down, server_message, decoded,
+    payload = roundtrip_into(algo.down, server_message, scratch,
                              ex.seed_for(key, "down", ex.rank), bucket)
-    algo.server_sent(key, server_message, decoded)
+    algo.server_sent(key, server_message, scratch)
     ex.ledger.count("downlink", down=(ex.size - 1) * payload.numel())
-    # downlink: one allgather of the server payloads; decode the whole bucket into one fresh
-    # tensor (it is returned, so it cannot be a reused buffer)
+    # downlink: one allgather of the server payloads, decoded over the server's scratch
     gathered = ex.comm.allgather(payload, ex.name(key, "down"))
     sizes = [payload_nbytes(algo.down, b - a, dtype) for a, b in bounds]
-    received_update = allocate(bounds[-1][1], dtype, gathered.device)
     for j, (p, (a, b)) in enumerate(zip(split(gathered, sizes, key), bounds)):
-        decode_into(algo.down, p, received_update[a:b], ex.seed_for(key, "down", j))
-    return algo.worker_update(key, received_update)
+        decode_into(algo.down, p, update[a:b], ex.seed_for(key, "down", j))
+    return algo.worker_update(key, update)
+
+
+def _server_regions(update: torch.Tensor, start: int, stop: int):
+    """Two disjoint regions of ``stop − start`` elements: this rank's own chunk of the update
+    (the addend, then C(v), which the downlink decodes there again) and another (the mean):
+    the chunk before it (chunks before this rank's are full) or after it; a fresh tensor when
+    the bucket is too small for both (one rank, or a short last chunk)."""
+    own = stop - start
+    if own <= start:
+        return update[:own], update[start:stop]
+    if stop + own <= update.numel():
+        return update[stop:stop + own], update[start:stop]
+    return allocate(own, update.dtype, update.device), update[start:stop]
 
 
 # --- allgather (GRACE/DGC) ---------------------------------------------------------------------
@@ -91,7 +115,7 @@ def start_allgather(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
     algo, up = ex.algorithm, ex.uplink(key)
     message = algo.worker_message(key, flat)
     sent = ex.buffers.get(key, "sent", flat.numel(), flat.dtype, flat.device)
-    payload = roundtrip_into(up, message, sent, ex.seed_for(key, "up", 0))
+    payload = own_payload(roundtrip_into(up, message, sent, ex.seed_for(key, "up", 0)), message)
     algo.worker_sent(key, message, sent)
     ex.ledger.count("uplink", up=(ex.size - 1) * payload.numel())
     pending = {"uplink": ex.comm.allgather_async(payload, ex.name(key, "up"))}
@@ -104,9 +128,10 @@ def finish_allgather(ex, handle: ExchangeHandle) -> torch.Tensor:
     gathered = handle.pending["uplink"].wait()
     up = ex.uplink(key)
     sizes = [payload_nbytes(up, numel, dtype)] * ex.size
-    # the mean is returned through the server steps: a fresh tensor
+    # the mean is returned through the server steps: a fresh tensor; so is the addend (kept
+    # across rounds it would hold a whole bucket for a pattern that decodes N whole payloads)
     mean = allocate(numel, dtype, gathered.device)
-    addend = ex.buffers.get(key, "addend", numel, dtype, gathered.device)
+    addend = allocate(numel, dtype, gathered.device) if ex.size > 1 else mean
     decode_mean_into(up, split(gathered, sizes, key), mean, addend, ex.seed_for(key, "up", 0))
     return replicated_server(ex, key, mean)
 
@@ -115,8 +140,10 @@ def finish_allgather(ex, handle: ExchangeHandle) -> torch.Tensor:
 def start_allreduce(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
     algo = ex.algorithm
     message = algo.worker_message(key, flat)
-    payload, decoded = roundtrip(algo.up, message, ex.seed_for(key, "up", 0))
-    algo.worker_sent(key, message, decoded)
+    sent = ex.buffers.get(key, "sent", flat.numel(), flat.dtype, flat.device)
+    payload = own_payload(roundtrip_into(algo.up, message, sent, ex.seed_for(key, "up", 0)),
+                          message)
+    algo.worker_sent(key, message, sent)
     wire = summable_dtype(algo.up, flat.dtype)
     values = payload.view(wire)
     ex.ledger.count_ring_allreduce("allreduce", values.numel(), wire)

@@ -33,7 +33,6 @@ import torch
 
 from .base import Algorithm
 from .registry import MethodInfo, Option, Paper
-from .memsgd import ReusedBuffers
 
 __all__ = ["CSER"]
 
@@ -61,7 +60,6 @@ class CSER(Algorithm):
                              f"resets), not {period!r}")
         self.period = period
         self.local_error: Dict[str, torch.Tensor] = {}   # r_i, whole bucket, this round only
-        self._buffers = ReusedBuffers()
 
     def hyperparameters(self):
         return {"period": self.period}
@@ -70,8 +68,8 @@ class CSER(Algorithm):
         return (self.step + 1) % self.period == 0        # error reset: exact round
 
     def worker_sent(self, key, message, sent):
-        local_error = self._buffers.like(key, "local_error", message)
-        self.local_error[key] = torch.sub(message, sent, out=local_error)  # r_i = g_i − C₁(g_i)
+        # r_i over C₁(g_i), in the exchange's buffer (the algorithm's until worker_update)
+        self.local_error[key] = torch.sub(message, sent, out=sent)  # r_i = g_i − C₁(g_i)
 
     def worker_update(self, key, received):
         return received.add_(self.local_error.pop(key))  # u_i = mean_j C₁(g_j) + r_i

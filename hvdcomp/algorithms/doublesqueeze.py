@@ -18,15 +18,15 @@ import torch
 
 from .base import Algorithm
 from .registry import MethodInfo, Paper
-from .memsgd import ReusedBuffers, store_difference
+from .memsgd import store_difference
 
 
 class DoubleSqueeze(Algorithm):
     """DoubleSqueeze; see the module docstring.
 
-    The error updates run in place: δ_i and δ are overwritten, p_i lives in a buffer reused
-    across rounds, and v = m + δ is added into the mean the exchange hands over (a fresh tensor
-    it does not read again); the values are those of the formulas above."""
+    The error updates run in place: p_i is written over δ_i and then δ_i over p_i (the worker
+    keeps one bucket), and v = m + δ is added into the mean the exchange hands over (it does not
+    read it again); the values are those of the formulas above."""
     name = "doublesqueeze"
     state_fields = ("worker_error", "server_error")
     info = MethodInfo(
@@ -40,14 +40,13 @@ class DoubleSqueeze(Algorithm):
         super().__init__(up, down)
         self.worker_error: Dict[str, torch.Tensor] = {}  # δ_i, whole bucket
         self.server_error: Dict[str, torch.Tensor] = {}  # δ, this rank's chunk
-        self._buffers = ReusedBuffers()
 
     def worker_message(self, key, grad):
         error = self.worker_error.get(key)
         if error is None:
             return grad.clone()
-        message = self._buffers.like(key, "message", grad)
-        return torch.add(grad, error, out=message)                      # p_i = g_i + δ_i
+        # p_i written over the error, then the error over p_i (worker_sent): no third buffer
+        return torch.add(grad, error, out=error)                      # p_i = g_i + δ_i
 
     def worker_sent(self, key, message, sent):
         store_difference(self.worker_error, key, message, sent)         # δ_i ← p_i − C(p_i)

@@ -26,7 +26,7 @@ import torch
 
 from .base import Algorithm
 from .registry import MethodInfo, Option, Paper
-from .memsgd import ReusedBuffers, store_difference
+from .memsgd import store_difference
 
 
 class LIEC(Algorithm):
@@ -57,7 +57,6 @@ class LIEC(Algorithm):
         self.period = period
         self.local_error: Dict[str, torch.Tensor] = {}   # r_i, whole bucket, this round only
         self.server_error: Dict[str, torch.Tensor] = {}  # e, this rank's chunk, persistent
-        self._buffers = ReusedBuffers()                   # r_i's storage, reused every round
 
     def hyperparameters(self):
         return {"period": self.period}
@@ -66,8 +65,9 @@ class LIEC(Algorithm):
         return (self.step + 1) % self.period == 0
 
     def worker_sent(self, key, message, sent):
-        local_error = self._buffers.like(key, "local_error", message)
-        self.local_error[key] = torch.sub(message, sent, out=local_error)  # r_i = g_i − C(g_i)
+        # r_i is written over C(g_i): the exchange's buffer is the algorithm's until
+        # worker_update (hvdcomp.exchange, "Buffers"), so r_i takes no memory of its own
+        self.local_error[key] = torch.sub(message, sent, out=sent)  # r_i = g_i − C(g_i)
 
     def server_message(self, key, mean_received):
         error = self.server_error.get(key)

@@ -26,8 +26,8 @@ from .registry import MethodInfo, Paper
 class MemSGD(Algorithm):
     """EF-SGD / MEM-SGD; see the module docstring.
 
-    The error update runs in place (e_i is overwritten, p_i lives in a buffer reused across
-    rounds); the values are those of the formulas above."""
+    The error update runs in place: p_i is written over e_i, then e_i over p_i, so the worker
+    keeps one bucket; the values are those of the formulas above."""
     name = "memsgd"
     info = MethodInfo(
         name="memsgd", label="MEM-SGD / EF-SGD", order=20,
@@ -40,14 +40,13 @@ class MemSGD(Algorithm):
     def __init__(self, up="none", down=None):
         super().__init__(up, down)
         self.worker_error: Dict[str, torch.Tensor] = {}  # e_i, whole bucket
-        self._buffers = ReusedBuffers()
 
     def worker_message(self, key, grad):
         error = self.worker_error.get(key)
         if error is None:
             return grad.clone()
-        message = self._buffers.like(key, "message", grad)
-        return torch.add(grad, error, out=message)                      # p_i = g_i + e_i
+        # p_i written over the error, then the error over p_i (worker_sent): no third buffer
+        return torch.add(grad, error, out=error)                      # p_i = g_i + e_i
 
     def worker_sent(self, key, message, sent):
         store_difference(self.worker_error, key, message, sent)         # e_i ← p_i − C(p_i)
