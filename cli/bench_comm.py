@@ -64,13 +64,14 @@ def relaunch_over_link(link: str, subcommand: Sequence[str], options: Dict[str, 
     sys.exit(code)
 
 
-def init_horovod():
-    try:
-        import horovod.torch as hvd
-    except Exception as exc:  # noqa: BLE001 - a Horovod built against another torch raises anything
-        raise click.ClickException(f"horovod.torch does not import ({exc}); run scripts/setup.sh")
-    hvd.init()
-    return hvd
+def start_horovod():
+    """``hvd.init()`` and Horovod's communicator; the measuring speaks only to the latter."""
+    from hvdcomp.train.engine import horovod_problem
+    problem = horovod_problem()
+    if problem:
+        raise click.ClickException(f"{problem}; run scripts/setup.sh")
+    from hvdcomp.comm import HorovodCommunicator
+    return HorovodCommunicator.start()
 
 
 def check_out_option(out: Optional[str]) -> Optional[str]:
@@ -177,22 +178,22 @@ def command(sizes, algorithms, compressors, patterns, baselines, warmup, repeats
             baselines=baselines, warmup=warmup, repeats=repeats, seed=seed, iface=iface,
             json=as_json, out=out))
 
-    hvd = init_horovod()
-    if hvd.size() < 2 and hvd.rank() == 0:
+    comm = start_horovod()
+    if comm.size < 2 and comm.rank == 0:
         click.echo("warning: 1 rank, nothing crosses a link; run under `mpirun -np 2` or with "
                    "--link", err=True)
-    info = bench.run_info(hvd)
+    info = bench.run_info(comm)
     from hvdcomp.bench.horovod_settings import settings_in_force
     info["horovod_settings"] = settings_in_force()      # what this rank's Horovod read
-    status = _progress(hvd.rank() == 0 and not as_json)
-    results = bench.bench_comm(hvd, size_list, methods, warmup=warmup, repeats=repeats,
+    status = _progress(comm.rank == 0 and not as_json)
+    results = bench.bench_comm(comm, size_list, methods, warmup=warmup, repeats=repeats,
                                seed=seed, iface=iface, progress=status)
     info["loadavg_end"] = list(os.getloadavg())
-    if hvd.rank() == 0:
+    if comm.rank == 0:
         payload = {**info, "warmup": warmup, "repeats": repeats,
                    "results": [r.as_dict() for r in results]}
         emit(payload, as_json, out, lambda: comm_table(payload))
-    hvd.shutdown()
+    comm.hvd.shutdown()
 
 
 def _progress(enabled: bool):

@@ -1,9 +1,11 @@
 """Time of one compressed exchange on real ranks, next to Horovod's own allreduces.
 
-Runs inside Horovod ranks (``mpirun -np 2 hvdcomp bench comm``; ``hvd.init()`` done by the caller).
+Runs inside Horovod ranks (``mpirun -np 2 hvdcomp bench comm``; the caller starts the engine and
+passes its communicator: every collective here goes through it).
 For every buffer size (fp32, MiB) it measures, in the same run and on the same buffer:
 
-* ``horovod``       — ``hvd.allreduce(x, op=Average)``, uncompressed (what P-SGD sends);
+* ``horovod``       — the communicator's allreduce average of ``x`` (on Horovod's communicator
+  ``hvd.allreduce(x, op=Average)``), uncompressed (what P-SGD sends);
 * ``horovod-fp16``  — ``hvd.Compression.fp16`` semantics: cast to fp16, allreduce, cast back;
 * every algorithm × compressor × pattern of :class:`hvdcomp.exchange.Exchange`
   (``two_phase`` is the sharded server, ``allgather`` the GRACE/DGC pattern): one round =
@@ -186,8 +188,8 @@ class _Round:
     """One method on one buffer: ``prepare()`` (untimed, e.g. LIEC's exact rounds), ``run()``
     (one timed round), ``bytes()`` (this rank's (up, down) of the last round)."""
 
-    def __init__(self, method: Method, grad: torch.Tensor, hvd, comm, key: str):
-        self.method, self.grad, self.hvd, self.key = method, grad, hvd, key
+    def __init__(self, method: Method, grad: torch.Tensor, comm, key: str):
+        self.method, self.grad, self.comm, self.key = method, grad, comm, key
         self.exact_rounds_skipped = 0
         if method.kind == "exchange":
             algorithm = make_algorithm(method.algorithm, up=method.up, down=method.down)
@@ -204,12 +206,12 @@ class _Round:
             self.exact_rounds_skipped += 1
 
     def run(self) -> None:
-        hvd = self.hvd
+        comm = self.comm
         if self.method.kind == "horovod":
-            hvd.allreduce(self.grad, op=hvd.Average, name=self.key)
+            comm.allreduce(self.grad, self.key, op="average")
         elif self.method.kind == "horovod-fp16":
             # hvd.Compression.fp16: cast, allreduce in fp16, cast back
-            hvd.allreduce(self.grad.to(torch.float16), op=hvd.Average, name=self.key).to(
+            comm.allreduce(self.grad.to(torch.float16), self.key, op="average").to(
                 self.grad.dtype)
         else:
             self.exchange.exchange(self.key, self.grad)
@@ -222,14 +224,14 @@ class _Round:
         return ring_model_bytes(self.grad.numel(), itemsize, size, rank)
 
 
-def measure(method: Method, size_mib: float, hvd, comm, warmup: int, repeats: int,
+def measure(method: Method, size_mib: float, comm, warmup: int, repeats: int,
             key: str, seed: int = 0, iface: Optional[str] = None) -> CommResult:
     """Time ``method`` on an fp32 buffer of ``size_mib`` MiB; every rank must call it with the
     same arguments, in the same order. Returns the same record on every rank."""
-    rank, size = hvd.rank(), hvd.size()
+    rank, size = comm.rank, comm.size
     numel = numel_of(size_mib)
     grad = torch.randn(numel, generator=torch.Generator().manual_seed(seed + rank))
-    one = _Round(method, grad, hvd, comm, key)
+    one = _Round(method, grad, comm, key)
     for _ in range(warmup):
         one.prepare()
         one.run()
@@ -237,16 +239,16 @@ def measure(method: Method, size_mib: float, hvd, comm, warmup: int, repeats: in
     # A collective returns once its data sits in the socket buffers, maybe before it has left
     # the (shaped) interface; a barrier's messages travel behind the data on the same TCP
     # connection, so after one every byte of the rounds before it has been transmitted.
-    hvd.barrier()
+    comm.barrier(f"{key}.barrier.start")
     tx_before = interface_tx_bytes(iface)
-    for _ in range(repeats):
+    for round_ in range(repeats):
         one.prepare()
-        hvd.barrier()
+        comm.barrier(f"{key}.barrier.{round_}")
         began = time.perf_counter()
         one.run()
         times.append(time.perf_counter() - began)
         counts.add(one.bytes(rank, size))
-    hvd.barrier()
+    comm.barrier(f"{key}.barrier.end")
     tx_after = interface_tx_bytes(iface)
     if len(counts) != 1:
         raise RuntimeError(f"{method.label}: byte counts changed between rounds: {sorted(counts)}")
@@ -255,7 +257,7 @@ def measure(method: Method, size_mib: float, hvd, comm, warmup: int, repeats: in
         else float("nan")
     # every rank's figures, so that every rank returns the same record
     mine = torch.tensor([[*times, float(up), float(down), wire]], dtype=torch.float64)
-    everyone = hvd.allgather(mine, name=f"{key}.figures")
+    everyone = comm.allgather(mine, f"{key}.figures")
     per_round = everyone[:, :repeats].max(dim=0).values.tolist()     # the slowest rank's time
     mean_up, mean_down = everyone[:, repeats].mean().item(), everyone[:, repeats + 1].mean().item()
     wires = everyone[:, repeats + 2]
@@ -282,7 +284,7 @@ def _within(counted: float, formula: float, tolerance: float = BYTES_TOLERANCE) 
     return abs(counted - formula) <= tolerance * formula
 
 
-def bench_comm(hvd, sizes_mib: Sequence[float] = DEFAULT_SIZES_MIB,
+def bench_comm(comm, sizes_mib: Sequence[float] = DEFAULT_SIZES_MIB,
                methods: Optional[Sequence[Method]] = None, warmup: int = 1, repeats: int = 5,
                seed: int = 0, iface: Optional[str] = "mpi0",
                progress: Callable[[str], None] = lambda message: None) -> List[CommResult]:
@@ -290,18 +292,15 @@ def bench_comm(hvd, sizes_mib: Sequence[float] = DEFAULT_SIZES_MIB,
 
     ``speedup_vs_horovod`` of each row is t(horovod)/t(row) at the same size when the
     ``horovod`` baseline is among the methods."""
-    from ..comm import HorovodCommunicator
-
     if warmup < 0 or repeats < 1:
         raise ValueError("warmup must be ≥ 0 and repeats ≥ 1")
     methods = list(methods) if methods is not None else plan_methods()
-    comm = HorovodCommunicator()
     results = []
     for s, size_mib in enumerate(sizes_mib):
         rows = []
         for m, method in enumerate(methods):
             progress(f"{method.label} @ {size_mib:g} MiB")
-            rows.append(measure(method, size_mib, hvd, comm, warmup, repeats,
+            rows.append(measure(method, size_mib, comm, warmup, repeats,
                                 key=f"bench.s{s}.m{m}", seed=seed, iface=iface))
         reference = next((r for r in rows if r.kind == "horovod"), None)
         for row in rows:
@@ -311,14 +310,13 @@ def bench_comm(hvd, sizes_mib: Sequence[float] = DEFAULT_SIZES_MIB,
     return results
 
 
-def run_info(hvd) -> Dict[str, object]:
+def run_info(comm) -> Dict[str, object]:
     """Where and how this was measured: hosts of every rank, link, load average."""
     from .compressors import machine_info
 
-    hosts = hvd.allgather_object(socket.gethostname(), name="bench.hosts") \
-        if hasattr(hvd, "allgather_object") else [socket.gethostname()]
+    hosts = comm.allgather_object(socket.gethostname(), "bench.hosts")
     link = os.environ.get("HVDCOMP_BENCH_LINK")
-    return {"machine": machine_info(torch.device("cpu")), "world_size": hvd.size(),
+    return {"machine": machine_info(torch.device("cpu")), "world_size": comm.size,
             "hosts": hosts, "link": link or None, "loadavg_start": list(os.getloadavg())}
 
 
