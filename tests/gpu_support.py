@@ -98,13 +98,19 @@ class SyncFreeRegion:
 
 
 @contextlib.contextmanager
-def deferred_finite_check():
-    """Compressors count non-finite input on the device instead of reading a flag on the host at
-    every call (the GPU path's mode); what was counted is raised when the block ends. Also a
-    decorator, which keeps a test's signature (pytest still sees its parameters)."""
-    old = compressor_base.set_finite_check("deferred")
+def finite_check(mode: str):
+    """Compressors check for NaN/Inf in ``mode`` (``hvdcomp.compressors.base``): "deferred"
+    counts on the device, "auto" (the default) also polls a pinned copy without waiting; what
+    was counted is raised when the block ends. Also a decorator, which keeps a test's signature
+    (pytest still sees its parameters)."""
+    old = compressor_base.set_finite_check(mode)
     try:
         yield
     finally:
         compressor_base.set_finite_check(old)
     compressor_base.raise_if_nonfinite()
+
+
+def deferred_finite_check():
+    """:func:`finite_check` in "deferred" mode: nothing is read on the host at any call."""
+    return finite_check("deferred")

@@ -19,7 +19,8 @@ from hvdcomp.comm import simulate
 from hvdcomp.compressors import from_spec
 from hvdcomp.exchange import Exchange
 
-from gpu_support import GPU_MARKS, SyncFreeRegion, deferred_finite_check, first_difference
+from gpu_support import (GPU_MARKS, SyncFreeRegion, deferred_finite_check, finite_check,
+                         first_difference)
 from oracle import decoded, gradients, oracle, per_chunk, plain_chunks, run_exchange
 
 pytestmark = GPU_MARKS
@@ -166,6 +167,14 @@ def _sync_free(name, up, down, pattern="two_phase", dtype=torch.float32, extra=N
 def test_a_round_never_waits_for_the_device(name, up):
     down = "sign" if up == "sign" else "topk:ratio=0.2"
     _sync_free(name, "dgc:ratio=0.05" if name == "dgc" and up == "sign" else up, down)
+
+
+@pytest.mark.parametrize("name", ["psgd", "liec", "doublesqueeze", "ef21", "dgc"])
+@finite_check("auto")
+def test_a_round_in_the_default_finite_check_mode_never_waits(name):
+    """The default mode ("auto") polls the device's count of non-finite input through a pinned
+    copy and an event: it must not wait either."""
+    _sync_free(name, "dgc:ratio=0.05" if name == "dgc" else "sign", "sign")
 
 
 @pytest.mark.parametrize("pattern,up", [("allgather", "sign"), ("allgather", "topk:ratio=0.1"),
