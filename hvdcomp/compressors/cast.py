@@ -40,6 +40,14 @@ class _Cast(Compressor):
         check_payload(payload, self.payload_nbytes(numel, dtype), self.name, numel)
         return read_field(payload, 0, numel, self._wire).to(dtype)
 
+    def decompress_into(self, payload, out, seed=0):
+        """One conversion straight into ``out`` (no intermediate tensor)."""
+        numel = out.numel()
+        check_out_dtype(out.dtype, self.name)
+        check_payload(payload, self.payload_nbytes(numel, out.dtype), self.name, numel)
+        wire = self._wire if type(self) is not NoCompression else out.dtype
+        return out.copy_(read_field(payload, 0, numel, wire).view_as(out))
+
 
 @register("none")
 class NoCompression(_Cast):
