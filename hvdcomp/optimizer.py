@@ -38,8 +38,7 @@ from .compression import check_compression
 from .optimizer_args import (Setup, build_setup, refuse_wrapped)
 from .optimizer_buckets import ExchangeStats
 
-#: Horovod's default fusion threshold (hvdcomp's default bucket size)
-DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
+from .optimizer_args import DEFAULT_BUCKET_BYTES, DEFAULT_FIRST_BUCKET_BYTES  # noqa: F401
 #: tensors below this many bytes travel uncompressed (a 1024-element fp32 bias or norm)
 DEFAULT_SMALL_TENSOR_BYTES = 4096
 
@@ -257,7 +256,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters=None
     others shape hvdcomp's bucketed exchange and apply to its algorithms only:
       compression: ``hvdcomp.Compression.liec("sign")`` and friends, or any object with
         Horovod's Compressor interface (default ``Compression.none``: Horovod's allreduce).
-      bucket_bytes: fusion buffer size (default 64 MiB); a bucket's exchange starts when its
+      bucket_bytes: fusion buffer size (default 25 MiB, the first bucket 1 MiB, as DDP; given,
+        every bucket is this size); a bucket's exchange starts when its
         last gradient is ready.
       small_tensor_bytes: tensors smaller than this (default 4096) travel uncompressed.
       comm: a :class:`hvdcomp.comm.Communicator` (default: Horovod's, after ``hvd.init()``).

@@ -44,6 +44,15 @@ class Setup:
     prefix: str
 
 
+#: hvdcomp's default bucket size: DDP's (``bucket_cap_mb=25``), not Horovod's 64 MiB fusion
+#: threshold, so that a ResNet-18-size model (44.7 MB) is two buckets and the first one's uplink
+#: starts while backward still runs (docs/design.md, "Buckets and overlap")
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+#: the first bucket (the last layers, whose gradients backward produces first) is capped smaller,
+#: as DDP caps its first bucket at 1 MiB: its exchange starts after the first few layers
+DEFAULT_FIRST_BUCKET_BYTES = 1024 * 1024
+
+
 def refuse_wrapped(optimizer, wrapped) -> None:
     if getattr(type(optimizer), "_hvdcomp_distributed", False):
         raise OptimizerArgumentError(
@@ -193,6 +202,8 @@ def build_setup(optimizer, *, named_parameters, compression, backward_passes_per
         from .optimizer_buckets import BucketReducer
         reducer = BucketReducer(
             compression.build(), comm, trainable, bucket_bytes=bucket_bytes or defaults[0],
+            # a given bucket_bytes sizes every bucket; the default caps the first one smaller
+            first_bucket_bytes=DEFAULT_FIRST_BUCKET_BYTES if bucket_bytes is None else None,
             small_tensor_bytes=defaults[1] if small_tensor_bytes is None else small_tensor_bytes,
             pattern=pattern, groups=group_list, op_sum=op == "sum",
             sparse_as_dense=sparse_as_dense, names=names, prefix=prefix)

@@ -1,9 +1,9 @@
 """The bucketed, error-feedback exchange behind ``hvdcomp.DistributedOptimizer`` for hvdcomp's
 own algorithms (``Compression.liec(...)``, ``.memsgd``, ``Compression.algorithm(...)``).
 
-* gradients are fused into **buckets** (``bucket_bytes``, default Horovod's 64 MiB fusion
-  threshold, or Horovod's ``groups``) in a rank-independent order: reversed ``named_parameters``,
-  roughly the order backward produces them;
+* gradients are fused into **buckets** (``bucket_bytes``, default DDP's 25 MiB with a first
+  bucket of 1 MiB, or Horovod's ``groups``) in a rank-independent order: reversed
+  ``named_parameters``, roughly the order backward produces them;
 * a bucket's **uplink** starts from the optimizer's gradient hook once its last gradient is
   ready and every bucket before it has started: buckets start in index order whatever order the
   hooks fire in (as DDP's), so ranks launch collectives in the same order, which engines that
@@ -56,7 +56,8 @@ class BucketReducer:
 
     def __init__(self, algorithm, comm, trainable, *, bucket_bytes: int, small_tensor_bytes: int,
                  pattern: Optional[str], groups: Optional[List[Sequence[torch.Tensor]]],
-                 op_sum: bool, sparse_as_dense: bool, names: Dict[Any, str], prefix: str):
+                 op_sum: bool, sparse_as_dense: bool, names: Dict[Any, str], prefix: str,
+                 first_bucket_bytes: Optional[int] = None):
         from .algorithms import make_algorithm
 
         self.algorithm = algorithm
@@ -69,7 +70,7 @@ class BucketReducer:
         for exchange in (self.exchange, self.dense_exchange):
             exchange.name_prefix = prefix  # names unique per optimizer, stable across steps
         self.buckets = _make_buckets(trainable, groups, bucket_bytes, small_tensor_bytes,
-                                     self.exchange, self.dense_exchange)
+                                     self.exchange, self.dense_exchange, first_bucket_bytes)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         if hasattr(algorithm, "set_layout"):  # per-layer selection (DGC) needs the tensors
             for bucket in self.buckets:
@@ -246,12 +247,12 @@ def _default_pattern(algorithm) -> str:
 
 
 def _make_buckets(trainable, groups, bucket_bytes, small_tensor_bytes, exchange,
-                  dense_exchange) -> List[Bucket]:
+                  dense_exchange, first_bucket_bytes=None) -> List[Bucket]:
     if groups is not None:
         return _group_buckets(trainable, groups, small_tensor_bytes, exchange, dense_exchange)
     small = [(n, p) for n, p in trainable if p.numel() * p.element_size() < small_tensor_bytes]
     large = [(n, p) for n, p in trainable if p.numel() * p.element_size() >= small_tensor_bytes]
-    return (_fuse(large, bucket_bytes, "b", exchange)
+    return (_fuse(large, bucket_bytes, "b", exchange, first_bucket_bytes)
             + _fuse(small, bucket_bytes, "dense", dense_exchange))
 
 
@@ -275,16 +276,20 @@ def _group_buckets(trainable, groups, small_tensor_bytes, exchange, dense_exchan
     return buckets
 
 
-def _fuse(named, bucket_bytes, prefix, exchange) -> List[Bucket]:
-    """Fill buckets in reversed registration order (backward's order), by dtype and device."""
+def _fuse(named, bucket_bytes, prefix, exchange, first_bucket_bytes=None) -> List[Bucket]:
+    """Fill buckets in reversed registration order (backward's order), by dtype and device; the
+    first bucket holds at most ``first_bucket_bytes`` when given (its gradients are ready first,
+    so a small one starts the uplink early, as DDP's first bucket)."""
     buckets: List[Bucket] = []
     current: Dict[Any, Bucket] = {}
     for _, p in reversed(named):
         group = (p.dtype, p.device)
         bucket = current.get(group)
         size = p.numel() * p.element_size()
-        if bucket is None or (bucket.numel * p.element_size() + size > bucket_bytes
-                              and bucket.params):
+        cap = bucket_bytes
+        if first_bucket_bytes is not None and bucket is not None and bucket is buckets[0]:
+            cap = min(bucket_bytes, first_bucket_bytes)
+        if bucket is None or (bucket.numel * p.element_size() + size > cap and bucket.params):
             bucket = Bucket(key=f"{prefix}{len(buckets)}", params=[], exchange=exchange)
             buckets.append(bucket)
             current[group] = bucket
