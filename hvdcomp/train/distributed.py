@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import stall
+from ..exchange_ledger import ring_allreduce_mean
 from .config import TrainConfig
 
 COUNTERS = ("bytes_up", "bytes_down", "time_compress", "time_comm")
@@ -122,7 +123,7 @@ class DistributedStep:
         waited = time.perf_counter() - start
         if self.horovod_baseline:
             self._measured["time_comm"] += waited
-            ring_share = (self.world_size - 1) / self.world_size * self.gradient_bytes
+            ring_share = ring_allreduce_mean(self.gradient_bytes, self.world_size)
             self._measured["bytes_up"] += ring_share
             self._measured["bytes_down"] += ring_share
         with self.optimizer.skip_synchronize():
