@@ -18,10 +18,12 @@ from typing import Any, Dict
 
 import torch
 
+from hvdcomp.algorithms.monna import MoNNAMethod
+
 #: options of the aggregation rule itself (hvdcomp.robust.aggregators.AGGREGATOR_OPTIONS)
 AGGREGATOR_OPTION_NAMES = ("nu", "iterations", "radius")
-MONNA_OPTIONS = ("beta", "f", "aggregator", "attack", "attack_param", "line_search") \
-    + AGGREGATOR_OPTION_NAMES
+#: every option MoNNA takes, as its registry entry declares them (hvdcomp/algorithms/monna.py)
+MONNA_OPTIONS = tuple(o.name for o in MoNNAMethod.info.options)
 
 
 class MoNNAStep:
