@@ -96,10 +96,10 @@ fi
 step nvidia-smi 30 bash -c "set -o pipefail; nvidia-smi | tee '$OUT/nvidia-smi.txt'"
 step environment 60 "$PY" scripts/gpu_check.py env "$OUT"
 
-# The benchmark first: its figures are the step most worth having if time runs short. Deferred
-# finite check: the GPU path's (no host read per call).
+# The benchmark first: its figures are the step most worth having if time runs short. The
+# finite check in its default mode (auto: counted on the device, never read on the host per call).
 step bench-compressors 150 "$PY" scripts/gpu_check.py bench "$OUT" --device "$DEVICE" \
-    --sizes "$SIZES" --warmup 3 --repeats 20 --finite-check deferred
+    --sizes "$SIZES" --warmup 3 --repeats 20
 
 # tests/test_gpu_*.py, and the gpu-marked tests of files that hold others too (-m gpu picks them)
 mapfile -t GPU_TESTS < <(ls tests/test_gpu_*.py tests/test_comm_torchdist.py 2>/dev/null)

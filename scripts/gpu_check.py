@@ -361,6 +361,29 @@ def _bench_table(out: Path):
     return lines
 
 
+def _targets(out: Path, outcomes):
+    """The issue's two GPU targets, met or not, from the benchmark and the tests."""
+    lines = []
+    path = out / "bench-compressors-cuda.json"
+    signs = [r for r in json.loads(path.read_text())["results"]
+             if r["compressor"] == "sign"] if path.exists() else []
+    for r in signs:
+        ratio = r["roundtrip_vs_memcpy"]
+        lines.append(f"- sign compress+decompress at {r['size_mib']:g} MiB: {100 * ratio:.1f} % of "
+                     f"the device-to-device copy (target >= 50 %): "
+                     f"{'met' if ratio >= 0.5 else 'NOT met'}")
+    if not signs:
+        lines.append("- sign compress+decompress: not measured")
+    sync = [(test, outcome) for test, outcome in outcomes if "never_wait" in test]
+    failed = [test for test, outcome in sync if outcome in ("failed", "error")]
+    passed = sum(outcome == "passed" for _, outcome in sync)
+    verdict = ("NOT met" if failed else "met" if passed else "not checked (tests skipped or "
+               "not run)")
+    lines.append(f"- no host sync in a round, a compressor call or an optimizer step "
+                 f"({passed} passed, {len(failed)} failed of {len(sync)}): {verdict}")
+    return lines
+
+
 def summary(out: Path) -> int:
     lines = ["# gpu-check summary", ""]
     env_path = out / "env.json"
@@ -380,6 +403,7 @@ def summary(out: Path) -> int:
               "counts: " + ", ".join(f"{k} {v}" for k, v in counts.items())]
     lines += [f"- {outcome.upper()} {test}" for test, outcome in outcomes
               if outcome in ("failed", "error")]
+    lines += ["", "## issue 16's GPU targets", ""] + _targets(out, outcomes)
     lines += ["", "## compress + decompress against the device-to-device copy of the same buffer "
               "(`hvdcomp bench compressors --device cuda`; GB/s of fp32 input)", ""]
     lines += _bench_table(out)
