@@ -39,7 +39,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from . import _native
+from . import _native, _triton
 from ._wire import allocate
 
 if sys.byteorder != "little":  # the word views below read bytes in little-endian order
@@ -61,6 +61,9 @@ def packed_nbytes(numel: int, bits: int = 1) -> int:
 def pack_signs(x: torch.Tensor, out: torch.Tensor) -> None:
     """Write the bits ``x >= 0`` of the 1-D tensor ``x`` into the ``uint8`` tensor ``out`` of
     ``packed_nbytes(x.numel())`` bytes, MSB first."""
+    if x.is_cuda and _triton.usable(x, out):   # the GPU road: one pass, same bits
+        _triton.sign_pack(x, out)
+        return
     lib = _native.usable(x, out) if x.dtype == torch.float32 else None
     if lib is not None:      # the C road: one pass, same bits
         _native.sign_encode(lib, x, out, None)
@@ -137,6 +140,9 @@ def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype,
         return out
     if not out.is_contiguous():   # the gather writes whole rows: decode aside, then copy
         out.copy_(unpack_signs(packed, numel, dtype, scale))
+        return out
+    if out.is_cuda and _triton.usable(packed, out):   # the GPU road: one pass, same values
+        _triton.sign_decode(packed, numel, scale, out)
         return out
     table = _scaled_sign_table(packed.device, dtype, scale)
     lib = _native.usable(packed, out, table) if dtype == torch.float32 else None
