@@ -103,8 +103,29 @@ def test_compress_and_decompress_never_wait_for_the_device(spec):
         c.decompress_into(payload, out, 3)
         sent, also_decoded = c.roundtrip(x, 3)
         c.roundtrip_into(x, torch.empty_like(x), 3)
-    assert same_bits(out, decoded) and same_bits(also_decoded, decoded)
-    assert same_bits(sent, payload)
+    assert all(t.is_cuda for t in (payload, decoded, sent, also_decoded))
+
+
+@pytest.mark.parametrize("spec", ALL)
+@deferred_finite_check()
+def test_every_form_decodes_what_decompress_decodes_on_the_gpu(spec):
+    """The exchange decodes into reused buffers (``decompress_into``) and keeps the sender's C(x)
+    from ``roundtrip``/``roundtrip_into`` for error feedback: all of them must be what every
+    receiver's ``decompress`` gives, bit for bit, or the error feedback drifts."""
+    c = from_spec(spec)
+    numel = 100_003
+    x = gaussian(numel, 8).cuda()
+    payload = c.compress(x, 3)
+    decoded = c.decompress(payload, numel, torch.float32, 3)
+    out = torch.full_like(x, float("nan"))
+    c.decompress_into(payload, out, 3)
+    sent, sender_view = c.roundtrip(x, 3)
+    into = torch.full_like(x, float("nan"))
+    sent_into = c.roundtrip_into(x, into, 3)
+    assert same_bits(out, decoded), f"decompress_into: {first_difference(out, decoded)}"
+    assert same_bits(sent, payload) and same_bits(sent_into, payload)
+    assert same_bits(sender_view, decoded), f"roundtrip: {first_difference(sender_view, decoded)}"
+    assert same_bits(into, decoded), f"roundtrip_into: {first_difference(into, decoded)}"
 
 
 @pytest.mark.parametrize("spec", ["none", "fp16", "sign", "topk:ratio=0.1"])
