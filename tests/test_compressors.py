@@ -71,20 +71,9 @@ def idx_bytes(d: int) -> int:
 
 def expected_nbytes(spec: str, d: int, dtype=torch.float32) -> int:
     c = from_spec(spec)
-    cd = 0 if d == 0 else None
-    if c.name == "none":
-        return d * torch.empty((), dtype=dtype).element_size()
-    if c.name in ("fp16", "bf16"):
-        return 2 * d
-    if c.name == "topk":
-        k = k_of(c.ratio, d)
-        return k * (2 if c.fp16_values else 4) + k * idx_bytes(d)
-    if c.name == "randomk":
-        return 4 * k_of(c.ratio, d)
-    if c.name == "dgc":
-        k = k_of(c.ratio, d)
-        return 4 * k + k * idx_bytes(d)
-    if cd == 0:
+    if c.name in ("none", "fp16", "bf16", "topk", "randomk", "dgc"):
+        return _dense_or_sparse_nbytes(c, d, dtype)
+    if d == 0:
         return 0
     if c.name == "sign":
         return 4 + math.ceil(d / 8)
@@ -101,6 +90,20 @@ def expected_nbytes(spec: str, d: int, dtype=torch.float32) -> int:
         r = min(c.rank, n, m)
         return 4 * r * (n + m)
     raise AssertionError(c.name)
+
+
+def _dense_or_sparse_nbytes(c, d: int, dtype) -> int:
+    """Bytes of the casts and the sparsifiers (their formulas hold at d = 0 too)."""
+    if c.name == "none":
+        return d * torch.empty((), dtype=dtype).element_size()
+    if c.name in ("fp16", "bf16"):
+        return 2 * d
+    k = k_of(c.ratio, d)
+    if c.name == "topk":
+        return k * (2 if c.fp16_values else 4) + k * idx_bytes(d)
+    if c.name == "randomk":
+        return 4 * k
+    return 4 * k + k * idx_bytes(d)          # dgc
 
 
 def test_registry_holds_every_compressor():
@@ -148,7 +151,8 @@ def test_none_is_bit_exact(d, seed, kind, dtype):
 @SETTINGS
 @given(d=LENGTHS, seed=SEEDS, kind=KINDS)
 def test_casts_are_bit_exact_on_their_own_dtype_and_round_to_nearest(d, seed, kind):
-    for spec, wire, unit in (("fp16", torch.float16, 2.0 ** -11), ("bf16", torch.bfloat16, 2.0 ** -8)):
+    for spec, wire, unit in (("fp16", torch.float16, 2.0 ** -11),
+                             ("bf16", torch.bfloat16, 2.0 ** -8)):
         c = from_spec(spec)
         own = sample(d, seed, kind, wire)
         assert torch.equal(c.decompress(c.compress(own), d, wire).view(torch.uint8),
@@ -187,7 +191,7 @@ def test_linear_compressors_sum_as_their_wire_dtype():
             c.wire_dtype()
 
 
-# --- sparsifiers -----------------------------------------------------------------------------------
+# --- sparsifiers ----------------------------------------------------------------------------------
 @SETTINGS
 @given(d=LENGTHS, seed=SEEDS, kind=KINDS, ratio=st.sampled_from(RATIOS))
 def test_topk_keeps_the_k_largest_exactly(d, seed, kind, ratio):
@@ -256,8 +260,9 @@ def test_randomk_expected_contraction_and_shared_indices():
     assert mean == pytest.approx((1 - delta) * sqnorm(x), rel=0.1)
     # the indices come from (compressor seed, step seed) only: two senders agree
     other = from_spec(f"randomk:ratio={ratio},seed=3")
-    assert torch.equal(c.indices(d, 9, torch.device("cpu")), other.indices(d, 9, torch.device("cpu")))
-    assert not torch.equal(c.indices(d, 9, torch.device("cpu")), c.indices(d, 10, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    assert torch.equal(c.indices(d, 9, cpu), other.indices(d, 9, cpu))
+    assert not torch.equal(c.indices(d, 9, cpu), c.indices(d, 10, cpu))
     # only values travel: the decoded vector holds x at the drawn indices, zeros elsewhere
     y = c.decompress(c.compress(x, 9), d, torch.float64, 9)
     drawn = c.indices(d, 9, torch.device("cpu"))
@@ -382,7 +387,8 @@ def test_sign_of_zero_is_plus_and_zero_input_has_zero_error():
     # a zero block decodes to zeros even next to non-zero blocks
     c = from_spec("blocksign:block=4")
     x = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -3.0, 0.0])
-    assert c.decompress(c.compress(x), 7).tolist() == pytest.approx([0, 0, 0, 0, 4 / 3, -4 / 3, 4 / 3])
+    assert c.decompress(c.compress(x), 7).tolist() == pytest.approx(
+        [0, 0, 0, 0, 4 / 3, -4 / 3, 4 / 3])
 
 
 @SETTINGS
@@ -540,7 +546,8 @@ def test_finite_check_modes():
     ("topk:ratio=0", "ratio"), ("topk:ratio=1.5", "ratio"), ("topk:ratio=-0.1", "ratio"),
     ("topk:fp16_values=2", "fp16_values"), ("randomk:ratio=2", "ratio"),
     ("randomk:seed=-1", "seed"), ("randomk:seed=1.5", "seed"), ("blocksign:block=0", "block"),
-    ("blocksign:block=2.5", "block"), ("dgc:ratio=0", "ratio"), ("dgc:sample_ratio=1.1", "sample_ratio"),
+    ("blocksign:block=2.5", "block"), ("dgc:ratio=0", "ratio"),
+    ("dgc:sample_ratio=1.1", "sample_ratio"),
     ("qsgd:levels=0", "levels"), ("qsgd:levels=128", "levels"), ("qsgd:rescale=yes", "rescale"),
     ("powersgd:rank=0", "rank"), ("topk:ratio=0.1,colour=3", "colour"), ("nosuch", "unknown"),
 ])
@@ -549,7 +556,8 @@ def test_bad_parameters_name_the_parameter(spec, parameter):
         from_spec(spec)
 
 
-@pytest.mark.parametrize("spec", SPECS + ["topk", "randomk", "blocksign", "dgc:ratio=0.3,sample_ratio=0.5",
+@pytest.mark.parametrize("spec", SPECS + ["topk", "randomk", "blocksign",
+                                          "dgc:ratio=0.3,sample_ratio=0.5",
                                           "qsgd", "powersgd", "topk:ratio=1"])
 def test_spec_round_trips(spec):
     c = from_spec(spec)
