@@ -214,7 +214,7 @@ def _defer(probe: torch.Tensor, what: str) -> None:
                                                             pin_memory=True)
         host.copy_(count, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(device))
         _polls[device] = (host, event)
 
 
