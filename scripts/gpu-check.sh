@@ -106,7 +106,7 @@ mapfile -t GPU_TESTS < <(ls tests/test_gpu_*.py tests/test_comm_torchdist.py 2>/
 if "$PY" -c "import pytest" 2>/dev/null; then
     # -p no:cacheprovider: write nothing into the tree; -o addopts=: no options a plugin missing
     # here would need
-    step gpu-tests 270 "$PY" -m pytest -m gpu -v -rfE -p no:cacheprovider -o addopts= \
+    step gpu-tests 270 "$PY" -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider -o addopts= \
         --durations=15 --junitxml="$OUT/gpu-tests.xml" "${GPU_TESTS[@]}" \
         2>&1 | tee "$OUT/pytest-gpu.log"
 else

@@ -343,6 +343,28 @@ def _test_outcomes(out: Path):
                                                              log.read_text().splitlines()) if m]
 
 
+def _failure_sites(out: Path):
+    """test name -> " (at hvdcomp/x.py:N: E-line)": the innermost hvdcomp frame of the failure
+    and its first error line, from pytest's --tb=short sections in pytest-gpu.log."""
+    log = out / "pytest-gpu.log"
+    if not log.exists():
+        return {}
+    sites, name, frames, error = {}, None, [], ""
+    header = re.compile(r"^_{3,} (test\S+) _{3,}$")
+    for line in log.read_text(errors="replace").splitlines() + ["___ end ___"]:
+        found = header.match(line)
+        if found or line.startswith("="):
+            if name and (frames or error):
+                site = frames[-1] if frames else "?"
+                sites[name] = f" (at {site}: {error[:160]})" if error else f" (at {site})"
+            name, frames, error = (found.group(1) if found else None), [], ""
+            continue
+        frames += re.findall(r"(hvdcomp/[\w/]+\.py:\d+)", line)
+        if line.startswith("E ") and not error:
+            error = line[1:].strip()
+    return sites
+
+
 def _bench_table(out: Path):
     path = out / "bench-compressors-cuda.json"
     if not path.exists():
@@ -401,8 +423,9 @@ def summary(out: Path) -> int:
     counts = {k: sum(o == k for _, o in outcomes) for k in ("passed", "failed", "error", "skipped")}
     lines += ["", "## GPU tests (pytest -m gpu tests/test_gpu_*.py)", "",
               "counts: " + ", ".join(f"{k} {v}" for k, v in counts.items())]
-    lines += [f"- {outcome.upper()} {test}" for test, outcome in outcomes
-              if outcome in ("failed", "error")]
+    where = _failure_sites(out)
+    lines += [f"- {outcome.upper()} {test}" + where.get(test.split("::")[-1], "")
+              for test, outcome in outcomes if outcome in ("failed", "error")]
     lines += ["", "## issue 16's GPU targets", ""] + _targets(out, outcomes)
     lines += ["", "## compress + decompress against the device-to-device copy of the same buffer "
               "(`hvdcomp bench compressors --device cuda`; GB/s of fp32 input)", ""]
