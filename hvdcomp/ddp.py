@@ -23,9 +23,12 @@ buckets in index order on every rank, so every rank launches the same collective
 order, which the torch engine requires.
 
 **LIEC-SGD's exact rounds**: in a round where ``is_sync_step()`` holds, the exchange returns exact
-gradients and the parameters are averaged exactly, as the optimizer's ``before_step`` does; here
-in a callback queued on the autograd engine, so it runs once backward has finished (modifying
-parameters during backward would corrupt it) and before ``optimizer.step()``.
+gradients and the parameters are averaged exactly, as with the optimizer: a compressed bucket's
+parameters travel in its gradient's allreduce and are written back when the hook of DDP's last
+bucket finishes the exchanges (every gradient has been computed by then: a node that saved a
+parameter has run before that parameter's gradient was ready), and the small uncompressed
+tensors' parameters are averaged by the reducer's ``before_step`` in a callback queued on the
+autograd engine, which runs once backward has finished, before ``optimizer.step()``.
 
 **State** (:class:`HvdcompState`, like PowerSGD's ``PowerSGDState``): its fields are listed in
 ``__slots__``; pickling keeps the configuration and this rank's error-feedback state (each rank

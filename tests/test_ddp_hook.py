@@ -42,6 +42,7 @@ def _compression(case):
             "memsgd/sign": lambda: C.memsgd("sign"),
             "ef21/topk": lambda: C.ef21("topk:ratio=0.1"),
             "dgc/dgc": lambda: C.dgc("dgc:ratio=0.1", steps_per_epoch=2, warmup_epochs=0),
+            "powersgd_ef": lambda: C.powersgd_ef(),
             }[case]()
 
 
@@ -111,7 +112,7 @@ def test_psgd_none_equals_ddp_default_hook_to_the_last_bit():
 
 
 @pytest.mark.parametrize("case", ["liec/sign", "doublesqueeze/topk", "memsgd/sign",
-                                  "ef21/topk", "dgc/dgc"])
+                                  "ef21/topk", "dgc/dgc", "powersgd_ef"])
 def test_algorithms_equal_the_optimizer_on_the_same_seed(case):
     results = run_torch_ranks(_ddp_hook_and_optimizer, np=2, timeout=300, case=case)
     for out in results:

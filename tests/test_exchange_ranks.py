@@ -181,7 +181,9 @@ def test_every_algorithm_on_torch_ranks_equals_the_simulator():
     from hvdcomp.algorithms import ALGORITHMS
     from hvdcomp.comm import simulate
 
-    assert {case[0] for case in EVERY_ALGORITHM} >= set(ALGORITHMS) - {"monna"}
+    # MoNNA owns its exchange; PowerSGD needs the tensors' shapes (the optimizer's set_shapes),
+    # which run_exchange does not give: tests/test_ddp_hook.py runs it on torch ranks
+    assert {case[0] for case in EVERY_ALGORITHM} >= set(ALGORITHMS) - {"monna", "powersgd_ef"}
     real = _launch(_every_algorithm, 2, "torch", timeout=300)
     simulated = simulate(2, _every_algorithm)
     for rank in range(2):
