@@ -38,7 +38,9 @@ from hvdcomp.cli.bench_comm import LINK_HELP, check_out_option, emit, split_list
                    "'none'. The compute-only and horovod-idle rows always run.")
 @click.option("--peer", "peers", default="none", show_default=True,
               help="Comma-separated other systems measured in the same run: 'ddp' (PyTorch DDP "
-                   "with its default allreduce, fp16_compress_hook and powerSGD_hook), or 'none'.")
+                   "with its default allreduce, fp16_compress_hook and powerSGD_hook), "
+                   "'hvdcomp-ddp' (every hvdcomp row again through DDP with hvdcomp.ddp's hook), "
+                   "or 'none'.")
 @click.option("--powersgd-rank", default=1, show_default=True, type=click.IntRange(min=1),
               help="matrix_approximation_rank of the DDP powerSGD_hook row.")
 @click.option("--pattern", default=None,
@@ -88,7 +90,7 @@ def command(model, batch_size, image_size, num_classes, algorithms, compressors,
     spec = dict(model=model, batch_size=batch_size, image_size=image_size,
                 num_classes=num_classes, warmup=warmup, steps=steps, seed=seed, pattern=pattern,
                 device="cpu")
-    progress = (lambda m: None) if as_json else (lambda m: click.echo(f"  measuring {m}", err=True))
+    progress = lambda m: click.echo(f"  measuring {m}", err=True)  # noqa: E731 (stderr)
     try:
         payload = bench_train(methods, spec, np_, link, row_timeout, progress)
     except KeyboardInterrupt:

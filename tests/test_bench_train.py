@@ -50,17 +50,20 @@ def train_doc():
     env = launcher_env()
     env["HOROVOD_CYCLE_TIME"] = "2"
     done = run_hvdcomp(TINY + ["--algorithms", "doublesqueeze,liec", "--compressors", "sign",
-                               "--baselines", "horovod", "--peer", "ddp", "--powersgd-rank", "2",
-                               "--json"], env=env, timeout=850)
+                               "--baselines", "horovod", "--peer", "ddp,hvdcomp-ddp",
+                               "--powersgd-rank", "2",
+                               "--json"], env=env, timeout=2300)
     assert done.returncode == 0, done.stdout + done.stderr
     return parse_json_output(done.stdout)
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(2400)   # the first of these runs 10 rows of 2 ranks (minutes on 2 cores)
 def test_rows_and_ratios(train_doc):
     rows = {r["method"]: r for r in train_doc["results"]}
     assert list(rows) == ["compute-only", "horovod-idle", "horovod", "doublesqueeze[sign]",
-                          "liec[sign]", "ddp", "ddp-fp16", "ddp-powersgd[rank=2]"]
+                          "liec[sign]", "ddp", "ddp-fp16", "ddp-powersgd[rank=2]",
+                          "ddp+doublesqueeze[sign]", "ddp+liec[sign]"]
     numel = sum(math.prod(s) for s in _model_sizes())
     base = rows["compute-only"]["step_s"]
     for name, row in rows.items():
@@ -70,25 +73,31 @@ def test_rows_and_ratios(train_doc):
         assert row["samples_per_s"] == pytest.approx(N * 4 / row["step_s"])
         if row["kind"] == "ddp":     # DDP communicates inside backward(): no split
             assert row["compute_s"] is row["compress_s"] is row["comm_s"] is None
+        elif row["kind"] == "hvdcomp-ddp":   # hvdcomp's hook times its compression
+            assert row["compute_s"] is row["comm_s"] is None and row["compress_s"] > 0
         else:
             assert row["compute_s"] + row["compress_s"] + row["comm_s"] == \
                 pytest.approx(row["step_s"])
     assert rows["compute-only"]["step_over_compute_only"] == 1
     liec = rows["liec[sign]"]
     assert liec["period"] == 32 and liec["exact_step_s"] > 0
+    assert rows["ddp+liec[sign]"]["period"] == 32 and rows["ddp+liec[sign]"]["exact_step_s"] > 0
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(2400)   # the first of these runs 10 rows of 2 ranks (minutes on 2 cores)
 def test_compute_only_runs_without_any_communication_library(train_doc):
     rows = {r["method"]: r for r in train_doc["results"]}
     assert rows["compute-only"]["comm_modules"] == []
     assert "horovod" in rows["horovod-idle"]["comm_modules"]
     assert "torch.distributed[gloo]" in rows["ddp"]["comm_modules"]
+    assert "torch.distributed[gloo]" in rows["ddp+liec[sign]"]["comm_modules"]
     assert all("horovod" not in m for m in rows["ddp"]["comm_modules"])
     assert rows["compute-only"]["bytes_up"] == rows["horovod-idle"]["bytes_down"] == 0
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(2400)   # the first of these runs 10 rows of 2 ranks (minutes on 2 cores)
 def test_bytes_match_independent_models(train_doc):
     rows = {r["method"]: r for r in train_doc["results"]}
     shapes = _model_sizes()
@@ -100,9 +109,10 @@ def test_bytes_match_independent_models(train_doc):
     small = sum(n for n in sizes if 4 * n < 4096)
     sign = expected_mean_bytes("two_phase", "sign", "sign", large)
     dense = expected_mean_bytes("allreduce", "none", None, small)
-    for name in ("doublesqueeze[sign]", "liec[sign]"):
+    for name in ("doublesqueeze[sign]", "liec[sign]", "ddp+doublesqueeze[sign]",
+                 "ddp+liec[sign]"):     # hvdcomp's DDP hook runs the same exchange
         assert (rows[name]["bytes_up"], rows[name]["bytes_down"]) == \
-            pytest.approx((sign[0] + dense[0], sign[1] + dense[1]))
+            pytest.approx((sign[0] + dense[0], sign[1] + dense[1])), name
     expected = {"horovod": 4 * numel, "ddp": 4 * numel, "ddp-fp16": 2 * numel,
                 "ddp-powersgd[rank=2]": 4 * powersgd_values(shapes, rank=2)}
     for name, nbytes in expected.items():
@@ -112,6 +122,7 @@ def test_bytes_match_independent_models(train_doc):
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(2400)   # the first of these runs 10 rows of 2 ranks (minutes on 2 cores)
 def test_horovod_settings_and_memory_fields(train_doc):
     settings = train_doc["horovod_settings"]
     # the user's value wins and says so; the one not set is Horovod's default
@@ -123,12 +134,13 @@ def test_horovod_settings_and_memory_fields(train_doc):
         assert row["peak_device_bytes"] is None                 # CPU run
         assert row["horovod_env"]["HOROVOD_CYCLE_TIME"] == "2"   # what every rank saw
     rows = {r["method"]: r for r in train_doc["results"]}
-    assert rows["liec[sign]"]["bucket_bytes"] == 4 * sum(
-        math.prod(s) for s in _model_sizes() if 4 * math.prod(s) >= 4096)
+    large = 4 * sum(math.prod(s) for s in _model_sizes() if 4 * math.prod(s) >= 4096)
+    assert rows["liec[sign]"]["bucket_bytes"] == rows["ddp+liec[sign]"]["bucket_bytes"] == large
     assert train_doc["threads"] == rows["compute-only"]["threads"] == rows["ddp"]["threads"]
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(2400)   # the first of these runs 10 rows of 2 ranks (minutes on 2 cores)
 def test_table_has_the_new_rows_and_columns(train_doc):
     from hvdcomp.bench.train import markdown
     from hvdcomp.cli.bench_train import train_table

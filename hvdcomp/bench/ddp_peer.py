@@ -6,7 +6,8 @@ Hooks, one row each: ``allreduce`` (DDP's built-in bucketed allreduce, no hook),
 ``PowerSGDState(matrix_approximation_rank=r, start_powerSGD_iter=2)``, the hook's other defaults:
 error feedback, warm start, ``min_compression_rate=2``). PowerSGD's first 2 iterations are its
 uncompressed start-up (the hook requires at least 2 with error feedback); they run before the
-warm-up steps, untimed. Backend: Gloo on CPU, NCCL on CUDA. The process group is the bench's own
+warm-up steps, untimed. Backend: Gloo (``bench train`` runs on the CPU; NCCL for a CUDA run is
+not built yet). The process group is the bench's own
 (``init_process_group`` over TCP at the address the launcher gives: rank 0's end of the
 emulated link, or the loopback), created and destroyed in this process.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Dict, List
+from typing import Dict, Optional
 
 from .train_worker import Row, comm_modules, loss_of, model_and_batch, sgd
 
@@ -57,8 +58,9 @@ def init_group(spec: Dict[str, object], rank: int, size: int) -> str:
 
     import torch.distributed as dist
 
-    device = str(spec.get("device", "cpu"))
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if str(spec.get("device", "cpu")) != "cpu":   # bench train runs on the CPU only (for now)
+        raise ValueError("the DDP peer runs on the CPU (Gloo); a CUDA run (NCCL) is not built")
+    backend = "gloo"
     if spec.get("gloo_ifname"):
         os.environ["GLOO_SOCKET_IFNAME"] = str(spec["gloo_ifname"])
     dist.init_process_group(backend, init_method=f"tcp://{spec['master_addr']}:"
@@ -69,10 +71,16 @@ def init_group(spec: Dict[str, object], rank: int, size: int) -> str:
 
 
 def wrap(model, spec: Dict[str, object]):
+    """(the DDP model, hvdcomp's hook state or None) with the row's communication hook."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model)
+    if spec["kind"] == "hvdcomp-ddp":
+        import hvdcomp
+        import hvdcomp.ddp
+        compression = hvdcomp.Compression.algorithm(spec["algorithm"], up=spec["up"])
+        return ddp, hvdcomp.ddp.register(ddp, compression, pattern=spec.get("pattern"))
     hook = spec["hook"]
     if hook == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -83,38 +91,79 @@ def wrap(model, spec: Dict[str, object]):
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     elif hook != "allreduce":
         raise ValueError(f"unknown DDP hook {hook!r}")
-    return ddp
+    return ddp, None
+
+
+class DDPRunner:
+    """One DDP row's model, hook and batch; :meth:`step` returns one timed row (step time only:
+    DDP communicates inside ``backward()``), with hvdcomp's ``compress`` time for its hook."""
+
+    def __init__(self, spec: Dict[str, object], rank: int, size: int,
+                 counter: AllreduceCounter):
+        model, self.inputs, self.labels = model_and_batch(spec, rank)
+        self.ddp, self.state = wrap(model, spec)
+        self.optimizer = sgd(self.ddp)
+        self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.rank, self.size, self.counter = rank, size, counter
+        self.source = ("optimizer counters" if self.state is not None
+                       else "ring model" if spec.get("hook") == "allreduce" else "hook calls")
+
+    @property
+    def stats(self):
+        return None if self.state is None else self.state.reducer.stats
+
+    @property
+    def period(self) -> Optional[int]:
+        return None if self.state is None else getattr(self.state.reducer.algorithm, "period",
+                                                       None)
+
+    def next_is_exact(self) -> bool:
+        return self.state is not None and self.state.reducer.exchange.is_sync_step()
+
+    def jump_to_exact_round(self) -> None:
+        algorithm, period = self.state.reducer.algorithm, self.period
+        algorithm.step += (period - 1 - algorithm.step % period) % period
+
+    def step(self) -> Row:
+        stats, counter = self.stats, self.counter
+        before = (stats.time_compress, stats.bytes_up, stats.bytes_down) if stats \
+            else (0.0, counter.up, counter.down)
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad()
+        loss_of(self.ddp, self.inputs, self.labels).backward()   # DDP's allreduces finish here
+        self.optimizer.step()
+        elapsed = time.perf_counter() - t0
+        if stats:
+            return [elapsed, None, stats.time_compress - before[0], None,
+                    float(stats.bytes_up - before[1]), float(stats.bytes_down - before[2])]
+        if self.source == "hook calls":
+            return [elapsed, None, None, None, float(counter.up - before[1]),
+                    float(counter.down - before[2])]
+        from .comm import ring_model_bytes
+        up, down = ring_model_bytes(self.numel, 4, self.size, self.rank)
+        return [elapsed, None, None, None, float(up), float(down)]
 
 
 def run_ddp(spec: Dict[str, object], rank: int, size: int) -> Dict[str, object]:
     import torch.distributed as dist
 
-    init_group(spec, rank, size)
-    model, inputs, labels = model_and_batch(spec, rank)
-    ddp = wrap(model, spec)
-    optimizer = sgd(ddp)
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counted = spec["hook"] != "allreduce"
-    with AllreduceCounter(rank, size) as counter:
-        def step() -> Row:
-            up, down = counter.up, counter.down
-            t0 = time.perf_counter()
-            optimizer.zero_grad()
-            loss_of(ddp, inputs, labels).backward()   # DDP's allreduces finish in here
-            optimizer.step()
-            elapsed = time.perf_counter() - t0
-            if counted:
-                return [elapsed, None, None, None, float(counter.up - up),
-                        float(counter.down - down)]
-            from .comm import ring_model_bytes
-            return [elapsed, None, None, None, *map(float, ring_model_bytes(numel, 4, size, rank))]
+    from .train_horovod import timed_steps
 
-        start = POWERSGD_START_ITER if spec["hook"] == "powersgd" else 0
-        for _ in range(start + int(spec["warmup"])):
-            step()
-        rows: List[Row] = [step() for _ in range(int(spec["steps"]))]
+    init_group(spec, rank, size)
+    with AllreduceCounter(rank, size) as counter:
+        runner = DDPRunner(spec, rank, size, counter)
+        if spec.get("hook") == "powersgd":   # the hook's uncompressed start-up, untimed
+            for _ in range(POWERSGD_START_ITER):
+                runner.step()
+        compressed, exact, period = timed_steps(runner, int(spec["warmup"]), int(spec["steps"]))
     loaded = comm_modules()
+    bucket = None
+    if runner.state is not None:
+        buckets = [b for b in runner.state.reducer.buckets
+                   if b.exchange is runner.state.reducer.exchange]
+        bucket = max((4 * b.numel for b in buckets), default=None)
     dist.barrier()
     dist.destroy_process_group()
-    return {"compressed": rows, "exact": [], "period": None, "parameters": numel,
-            "bytes_source": "hook calls" if counted else "ring model", "comm_modules": loaded}
+    return {"compressed": compressed, "exact": exact, "period": period,
+            "parameters": runner.numel, "bytes_source": runner.source, "bucket_bytes": bucket,
+            "comm_modules": loaded}

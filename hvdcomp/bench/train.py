@@ -15,8 +15,9 @@ one after the other, on the same model, batch, seed and threads:
 * ``horovod`` — P-SGD with Horovod's own ``hvd.DistributedOptimizer``; ``horovod-fp16`` adds
   ``hvd.Compression.fp16``;
 * every algorithm × compressor through :func:`hvdcomp.DistributedOptimizer`;
-* with ``--peer ddp``: PyTorch DDP (Gloo on CPU) with its default allreduce, ``fp16_compress_hook``
-  and ``powerSGD_hook`` (:mod:`hvdcomp.bench.ddp_peer`).
+* with ``--peer ddp``: PyTorch DDP (Gloo) with its default allreduce, ``fp16_compress_hook``
+  and ``powerSGD_hook``; with ``--peer hvdcomp-ddp``: every hvdcomp row again as a DDP
+  communication hook (:mod:`hvdcomp.ddp`); both in :mod:`hvdcomp.bench.ddp_peer`.
 
 One Horovod/hvdcomp step is timed in three parts:
 
@@ -38,7 +39,8 @@ one exact step is timed separately and the rate reported is amortised:
 ((p − 1)·t_compressed + t_exact) / p, its extra time counted as ``comm``.
 
 Peak memory: each rank's peak resident set (``ru_maxrss`` of the rank process, which ran this row
-only) and, on CUDA, ``torch.cuda.max_memory_allocated``.
+only, so rows do not inherit each other's peaks). ``peak_device_bytes`` is for
+``torch.cuda.max_memory_allocated``; ``bench train`` runs on the CPU today, so it is null.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ from typing import Dict, List, Optional, Sequence
 DEFAULT_ALGORITHMS = ("liec", "doublesqueeze")
 DEFAULT_COMPRESSORS = ("sign",)
 BASELINES = ("horovod", "horovod-fp16")
-PEERS = ("ddp",)
+PEERS = ("ddp", "hvdcomp-ddp")
 DDP_HOOKS = ("allreduce", "fp16", "powersgd")
 #: kinds that run inside initialised Horovod ranks
 HOROVOD_KINDS = ("horovod-idle",) + BASELINES + ("hvdcomp",)
@@ -58,7 +60,7 @@ HOROVOD_KINDS = ("horovod-idle",) + BASELINES + ("hvdcomp",)
 
 @dataclass(frozen=True)
 class TrainMethod:
-    kind: str          # compute-only | horovod-idle | horovod | horovod-fp16 | hvdcomp | ddp
+    kind: str   # compute-only | horovod-idle | horovod | horovod-fp16 | hvdcomp | ddp | hvdcomp-ddp
     algorithm: Optional[str] = None
     up: Optional[str] = None
     hook: Optional[str] = None           # ddp: allreduce | fp16 | powersgd
@@ -68,6 +70,8 @@ class TrainMethod:
     def label(self) -> str:
         if self.kind == "hvdcomp":
             return f"{self.algorithm}[{self.up}]"
+        if self.kind == "hvdcomp-ddp":
+            return f"ddp+{self.algorithm}[{self.up}]"
         if self.kind == "ddp":
             if self.hook == "allreduce":
                 return "ddp"
@@ -135,13 +139,23 @@ def plan_train_methods(algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
         for spec in compressors:
             built = make_algorithm(algorithm, up=spec)
             methods.append(TrainMethod("hvdcomp", algorithm, built.up.spec()))
+    return methods + _peer_methods(peers, methods, powersgd_rank)
+
+
+def _peer_methods(peers: Sequence[str], methods: List[TrainMethod],
+                  powersgd_rank: int) -> List[TrainMethod]:
     for peer in peers:
         if peer not in PEERS:
             raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)} (or 'none')")
-        methods += [TrainMethod("ddp", hook=hook,
-                                powersgd_rank=powersgd_rank if hook == "powersgd" else None)
-                    for hook in DDP_HOOKS]
-    return methods
+    rows = []
+    if "ddp" in peers:
+        rows += [TrainMethod("ddp", hook=hook,
+                             powersgd_rank=powersgd_rank if hook == "powersgd" else None)
+                 for hook in DDP_HOOKS]
+    if "hvdcomp-ddp" in peers:   # hvdcomp's algorithms as a DDP hook (hvdcomp.ddp)
+        rows += [TrainMethod("hvdcomp-ddp", m.algorithm, m.up) for m in methods
+                 if m.kind == "hvdcomp"]
+    return rows
 
 
 # --- combining the ranks' records ---------------------------------------------------------------

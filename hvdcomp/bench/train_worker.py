@@ -103,7 +103,7 @@ def run(spec: Dict[str, object]) -> Dict[str, object]:
     kind = spec["kind"]
     if kind == "compute-only":
         record = run_compute_only(spec, rank, size)
-    elif kind == "ddp":
+    elif kind in ("ddp", "hvdcomp-ddp"):
         from .ddp_peer import run_ddp
         record = run_ddp(spec, rank, size)
     else:
