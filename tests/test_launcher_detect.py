@@ -37,3 +37,14 @@ def test_plain_mpirun_is_recorded_as_mpirun():
     seen = _launchers_seen(["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none",
                             sys.executable, "-c", PRINT_LAUNCHER])
     assert seen == ["mpirun rank=0 size=2", "mpirun rank=1 size=2"]
+
+
+def test_torchrun_is_recorded_as_torchrun_with_its_rank():
+    """torchrun's workers carry RANK/WORLD_SIZE; Slurm's (srun torchrun ...) must not win."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**launcher_env(), "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    done = run_command([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python",
+                        sys.executable, "-c", PRINT_LAUNCHER], timeout=120, env=env)
+    assert done.returncode == 0, done.stdout
+    seen = sorted(re.findall(r"launcher=(\w+ rank=\d+ size=\d+)", done.stdout))
+    assert seen == ["torchrun rank=0 size=2", "torchrun rank=1 size=2"]

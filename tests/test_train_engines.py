@@ -107,3 +107,40 @@ def test_horovod_under_torchrun_is_refused_with_one_line(tmp_path):
     assert len(errors) == 1 and "torchrun" in errors[0] and "--engine torch" in errors[0], \
         done.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- where the torch engine's ranks meet (no ranks started) -------------------------------------
+def test_rendezvous_from_each_launchers_environment():
+    from hvdcomp.train.config import ConfigError, detect_launcher
+    from hvdcomp.train.engine import derived_port, rendezvous, usable_engine
+
+    def meet(env):
+        return rendezvous(detect_launcher(env), env)
+
+    one_node = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+                "PMIX_NAMESPACE": "4050"}
+    where = meet(one_node)
+    assert (where.rank, where.world_size, where.local_rank, where.address) == (1, 2, 1, "127.0.0.1")
+    assert where.port == derived_port("4050") and 29501 <= where.port < 49501
+    assert meet({**one_node, "MASTER_PORT": "1234"}).port == 1234
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):        # two nodes, no address
+        meet({**one_node, "OMPI_COMM_WORLD_LOCAL_SIZE": "1"})
+    two_nodes = {**one_node, "OMPI_COMM_WORLD_LOCAL_SIZE": "1", "MASTER_ADDR": "node7"}
+    assert meet(two_nodes).address == "node7"
+    srun = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+            "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+            "SLURM_JOB_ID": "77", "MASTER_ADDR": "node1"}
+    where = meet(srun)
+    assert (where.rank, where.world_size, where.local_rank, where.local_size) == (3, 4, 1, 2)
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555",
+                "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert (meet(torchrun).rank, meet(torchrun).port) == (1, 29555)
+    with pytest.raises(ConfigError, match="horovodrun"):
+        meet({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="MASTER_PORT"):
+        meet({**one_node, "MASTER_PORT": "http"})
+    # ranks that must fail together meet in an engine that can start under their launcher
+    assert usable_engine("horovod", detect_launcher(torchrun)) == "torch"
+    assert usable_engine(None, detect_launcher(torchrun)) == "torch"
