@@ -102,7 +102,7 @@ step bench-compressors 150 "$PY" scripts/gpu_check.py bench "$OUT" --device "$DE
     --sizes "$SIZES" --warmup 3 --repeats 20
 
 # tests/test_gpu_*.py, and the gpu-marked tests of files that hold others too (-m gpu picks them)
-mapfile -t GPU_TESTS < <(ls tests/test_gpu_*.py tests/test_comm_torchdist.py 2>/dev/null)
+mapfile -t GPU_TESTS < <(ls tests/test_gpu_*.py tests/test_comm_torchdist.py tests/test_ddp_hook.py 2>/dev/null)
 if "$PY" -c "import pytest" 2>/dev/null; then
     # -p no:cacheprovider: write nothing into the tree; -o addopts=: no options a plugin missing
     # here would need
