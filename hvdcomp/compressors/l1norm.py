@@ -66,14 +66,43 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 #: elements per ``bincount`` call: its float64 sums of mantissas (< 2^24 each) stay below 2^53,
-#: so every addition is exact whatever order bincount adds in
+#: so every addition is exact whatever order bincount adds in (block sums: 2^22 blocks of 2^27)
 _EXACT_PIECE = 1 << 28
 
 
 def reference_bins(x32: torch.Tensor) -> torch.Tensor:
-    """The exponent bins of a float32 tensor with plain torch ops (CPU)."""
+    """The exponent bins of a float32 tensor with plain torch ops (CPU), formed as the C kernel
+    forms them: blocks of 64 elements whose non-zero exponents span at most 23 are summed
+    exactly in float64 (any order) and added as two integers; other blocks and the tail per
+    element.  Any exact binning gives the same norm; this one is the fastest in torch."""
     words = x32.reshape(-1).view(torch.int32)
-    bins = torch.zeros(256, dtype=torch.int64, device=x32.device)
+    whole = words.numel() // 64 * 64
+    bins = _element_bins(words[whole:])
+    for start in range(0, whole, _EXACT_PIECE):
+        blocks = (words[start:min(whole, start + _EXACT_PIECE)] & 0x7FFFFFFF).view(-1, 64)
+        exponents = blocks >> 23
+        high = exponents.amax(1)
+        low = torch.where(blocks > 0, exponents.clamp(min=1), 255).amin(1)
+        exact = (high < 255) & (high - low <= 23) & (low <= 229)
+        sums = blocks[exact].view(torch.float32).to(torch.float64).sum(1)
+        shift = (150 - low[exact]).to(torch.float64)
+        units = torch.ldexp(sums, shift).to(torch.int64)          # integers below 2^53
+        first = low[exact].to(torch.int64)
+        bins += _bincount(first, units & ((1 << 26) - 1)) + _bincount(first + 26, units >> 26)
+        bins += _element_bins(blocks[~exact & (low < 255)].reshape(-1))
+    return bins
+
+
+def _bincount(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Integer sums of ``values`` (each below 2^27, at most 2^22 of them: float64 exact) per
+    bin."""
+    sums = torch.bincount(index, weights=values.to(torch.float64), minlength=256)
+    return sums.to(torch.int64)
+
+
+def _element_bins(words: torch.Tensor) -> torch.Tensor:
+    """Per-element bins of float32 bit patterns (int32)."""
+    bins = torch.zeros(256, dtype=torch.int64)
     for start in range(0, words.numel(), _EXACT_PIECE):
         piece = words[start:start + _EXACT_PIECE]
         exponents = (piece >> 23) & 0xFF
