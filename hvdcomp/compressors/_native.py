@@ -3,9 +3,9 @@ compiler on first use and loaded with ``ctypes``.
 
 Why C and not ``torch.compile``: the kernels must give the pure-torch reference's bytes exactly,
 and a reduction compiled by Inductor sums in its own order (the L1 norm's last bit would differ);
-the sign packing and table decode compiled with Inductor on the 2-core benchmark machine took
-longer to compile than a whole benchmark run (docs/benchmarks.md).  The C kernels build in about
-a second with no torch headers.
+sign's encode compiled with Inductor took 608 s to compile on the (loaded) 2-core benchmark
+machine and then ran at 6.5x a copy (docs/benchmarks.md).  The C kernels build in a few seconds
+with no torch headers.
 
 Selection, by the environment variable ``HVDCOMP_NATIVE``:
   unset or ``auto``  use the kernels when they build; otherwise the pure-torch reference runs;
