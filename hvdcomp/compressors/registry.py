@@ -6,7 +6,9 @@ compressor's constructor checks its own ranges and lists them in ``parameters``)
 parameters — so that a bad value stops a run before it starts rather than as a NaN later."""
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from typing import Callable, Dict, List
 
 from ..errors import UserError
@@ -108,5 +110,9 @@ def registered_names() -> List[str]:
 
 
 def _load_builtin() -> None:
-    # Importing the modules registers their classes.
-    from . import cast, lowrank, quantize, sign, sparse  # noqa: F401
+    """Import every public module of :mod:`hvdcomp.compressors` (importing one registers its
+    classes), so adding a compressor is adding one module (docs/extending.md)."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{module.name}")
