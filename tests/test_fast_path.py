@@ -23,8 +23,9 @@ from hvdcomp.compressors.l1norm import l1_norm
 
 SETTINGS = settings(max_examples=60, deadline=None)
 SIGN_SPECS = ["sign", "chunksign", "blocksign:block=64", "blocksign:block=7"]
-pytestmark = pytest.mark.skipif(_native.library() is None,
-                                reason=f"C kernels unavailable: {_native.status()}")
+#: the comparisons need the kernels; the HVDCOMP_NATIVE tests below run without a compiler too
+needs_kernels = pytest.mark.skipif(_native.library() is None,
+                                   reason=f"C kernels unavailable: {_native.status()}")
 
 
 @contextlib.contextmanager
@@ -72,6 +73,7 @@ def both_roads(spec: str, x: torch.Tensor, seed: int = 3):
     return results["reference"], results["native"]
 
 
+@needs_kernels
 @SETTINGS
 @given(numel=LENGTHS, seed=st.integers(0, 2 ** 31 - 1), kind=KINDS,
        spec=st.sampled_from(SIGN_SPECS), threads=st.sampled_from([1, 2, 3]))
@@ -88,6 +90,7 @@ def test_sign_family_native_equals_reference(numel, seed, kind, spec, threads):
     assert torch.equal(fresh, into)
 
 
+@needs_kernels
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 65, 1000, (1 << 18) + 5])
 def test_sign_with_bucket_norm_and_partial_norm_native_equal_reference(numel):
     x = vector(numel, numel, "wide")
@@ -116,6 +119,7 @@ def exact_float32_l1(x: torch.Tensor) -> float:
     return float((even or nearest)[0])
 
 
+@needs_kernels
 @settings(max_examples=25, deadline=None)
 @given(numel=st.integers(1, 3000), seed=st.integers(0, 2 ** 31 - 1), kind=KINDS)
 def test_l1_norm_is_the_exact_sum_rounded_once(numel, seed, kind):
@@ -126,6 +130,7 @@ def test_l1_norm_is_the_exact_sum_rounded_once(numel, seed, kind):
             assert float(l1_norm(x)) == want, name
 
 
+@needs_kernels
 def test_l1_norm_of_half_inputs_is_that_of_their_float32_values():
     x = vector(1001, 5, "gauss")
     for dtype in (torch.float16, torch.bfloat16):
@@ -134,6 +139,7 @@ def test_l1_norm_of_half_inputs_is_that_of_their_float32_values():
                 assert torch.equal(l1_norm(x.to(dtype)), l1_norm(x.to(dtype).float()))
 
 
+@needs_kernels
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("spec", SIGN_SPECS)
 def test_nonfinite_with_check_off_same_bytes_and_refused_with_check_on(spec, bad):
@@ -193,6 +199,7 @@ def test_bad_setting_is_refused(monkeypatch):
         from_spec("sign").compress(torch.ones(16))
 
 
+@needs_kernels
 def test_build_lands_in_the_cache_and_is_reused(fresh_library, tmp_path):
     fresh_library.setenv("HVDCOMP_NATIVE", "1")
     assert _native.library() is not None
@@ -204,6 +211,7 @@ def test_build_lands_in_the_cache_and_is_reused(fresh_library, tmp_path):
 
 
 # --- top-k: candidates and max|x| in one C pass ---------------------------------------------------
+@needs_kernels
 @settings(max_examples=30, deadline=None)
 @given(numel=st.integers(1 << 14, 1 << 17), seed=st.integers(0, 2 ** 31 - 1),
        kind=st.sampled_from(["gauss", "wide", "zeros", "constant", "ties"]),
@@ -219,6 +227,7 @@ def test_topk_native_equals_reference(numel, seed, kind, ratio):
     assert torch.equal(fresh, ref_fresh) and torch.equal(into, ref_into)
 
 
+@needs_kernels
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_topk_nonfinite_same_bytes_with_check_off_refused_with_check_on(bad):
     x = vector(1 << 15, 4, "gauss")
@@ -235,6 +244,7 @@ def test_topk_nonfinite_same_bytes_with_check_off_refused_with_check_on(bad):
 
 
 # --- qsgd: codes and decode in one C pass each ----------------------------------------------------
+@needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(numel=LENGTHS, seed=st.integers(0, 2 ** 31 - 1),
        kind=st.sampled_from(["gauss", "zeros", "constant"]),   # "wide" overflows the L2 norm
@@ -266,6 +276,7 @@ def test_counter_uniforms_are_uniform_and_independent_of_the_piece():
 
 
 # --- the finite check of the casts: a C scan instead of torch.isfinite(x).all() ------------------
+@needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(numel=LENGTHS, where=st.floats(0, 1), bad=st.sampled_from(["nan", "inf", "-inf", None]),
        spec=st.sampled_from(["none", "fp16", "bf16"]))
@@ -282,6 +293,7 @@ def test_cast_finite_check_same_verdict_on_both_roads(numel, where, bad, spec):
                     from_spec(spec).compress(x)
 
 
+@needs_kernels
 def test_fp16_overflow_is_refused_on_both_roads():
     x = vector(1 << 19, 9, "gauss")
     x[77] = 1e6        # finite in float32, Inf once cast to float16
