@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Tuple, TypeVar
 import torch
 
 from ._native_src import SOURCE
-from .base import CompressionError
+from .base import CompressionError, road_setting
 
 # -ffp-contract=off: no fused multiply-adds, so float arithmetic rounds as torch's does;
 # -fno-trapping-math lets loops with float selects vectorise (values unchanged: IEEE operations
@@ -63,12 +63,7 @@ _SIGNATURES = {
 
 def setting() -> str:
     """``auto``, ``off`` or ``on`` from ``HVDCOMP_NATIVE``; anything else is an error."""
-    value = os.environ.get("HVDCOMP_NATIVE", "auto").strip().lower()
-    aliases = {"": "auto", "auto": "auto", "0": "off", "off": "off", "false": "off",
-               "1": "on", "on": "on", "true": "on"}
-    if value not in aliases:
-        raise CompressionError(f"HVDCOMP_NATIVE must be auto, 0/off or 1/on, got {value!r}")
-    return aliases[value]
+    return road_setting("HVDCOMP_NATIVE")
 
 
 def _cpu_flags() -> str:

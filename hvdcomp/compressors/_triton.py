@@ -17,12 +17,11 @@ CompressionError when Triton is missing). Nothing launches synchronously: no hos
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from .base import CompressionError
+from .base import CompressionError, road_setting
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs lack it
     import triton
@@ -42,12 +41,7 @@ _MAX_NUMEL = 2 ** 31 - 8 * _DECODE_BLOCK
 
 def setting() -> str:
     """``auto``, ``off`` or ``on`` from ``HVDCOMP_TRITON``; anything else is an error."""
-    value = os.environ.get("HVDCOMP_TRITON", "auto").strip().lower()
-    aliases = {"": "auto", "auto": "auto", "0": "off", "off": "off", "false": "off",
-               "1": "on", "on": "on", "true": "on"}
-    if value not in aliases:
-        raise CompressionError(f"HVDCOMP_TRITON must be auto, 0/off or 1/on, got {value!r}")
-    return aliases[value]
+    return road_setting("HVDCOMP_TRITON")
 
 
 def usable(*tensors: torch.Tensor) -> bool:

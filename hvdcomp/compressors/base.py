@@ -15,6 +15,7 @@ Error feedback (memories, momenta) belongs to the algorithms in :mod:`hvdcomp.al
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any, Dict, Sequence, Tuple
 
 import torch
@@ -163,6 +164,17 @@ _finite_check_mode = "auto"
 _deferred_nonfinite: Dict[torch.device, torch.Tensor] = {}
 #: device -> (pinned host copy of its counter, event recorded after the copy) for "auto"
 _polls: Dict[torch.device, Tuple[torch.Tensor, Any]] = {}
+
+
+def road_setting(variable: str) -> str:
+    """``auto``, ``off`` or ``on`` from the environment variable that selects a fast road
+    (``HVDCOMP_NATIVE``, ``HVDCOMP_TRITON``); anything else is an error naming the variable."""
+    value = os.environ.get(variable, "auto").strip().lower()
+    aliases = {"": "auto", "auto": "auto", "0": "off", "off": "off", "false": "off",
+               "1": "on", "on": "on", "true": "on"}
+    if value not in aliases:
+        raise CompressionError(f"{variable} must be auto, 0/off or 1/on, got {value!r}")
+    return aliases[value]
 
 
 def set_finite_check(mode: str) -> str:
