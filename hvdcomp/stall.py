@@ -111,8 +111,9 @@ def _watch() -> None:
 
 
 def _end_job(what: str, waited: float, limit: float) -> None:
-    rank = os.environ.get("HOROVOD_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or \
-        os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID") or "0"
+    # torchrun's RANK before Slurm's: under `srun torchrun` SLURM_PROCID numbers nodes, not ranks
+    names = ("HOROVOD_RANK", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+    rank = next((os.environ[name] for name in names if os.environ.get(name)), "0")
     during = f" during {_where}" if _where else ""
     print(f"Error (rank {rank}): collective {what}{during} has waited {waited:.0f} s for the "
           f"other ranks "
