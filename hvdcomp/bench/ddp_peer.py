@@ -22,6 +22,9 @@ import time
 from datetime import timedelta
 from typing import Dict, Optional
 
+# imported here, not in the counter: a hook's allreduce may run in a callback thread, where a
+# failing import would abort the process instead of raising
+from .comm import ring_model_bytes
 from .train_worker import Row, comm_modules, loss_of, model_and_batch, sgd
 
 #: the hook's own uncompressed start-up iterations (the smallest it accepts with error feedback)
@@ -39,8 +42,7 @@ class AllreduceCounter:
         self._original = dist.all_reduce
 
     def __enter__(self) -> "AllreduceCounter":
-        def counted(tensor, *args, **kwargs):
-            from .comm import ring_model_bytes
+        def counted(tensor, *args, **kwargs):   # runs in Gloo's callback threads too
             up, down = ring_model_bytes(tensor.numel(), tensor.element_size(), self.size,
                                         self.rank)
             self.up, self.down, self.calls = self.up + up, self.down + down, self.calls + 1
@@ -139,7 +141,6 @@ class DDPRunner:
         if self.source == "hook calls":
             return [elapsed, None, None, None, float(counter.up - before[1]),
                     float(counter.down - before[2])]
-        from .comm import ring_model_bytes
         up, down = ring_model_bytes(self.numel, 4, self.size, self.rank)
         return [elapsed, None, None, None, float(up), float(down)]
 

@@ -109,7 +109,7 @@ def run_row(ranks: Ranks, method: TrainMethod, spec: Dict[str, object], folder: 
             _stop(proc)
     records = [folder / f"{tag}.rank{r}.json" for r in range(ranks.np)]
     if proc.returncode != 0 or not all(path.exists() for path in records):
-        tail = "\n".join(output.strip().splitlines()[-25:])
+        tail = "\n".join(output.strip().splitlines()[-60:])
         raise BenchError(f"row {method.label} failed (launcher exit {proc.returncode}); its "
                          f"ranks' output ends with:\n{tail}")
     return [json.loads(path.read_text()) for path in records]
