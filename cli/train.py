@@ -96,8 +96,9 @@ def _without_usage(exc: click.UsageError) -> str:
               help="LIEC-SGD: exact model averaging every PERIOD steps.")
 @click.option("--algorithm-option", "algorithm_options", multiple=True, metavar="KEY=VALUE",
               help="Extra algorithm hyperparameter (repeatable), e.g. beta=0.9.")
-@click.option("--bucket-bytes", type=int, default=64 << 20, show_default=True,
-              help="Gradient fusion bucket size.")
+@click.option("--bucket-bytes", type=int, default=None,
+              help="Gradient fusion bucket size: every bucket this size. Default: 25 MiB with a "
+                   "1 MiB first bucket (as DDP), so the uplink starts while backward runs.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--steps", type=int, default=None, help="Train this many steps (overrides --epochs).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per worker.")

@@ -75,7 +75,7 @@ class TrainConfig:
     pattern: Optional[str] = None  # exchange pattern; None: DEFAULT_PATTERN[algorithm] or the optimizer's
     period: int = 32  # LIEC-SGD's exact-averaging period p
     algorithm_options: Dict[str, Any] = field(default_factory=dict)
-    bucket_bytes: int = 64 << 20
+    bucket_bytes: Optional[int] = None   # None: the optimizer's (25 MiB, first bucket 1 MiB)
     # optimisation
     epochs: int = 10
     steps: Optional[int] = None  # when set, overrides epochs
@@ -124,7 +124,8 @@ class TrainConfig:
         _check_range("--period", cfg.period, 1)
         _check_range("--log-every", cfg.log_every, 1)
         _check_range("--keep-checkpoints", cfg.keep_checkpoints, 1)
-        _check_range("--bucket-bytes", cfg.bucket_bytes, 1)
+        if cfg.bucket_bytes is not None:
+            _check_range("--bucket-bytes", cfg.bucket_bytes, 1)
         if not cfg.lr > 0:
             raise ConfigError(f"--lr must be positive, got {cfg.lr}")
         if not 0 <= cfg.momentum < 1:
