@@ -38,7 +38,8 @@ REDUCIBLE_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 class WorkerFailed(RuntimeError):
-    """Raised in every simulated worker after another worker raised or left a collective unmatched."""
+    """Raised in every simulated worker after another worker raised or left a collective
+    unmatched."""
 
 
 class _Slot:
@@ -127,47 +128,63 @@ class SimWorld:
     def _compute(self, kind: str, slot: _Slot) -> List[Any]:
         tensors = [item[0] for item in slot.inputs]
         metas = [item[1] for item in slot.inputs]
-        kinds = {meta[0] for meta in metas}
-        if len(kinds) != 1:
-            raise ValueError(f"collective {slot.name!r} was posted as different operations on "
-                             f"different ranks: {[meta[0] for meta in metas]}")
-        dtypes = {t.dtype for t in tensors}
-        if len(dtypes) != 1:
-            raise ValueError(f"collective {slot.name!r}: ranks sent different dtypes "
-                             f"{[str(t.dtype) for t in tensors]}")
-        n = self.size
-        if kind == "allreduce":
-            shapes = {tuple(t.shape) for t in tensors}
-            ops = {meta[1] for meta in metas}
-            if len(shapes) != 1 or len(ops) != 1:
-                raise ValueError(f"allreduce {slot.name!r}: ranks sent different shapes or ops "
-                                 f"{[tuple(t.shape) for t in tensors]} {[m[1] for m in metas]}")
-            total = tensors[0].clone()
-            for t in tensors[1:]:  # rank order: the result never depends on thread timing
-                total.add_(t)
-            if metas[0][1] == "average":
-                total = scale_like_horovod(total, 1.0 / n)
-            return [total.clone() for _ in range(n)]
-        if kind == "allgather":
-            if len({tuple(t.shape[1:]) for t in tensors}) != 1:
-                raise ValueError(f"allgather {slot.name!r}: ranks sent tensors whose shapes differ "
-                                 f"beyond the first dimension: {[tuple(t.shape) for t in tensors]}")
-            gathered = torch.cat(tensors)
-            return [gathered.clone() for _ in range(n)]
-        if kind == "alltoall":
-            pieces = [torch.split(t, meta[1]) for t, meta in zip(tensors, metas)]
-            return [(torch.cat([pieces[src][dst] for src in range(n)]),
-                     [metas[src][1][dst] for src in range(n)]) for dst in range(n)]
-        if kind == "broadcast":
-            roots = {meta[1] for meta in metas}
-            if len(roots) != 1:
-                raise ValueError(f"broadcast {slot.name!r}: ranks named different roots {roots}")
-            root = roots.pop()
-            if len({tuple(t.shape) for t in tensors}) != 1:
-                raise ValueError(f"broadcast {slot.name!r}: ranks sent different shapes")
-            return [tensors[root].clone() for _ in range(n)]
-        raise AssertionError(kind)
+        _check_same_kind_and_dtype(slot.name, tensors, metas)
+        combine = _COMBINERS.get(kind)
+        if combine is None:
+            raise AssertionError(kind)
+        return combine(slot.name, tensors, metas, self.size)
 
+
+# --- what each collective returns to each of the n ranks, from every rank's (tensor, meta) -----
+def _check_same_kind_and_dtype(name: str, tensors: List[torch.Tensor], metas: List[tuple]) -> None:
+    if len({meta[0] for meta in metas}) != 1:
+        raise ValueError(f"collective {name!r} was posted as different operations on "
+                         f"different ranks: {[meta[0] for meta in metas]}")
+    if len({t.dtype for t in tensors}) != 1:
+        raise ValueError(f"collective {name!r}: ranks sent different dtypes "
+                         f"{[str(t.dtype) for t in tensors]}")
+
+
+def _allreduce(name: str, tensors: List[torch.Tensor], metas: List[tuple], n: int) -> List[Any]:
+    shapes = {tuple(t.shape) for t in tensors}
+    ops = {meta[1] for meta in metas}
+    if len(shapes) != 1 or len(ops) != 1:
+        raise ValueError(f"allreduce {name!r}: ranks sent different shapes or ops "
+                         f"{[tuple(t.shape) for t in tensors]} {[m[1] for m in metas]}")
+    total = tensors[0].clone()
+    for t in tensors[1:]:  # rank order: the result never depends on thread timing
+        total.add_(t)
+    if metas[0][1] == "average":
+        total = scale_like_horovod(total, 1.0 / n)
+    return [total.clone() for _ in range(n)]
+
+
+def _allgather(name: str, tensors: List[torch.Tensor], metas: List[tuple], n: int) -> List[Any]:
+    if len({tuple(t.shape[1:]) for t in tensors}) != 1:
+        raise ValueError(f"allgather {name!r}: ranks sent tensors whose shapes differ "
+                         f"beyond the first dimension: {[tuple(t.shape) for t in tensors]}")
+    gathered = torch.cat(tensors)
+    return [gathered.clone() for _ in range(n)]
+
+
+def _alltoall(name: str, tensors: List[torch.Tensor], metas: List[tuple], n: int) -> List[Any]:
+    pieces = [torch.split(t, meta[1]) for t, meta in zip(tensors, metas)]
+    return [(torch.cat([pieces[src][dst] for src in range(n)]),
+             [metas[src][1][dst] for src in range(n)]) for dst in range(n)]
+
+
+def _broadcast(name: str, tensors: List[torch.Tensor], metas: List[tuple], n: int) -> List[Any]:
+    roots = {meta[1] for meta in metas}
+    if len(roots) != 1:
+        raise ValueError(f"broadcast {name!r}: ranks named different roots {roots}")
+    root = roots.pop()
+    if len({tuple(t.shape) for t in tensors}) != 1:
+        raise ValueError(f"broadcast {name!r}: ranks sent different shapes")
+    return [tensors[root].clone() for _ in range(n)]
+
+
+_COMBINERS = {"allreduce": _allreduce, "allgather": _allgather, "alltoall": _alltoall,
+              "broadcast": _broadcast}
 
 class SimCommunicator(Communicator):
     """Rank ``rank`` of a :class:`SimWorld`; the collectives of :mod:`hvdcomp.comm.base`."""
@@ -182,8 +199,9 @@ class SimCommunicator(Communicator):
     def allreduce_async(self, tensor, name, op="average"):
         check_op(op)
         if tensor.dtype not in REDUCIBLE_DTYPES:
-            raise TypeError(f"allreduce {name!r}: {tensor.dtype} cannot be reduced (Horovod's torch "
-                            "binding reduces float16/32/64); send packed bytes with allgather")
+            raise TypeError(f"allreduce {name!r}: {tensor.dtype} cannot be reduced (Horovod's "
+                            "torch binding reduces float16/32/64); send packed bytes with "
+                            "allgather")
         return self.world.post(self.rank, "allreduce", name, tensor, ("allreduce", op))
 
     def allgather_async(self, tensor, name):

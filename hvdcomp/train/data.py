@@ -92,7 +92,8 @@ def check_dataset(spec: str, data_dir: Optional[str]) -> None:
         try:
             import sklearn.datasets  # noqa: F401
         except ImportError:
-            raise DataError("dataset 'digits' needs scikit-learn: pip install scikit-learn") from None
+            raise DataError("dataset 'digits' needs scikit-learn: "
+                            "pip install scikit-learn") from None
     elif name == "synthetic":
         _synthetic_options(options)
 
@@ -210,7 +211,8 @@ def _read_pickle(path: Path) -> dict:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="bytes")
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a malformed file
-        raise DataError(f"{path}: not a CIFAR python pickle ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a CIFAR python pickle "
+                        f"({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     # The published files are Python 2 pickles with bytes keys; accept str keys too.
@@ -263,50 +265,62 @@ def load_tiny_imagenet(data_dir: Optional[str]) -> Dataset:
     if not wnids:
         raise DataError(f"{base / 'wnids.txt'} lists no class ids")
     label_of = {w: i for i, w in enumerate(wnids)}
-
-    def read_image(path: Path) -> np.ndarray:
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"), dtype=np.uint8)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path}: cannot read image ({exc})") from None
-
-    train_files: List[Tuple[Path, int]] = []
-    for wnid in wnids:
-        folder = base / "train" / wnid / "images"
-        if not folder.is_dir():
-            raise DataError(f"{base}: expected train/{wnid}/images/*.JPEG for class {wnid}")
-        train_files += [(p, label_of[wnid]) for p in sorted(folder.glob("*.JPEG"))]
-    test_files: List[Tuple[Path, int]] = []
-    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
-        fields = line.split("\t")
-        if len(fields) < 2:
-            continue
-        if fields[1] not in label_of:
-            raise DataError(f"val_annotations.txt names class {fields[1]!r}, not in wnids.txt")
-        test_files.append((base / "val" / "images" / fields[0], label_of[fields[1]]))
+    train_files = _tiny_imagenet_train_files(base, wnids, label_of)
+    test_files = _tiny_imagenet_val_files(base, label_of)
     if not train_files or not test_files:
         raise DataError(f"{base}: found {len(train_files)} training and {len(test_files)} "
                         "validation images; expected train/<wnid>/images/*.JPEG and "
                         "val/val_annotations.txt")
-
-    def stack(files):
-        images = np.stack([read_image(p) for p, _ in files])  # (N, H, W, 3)
-        if images.shape[1:] != (64, 64, 3):
-            raise DataError(f"Tiny ImageNet images must be 64×64 RGB, got {images.shape[1:]}")
-        return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                torch.tensor([label for _, label in files], dtype=torch.int64))
-
-    train_x, train_y = stack(train_files)
-    test_x, test_y = stack(test_files)
+    train_x, train_y = _stack_tiny_imagenet(Image, train_files)
+    test_x, test_y = _stack_tiny_imagenet(Image, test_files)
     # ImageNet channel statistics, the usual choice for Tiny ImageNet.
     return Dataset("tinyimagenet", train_x, train_y, test_x, test_y, len(wnids),
                    torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225]),
                    is_image=True)
 
 
+def _tiny_imagenet_train_files(base: Path, wnids: List[str],
+                               label_of: Dict[str, int]) -> List[Tuple[Path, int]]:
+    files: List[Tuple[Path, int]] = []
+    for wnid in wnids:
+        folder = base / "train" / wnid / "images"
+        if not folder.is_dir():
+            raise DataError(f"{base}: expected train/{wnid}/images/*.JPEG for class {wnid}")
+        files += [(p, label_of[wnid]) for p in sorted(folder.glob("*.JPEG"))]
+    return files
+
+
+def _tiny_imagenet_val_files(base: Path, label_of: Dict[str, int]) -> List[Tuple[Path, int]]:
+    files: List[Tuple[Path, int]] = []
+    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        if fields[1] not in label_of:
+            raise DataError(f"val_annotations.txt names class {fields[1]!r}, not in wnids.txt")
+        files.append((base / "val" / "images" / fields[0], label_of[fields[1]]))
+    return files
+
+
+def _read_rgb_image(image_module, path: Path) -> np.ndarray:
+    try:
+        with image_module.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def _stack_tiny_imagenet(image_module, files: List[Tuple[Path, int]]):
+    """(N, 3, 64, 64) uint8 images and int64 labels; ``image_module`` is PIL.Image."""
+    images = np.stack([_read_rgb_image(image_module, p) for p, _ in files])  # (N, H, W, 3)
+    if images.shape[1:] != (64, 64, 3):
+        raise DataError(f"Tiny ImageNet images must be 64×64 RGB, got {images.shape[1:]}")
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor([label for _, label in files], dtype=torch.int64))
+
 # --- augmentation --------------------------------------------------------------------------------
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, padding: int,
+                     generator: torch.Generator) -> torch.Tensor:
     """Standard CIFAR augmentation in torch ops: zero-pad by ``padding``, crop a random window of
     the original size, flip horizontally with probability 1/2 (per image)."""
     n, c, h, w = images.shape
