@@ -16,8 +16,8 @@ import click
 from hvdcomp.cli.formats import output_format
 
 SPEC = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-OUT = click.option("--out", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
-                   help="Sweep directory (default: [sweep] output of the spec).")
+OUT = click.option("--out", "output", type=click.Path(file_okay=False, path_type=Path),
+                   default=None, help="Sweep directory (default: [sweep] output of the spec).")
 
 
 def _load(spec_path: Path, check_values: bool = True):
@@ -131,7 +131,8 @@ def cancel_cmd(spec: Path, output) -> None:
     from hvdcomp.slurmjobs import cancel
     sweep, sweep_paths = _load(spec, check_values=False)
     cancelled = cancel(sweep, sweep_paths(sweep, output))
-    click.echo(f"cancelled {len(cancelled)} job(s)" + (f": {' '.join(cancelled)}" if cancelled else ""))
+    click.echo(f"cancelled {len(cancelled)} job(s)"
+               + (f": {' '.join(cancelled)}" if cancelled else ""))
 
 
 @command.command("wait")

@@ -71,7 +71,8 @@ def _without_usage(exc: click.UsageError) -> str:
 
 @click.command("train", cls=TrainCommand)
 @click.option("--model", default="mlp", show_default=True,
-              help="resnet18 | resnet34 (PreAct) | resnet20 | cnn | mlp | logreg | torchvision:NAME")
+              help="resnet18 | resnet34 (PreAct) | resnet20 | cnn | mlp | logreg | "
+                   "torchvision:NAME")
 @click.option("--dataset", default="digits", show_default=True,
               help="digits | cifar10 | cifar100 | tinyimagenet | "
                    "synthetic[:samples=N,features=F,classes=K,seed=S]")
@@ -85,7 +86,8 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--compressor", default=None, metavar="SPEC",
               help="Compressor both ways, e.g. sign, topk:ratio=0.01 (default: none for psgd, "
                    "sign otherwise).")
-@click.option("--up", default=None, metavar="SPEC", help="Uplink compressor (overrides --compressor).")
+@click.option("--up", default=None, metavar="SPEC",
+              help="Uplink compressor (overrides --compressor).")
 @click.option("--down", default=None, metavar="SPEC",
               help="Downlink compressor (default: the uplink's).")
 @click.option("--pattern", default=None,
@@ -116,9 +118,11 @@ def _without_usage(exc: click.UsageError) -> str:
               help="Linear learning-rate warm-up.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default=None,
-              help="Run directory (default runs/<dataset>-<model>-<algorithm>-<compressor>-n<N>-s<seed>).")
+              help="Run directory (default "
+                   "runs/<dataset>-<model>-<algorithm>-<compressor>-n<N>-s<seed>).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or interrupted run in --out.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its latest checkpoint.")
 @click.option("--log-every", type=int, default=10, show_default=True,
               help="Steps between step records in metrics.jsonl.")
 @click.option("--checkpoint-every", default=None, metavar="N[epochs|steps]",
@@ -133,16 +137,17 @@ def _without_usage(exc: click.UsageError) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.option("--tensorboard", is_flag=True,
               help="Also write loss, accuracy, bytes per direction and time components per step "
-                   "as TensorBoard events into RUN_DIR/tensorboard (needs: pip install tensorboard).")
+                   "as TensorBoard events into RUN_DIR/tensorboard "
+                   "(needs: pip install tensorboard).")
 @click.option("--stall-timeout", type=float, default=None, metavar="SECONDS",
               help="End the job when a collective waits this long for the other ranks "
                    "(default 60, or HVDCOMP_STALL_TIMEOUT; 0 turns the guard off).")
 @click.option("--stop-after-steps", type=int, default=None, hidden=True,
               help="Testing: exit like a crash after this many steps.")
 def command(model, dataset, data_dir, non_iid_alpha, augment, algorithm, compressor, up, down,
-            pattern, period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr, momentum,
-            weight_decay, nesterov, schedule, milestones, warmup_epochs, seed, out, overwrite,
-            resume, log_every, checkpoint_every, keep_checkpoints, device, engine, quiet,
+            pattern, period, algorithm_options, bucket_bytes, epochs, steps, batch_size, lr,
+            momentum, weight_decay, nesterov, schedule, milestones, warmup_epochs, seed, out,
+            overwrite, resume, log_every, checkpoint_every, keep_checkpoints, device, engine, quiet,
             stall_timeout, stop_after_steps, tensorboard) -> None:
     """Data-parallel training with compressed, error-compensated gradient exchange.
 

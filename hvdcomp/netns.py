@@ -88,7 +88,8 @@ def missing_tools(path: Optional[str] = None) -> List[str]:
 
 
 def check_can_emulate() -> None:
-    """LinkError naming what is missing: the tools first (they are needed whoever runs), then root."""
+    """LinkError naming what is missing: the tools first (they are needed whoever runs), then
+    root."""
     missing = missing_tools()
     if missing:
         raise LinkError("--link needs " + ", ".join(f"{t} ({REQUIRED_TOOLS[t]})" for t in missing)
@@ -165,7 +166,8 @@ class EmulatedLink:
                     _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", INTERFACE,
                           "root", *tbf_arguments(self.bits_per_s)])
                 except LinkError as exc:
-                    raise LinkError(f"{exc} (does this kernel have the tbf qdisc, sch_tbf?)") from None
+                    raise LinkError(f"{exc} "
+                                    "(does this kernel have the tbf qdisc, sch_tbf?)") from None
         self._tmpdir = tempfile.TemporaryDirectory(prefix=f"hvdc{self.tag}-")
         self.hostfile = Path(self._tmpdir.name, "hostfile")
         self.hostfile.write_text("".join(f"{a} slots=1\n" for a in self.addresses))
@@ -176,7 +178,8 @@ class EmulatedLink:
 
     def down(self) -> None:
         """Kill what still runs inside our namespaces (our own ranks, by pid), delete them (which
-        deletes the veth pair), and remove the hostfile. Safe to call twice or after a failed up()."""
+        deletes the veth pair), and remove the hostfile. Safe to call twice or after a failed
+        up()."""
         if not self.created:
             return
         existing = set(our_namespaces())

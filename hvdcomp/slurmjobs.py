@@ -232,7 +232,8 @@ class JobRecord:
             raise SlurmError(f"job record {path} is unreadable ({exc.strerror or exc}); "
                              "remove it to resubmit") from None
         except (ValueError, TypeError) as exc:  # not JSON, not UTF-8, other fields
-            raise SlurmError(f"job record {path} is unreadable ({exc}); remove it to resubmit") from None
+            raise SlurmError(f"job record {path} is unreadable ({exc}); "
+                             "remove it to resubmit") from None
 
 
 def load_records(spec: SweepSpec, paths: SweepPaths) -> Dict[str, JobRecord]:

@@ -47,7 +47,8 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        # the projection shortcut sees the pre-activated input, as in the paper's full pre-activation
+        # the projection shortcut sees the pre-activated input, as in the paper's full
+        # pre-activation
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
