@@ -72,7 +72,8 @@ class TrainConfig:
     algorithm: str = "liec"
     up: Optional[str] = None  # uplink compressor spec; None: DEFAULT_UP[algorithm] or "sign"
     down: Optional[str] = None  # downlink compressor spec; None: DEFAULT_DOWN[algorithm] or up
-    pattern: Optional[str] = None  # exchange pattern; None: DEFAULT_PATTERN[algorithm] or the optimizer's
+    # exchange pattern; None: DEFAULT_PATTERN[algorithm] or the optimizer's
+    pattern: Optional[str] = None
     period: int = 32  # LIEC-SGD's exact-averaging period p
     algorithm_options: Dict[str, Any] = field(default_factory=dict)
     bucket_bytes: Optional[int] = None   # None: the optimizer's (25 MiB, first bucket 1 MiB)
@@ -101,7 +102,9 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
-        """Fill the defaults that depend on other options; validate everything. Raises ConfigError."""
+        """Fill the defaults that depend on other options; validate everything.
+
+        Raises ConfigError."""
         cfg = dataclasses.replace(self, algorithm_options=dict(self.algorithm_options))
         cfg.model = cfg.model.strip().lower()
         cfg.algorithm = cfg.algorithm.strip().lower()
@@ -109,46 +112,19 @@ class TrainConfig:
         if cfg.algorithm in UNSUPPORTED:
             raise ConfigError(f"algorithm {cfg.algorithm!r} is not supported by `hvdcomp train` "
                               f"yet: {UNSUPPORTED[cfg.algorithm]}")
-        if cfg.pattern is not None and cfg.pattern not in PATTERNS:
-            raise ConfigError(f"unknown --pattern {cfg.pattern!r}; choose one of: {', '.join(PATTERNS)}")
+        _check_choice("--pattern", cfg.pattern, PATTERNS)
         cfg.up = _canonical_compressor(cfg.up, "--up/--compressor")
         cfg.down = _canonical_compressor(cfg.down, "--down")
         if cfg.momentum is None:
             cfg.momentum = method.sgd_momentum      # the paper's SGD momentum
         if cfg.augment is None:
             cfg.augment = dataset_name(cfg.dataset) in ("cifar10", "cifar100", "tinyimagenet")
-        _check_range("--epochs", cfg.epochs, 1)
-        if cfg.steps is not None:
-            _check_range("--steps", cfg.steps, 1)
-        _check_range("--batch-size", cfg.batch_size, 1)
-        _check_range("--period", cfg.period, 1)
-        _check_range("--log-every", cfg.log_every, 1)
-        _check_range("--keep-checkpoints", cfg.keep_checkpoints, 1)
-        if cfg.bucket_bytes is not None:
-            _check_range("--bucket-bytes", cfg.bucket_bytes, 1)
-        if not cfg.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {cfg.lr}")
-        if not 0 <= cfg.momentum < 1:
-            raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-        if cfg.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
-        if cfg.warmup_epochs < 0:
-            raise ConfigError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
-        if cfg.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of: "
-                              f"{', '.join(SCHEDULES)}")
-        if any(not 0 < m < 1 for m in cfg.milestones):
-            raise ConfigError(f"--milestones are fractions of training in (0, 1), got "
-                              f"{list(cfg.milestones)}")
-        if cfg.non_iid_alpha is not None and not cfg.non_iid_alpha > 0:
-            raise ConfigError(f"--non-iid must be a positive Dirichlet alpha, got {cfg.non_iid_alpha}")
+        _check_counts(cfg)
+        _check_optimisation(cfg)
         if cfg.checkpoint_every is not None:
             parse_checkpoint_every(cfg.checkpoint_every)
-        if cfg.device not in ("cpu", "cuda"):
-            raise ConfigError(f"--device must be cpu or cuda, got {cfg.device!r}")
-        if cfg.engine is not None and cfg.engine not in ENGINES:
-            raise ConfigError(f"unknown --engine {cfg.engine!r}; choose one of: "
-                              f"{', '.join(ENGINES)}")
+        _check_choice("--device", cfg.device, ("cpu", "cuda"))
+        _check_choice("--engine", cfg.engine, ENGINES)
         return cfg
 
     def to_dict(self) -> Dict[str, Any]:
@@ -163,6 +139,42 @@ class TrainConfig:
         if "milestones" in kwargs:
             kwargs["milestones"] = tuple(kwargs["milestones"])
         return cls(**kwargs)
+
+
+def _check_choice(option: str, value: Optional[str], choices) -> None:
+    """``value`` (None: not given) must be one of ``choices``."""
+    if value is not None and value not in choices:
+        raise ConfigError(f"unknown {option} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_counts(cfg: TrainConfig) -> None:
+    """The options that count something: at least 1."""
+    for option, value in (("--epochs", cfg.epochs), ("--steps", cfg.steps),
+                          ("--batch-size", cfg.batch_size), ("--period", cfg.period),
+                          ("--log-every", cfg.log_every),
+                          ("--keep-checkpoints", cfg.keep_checkpoints),
+                          ("--bucket-bytes", cfg.bucket_bytes)):
+        if value is not None:          # --steps and --bucket-bytes may be left to their default
+            _check_range(option, value, 1)
+
+
+def _check_optimisation(cfg: TrainConfig) -> None:
+    """Learning rate, momentum, weight decay, schedule and data split."""
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.warmup_epochs < 0:
+        raise ConfigError(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
+    _check_choice("schedule", cfg.schedule, SCHEDULES)
+    if any(not 0 < m < 1 for m in cfg.milestones):
+        raise ConfigError(f"--milestones are fractions of training in (0, 1), got "
+                          f"{list(cfg.milestones)}")
+    if cfg.non_iid_alpha is not None and not cfg.non_iid_alpha > 0:
+        raise ConfigError(f"--non-iid must be a positive Dirichlet alpha, got "
+                          f"{cfg.non_iid_alpha}")
 
 
 #: Options that may differ between an interrupted run and its --resume (they do not change the
