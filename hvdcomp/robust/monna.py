@@ -40,6 +40,47 @@ __all__ = ["MoNNA"]
 log = logging.getLogger(__name__)
 
 
+
+def _check_hyperparameters(lr: float, beta: float, f: int, aggregator: str, n: int) -> None:
+    """MoNNA's own hyperparameters, before anything is built."""
+    if not lr > 0:
+        raise ValueError(f"MoNNA: lr must be positive, got {lr}")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"MoNNA: beta must lie in [0, 1), got {beta}")
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ValueError(f"MoNNA: f must be an int ≥ 0, got {f!r}")
+    if f and not n > 2 * f:
+        raise ValueError(f"MoNNA tolerates f faulty workers only with an honest majority, "
+                         f"n > 2f; got n = {n}, f = {f}")
+    if aggregator not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {aggregator!r}; choose one of: "
+                         f"{', '.join(AGGREGATORS)}")
+
+
+def _checked_attack(attack: Optional[str], attack_param: Any, line_search: Optional[bool],
+                    simulate_faults: bool, f: int, n: int) -> bool:
+    """Check a simulated attack's settings; return whether the attack runs its line search
+    (ALIE/FOE default to the MoNNA authors' line search unless a fixed z/ε is given)."""
+    if (attack is not None or line_search or attack_param is not None) and not simulate_faults:
+        raise ValueError("attacks are simulations of faulty workers for measuring "
+                         "robustness; MoNNA refuses to run them unless you pass "
+                         "simulate_faults=True")
+    if simulate_faults:
+        if attack not in ATTACKS:
+            raise ValueError(f"simulate_faults=True needs attack= one of: {', '.join(ATTACKS)}")
+        if f == 0:
+            raise ValueError("simulate_faults=True needs f ≥ 1 faulty workers")
+        if attack == "mimic" and attack_param is not None and (
+                isinstance(attack_param, bool) or not isinstance(attack_param, int)
+                or not 0 <= attack_param < n - f):
+            raise ValueError(f"mimic: attack_param is the honest worker to copy, an index in "
+                             f"[0, {n - f}), got {attack_param!r}")
+    if line_search is None:
+        return attack in ("alie", "foe") and attack_param is None
+    if line_search and attack_param is not None:
+        raise ValueError("give either attack_param (a fixed z/ε) or line_search, not both")
+    return bool(line_search)
+
 class MoNNA:
     """One MoNNA step per call of :meth:`step`, after the backward pass (see module docstring).
 
@@ -71,47 +112,18 @@ class MoNNA:
                                  f"(hvdcomp.comm); {type(comm).__name__} has no {attr!r}")
         self.comm = comm
         self.n = int(comm.size)
-        if not lr > 0:
-            raise ValueError(f"MoNNA: lr must be positive, got {lr}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"MoNNA: beta must lie in [0, 1), got {beta}")
-        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-            raise ValueError(f"MoNNA: f must be an int ≥ 0, got {f!r}")
-        if f and not self.n > 2 * f:
-            raise ValueError(f"MoNNA tolerates f faulty workers only with an honest majority, "
-                             f"n > 2f; got n = {self.n}, f = {f}")
-        if aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {aggregator!r}; choose one of: "
-                             f"{', '.join(AGGREGATORS)}")
-        if attack is not None or line_search or attack_param is not None:
-            if not simulate_faults:
-                raise ValueError("attacks are simulations of faulty workers for measuring "
-                                 "robustness; MoNNA refuses to run them unless you pass "
-                                 "simulate_faults=True")
-        if simulate_faults:
-            if attack not in ATTACKS:
-                raise ValueError(f"simulate_faults=True needs attack= one of: {', '.join(ATTACKS)}")
-            if f == 0:
-                raise ValueError("simulate_faults=True needs f ≥ 1 faulty workers")
+        _check_hyperparameters(lr, beta, f, aggregator, self.n)
+        line_search = _checked_attack(attack, attack_param, line_search, simulate_faults, f,
+                                      self.n)
         self.aggregator_options = dict(aggregator_options or {})
         self._check_aggregator(aggregator, f)
-        if simulate_faults and attack == "mimic" and attack_param is not None and (
-                isinstance(attack_param, bool) or not isinstance(attack_param, int)
-                or not 0 <= attack_param < self.n - f):
-            raise ValueError(f"mimic: attack_param is the honest worker to copy, an index in "
-                             f"[0, {self.n - f}), got {attack_param!r}")
         self.lr = float(lr)
         self.beta = float(beta)
         self.f = f
         self.aggregator = aggregator
         self.attack = attack if simulate_faults else None
         self.attack_param = attack_param
-        # ALIE/FOE default to the MoNNA authors' line search unless a fixed z/ε is given
-        if line_search is None:
-            line_search = attack in ("alie", "foe") and attack_param is None
-        elif line_search and attack_param is not None:
-            raise ValueError("give either attack_param (a fixed z/ε) or line_search, not both")
-        self.line_search = bool(line_search)
+        self.line_search = line_search
         self.simulate_faults = bool(simulate_faults)
         self.steps = 0
         self.momentum = torch.zeros(sum(p.numel() for p in self.params),
