@@ -1,4 +1,5 @@
-"""Dataset readers on small fake directories in the published formats, shards, order, augmentation."""
+"""Dataset readers on small fake directories in the published formats, shards, order,
+augmentation."""
 from __future__ import annotations
 
 import pickle
@@ -136,7 +137,7 @@ def test_missing_tiny_imagenet_names_the_layout(tmp_path):
         data.check_dataset("tinyimagenet", str(tmp_path))
 
 
-# --- digits and synthetic --------------------------------------------------------------------------
+# --- digits and synthetic -------------------------------------------------------------------------
 def test_digits_ships_with_scikit_learn_and_has_a_fixed_split():
     pytest.importorskip("sklearn")
     ds = data.load_dataset("digits")

@@ -55,7 +55,8 @@ def test_doctor_without_horovod_fails_and_names_the_setup(tmp_path):
     fake = tmp_path / "horovod"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('No module named horovod')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     proc = run_doctor("--json", env=env)
     assert proc.returncode == 1
     report = json.loads(proc.stdout)

@@ -271,7 +271,7 @@ def test_liec_virtual_average_identity(up):
     assert not torch.equal(results[0]["x_final"], results[1]["x_final"])
 
 
-# --- the oracle ------------------------------------------------------------------------------------
+# --- the oracle -----------------------------------------------------------------------------------
 ORACLE_CASES = [("none", "none"), ("blocksign:block=64", "blocksign:block=64"),
                 ("topk:ratio=0.1", "topk:ratio=0.2"), ("blocksign:block=32", "topk:ratio=0.1")]
 
@@ -318,14 +318,16 @@ def test_allgather_pattern_matches_oracle_without_downlink_compression(algorithm
                                    atol=1e-12)
 
 
-# --- byte accounting -------------------------------------------------------------------------------
+# --- byte accounting ------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_bytes_follow_the_documented_convention(n):
     sign = compressor_or_skip("sign")
     d = 1000
     grads = gradients(seed=1, steps=1, n=n, d=d)
-    two_phase = simulate(n, run_exchange, "doublesqueeze", grads, "sign", "sign", "two_phase", {}, 1)
-    allgather = simulate(n, run_exchange, "doublesqueeze", grads, "sign", "sign", "allgather", {}, 1)
+    two_phase = simulate(n, run_exchange, "doublesqueeze", grads, "sign", "sign", "two_phase", {},
+                         1)
+    allgather = simulate(n, run_exchange, "doublesqueeze", grads, "sign", "sign", "allgather", {},
+                         1)
     bounds = plain_chunks(d, n)
     size = [sign.payload_nbytes(b - a) if b > a else 0 for a, b in bounds]
     for rank in range(n):
@@ -389,7 +391,8 @@ def test_unprepared_buckets_started_in_different_orders_pair_correctly():
 
 def test_first_exchange_checks_configuration_when_not_prepared():
     messages = simulate(2, _lazy_mismatch, timeout=30)
-    assert messages[0] is not None and messages[0] == messages[1] and "buckets.bucket" in messages[0]
+    assert messages[0] is not None and messages[0] == messages[1]
+    assert "buckets.bucket" in messages[0]
 
 
 # --- factory and argument errors -----------------------------------------------------------------

@@ -202,7 +202,8 @@ def _frozen_and_unused(comm):
     extra = torch.nn.Linear(3, 3)           # in the optimizer, never used: no gradient anywhere
     model[0].bias.requires_grad_(False)     # frozen: never exchanged
     params = list(model.parameters()) + list(extra.parameters())
-    named = list(model.named_parameters()) + [("extra." + n, p) for n, p in extra.named_parameters()]
+    named = (list(model.named_parameters())
+             + [("extra." + n, p) for n, p in extra.named_parameters()])
     opt = hvdcomp.DistributedOptimizer(torch.optim.SGD(params, lr=0.1), named, comm=comm,
                                        compression=hvdcomp.Compression.liec("sign"))
     x, y = batches(comm.rank, 1)[0]
