@@ -33,9 +33,14 @@ def _batch(step, rank):
                                                                    generator=generator)
 
 
-def _compression(case):
+def _compression(case, rank=0):
     import hvdcomp
     C = hvdcomp.Compression
+    if case.startswith("every/"):      # test_exchange_ranks' settings for each algorithm
+        from test_exchange_ranks import EVERY_ALGORITHM
+        name, up, down, hyper = next(c for c in EVERY_ALGORITHM if c[0] == case[len("every/"):])
+        hyper = {k: (rank if k == "rank" else v) for k, v in hyper.items()}
+        return C.algorithm(name, up=up, down=down, **hyper)
     return {"psgd/none": lambda: C.psgd(),
             "liec/sign": lambda: C.liec("sign", period=3),
             "doublesqueeze/topk": lambda: C.doublesqueeze("topk:ratio=0.1"),
@@ -127,7 +132,14 @@ def test_algorithms_equal_the_optimizer_on_the_same_seed(case):
 
 
 # --- against the Horovod engine itself (mpirun, Horovod's collectives) ----------------------------
-HOROVOD_CASES = ["liec/sign", "doublesqueeze/topk", "memsgd/sign"]
+def _every_case():
+    """Every registered five-step algorithm (MoNNA owns its exchange of models: no hook), with
+    test_exchange_ranks' compressors and settings, plus PowerSGD as a method."""
+    from test_exchange_ranks import EVERY_ALGORITHM
+    return [f"every/{case[0]}" for case in EVERY_ALGORITHM] + ["powersgd_ef"]
+
+
+HOROVOD_CASES = _every_case()
 
 
 def _hook_runs(cases):
@@ -136,7 +148,8 @@ def _hook_runs(cases):
     results = {}
     for case in cases:
         net = _net()
-        model, _ = _ddp(net, compression=_compression(case), bucket_bytes=BUCKET_BYTES)
+        model, _ = _ddp(net, compression=_compression(case, dist.get_rank()),
+                        bucket_bytes=BUCKET_BYTES)
         _train(model, torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9), dist.get_rank(),
                STEPS)
         results[case] = _params(net)
@@ -152,7 +165,7 @@ def _horovod_runs(cases):
         net = _net()
         optimizer = hvdcomp.DistributedOptimizer(
             torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9),
-            named_parameters=net.named_parameters(), compression=_compression(case),
+            named_parameters=net.named_parameters(), compression=_compression(case, hvd.rank()),
             bucket_bytes=BUCKET_BYTES)
         _train(net, optimizer, hvd.rank(), STEPS)
         results[case] = _params(net)
