@@ -14,7 +14,8 @@ def main(job_path: str) -> None:
     hvd.init()
     rank = hvd.rank()
     try:
-        spec = importlib.util.spec_from_file_location(f"_ranktest_{Path(job['file']).stem}", job["file"])
+        spec = importlib.util.spec_from_file_location(f"_ranktest_{Path(job['file']).stem}",
+                                                      job["file"])
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(Path(job["file"]).parent))
         spec.loader.exec_module(module)

@@ -59,7 +59,8 @@ def launcher_env() -> dict:
                OMPI_MCA_btl_base_warn_component_unused="0",
                # ranks share 2 cores: one intra-op thread each avoids oversubscription stalls
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONUNBUFFERED="1", HOROVOD_LOG_LEVEL=os.environ.get("HOROVOD_LOG_LEVEL", "warning"))
+               PYTHONUNBUFFERED="1",
+               HOROVOD_LOG_LEVEL=os.environ.get("HOROVOD_LOG_LEVEL", "warning"))
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     return env
@@ -74,7 +75,8 @@ def launch_command(np: int, controller: str, argv: List[str]) -> List[str]:
     raise ValueError(f"controller must be 'mpi' or 'gloo', not {controller!r}")
 
 
-def run_command(cmd: List[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_command(cmd: List[str], timeout: float,
+                env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher in its own process group; on timeout kill the whole group and fail."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env or launcher_env(), start_new_session=True)
@@ -83,7 +85,8 @@ def run_command(cmd: List[str], timeout: float, env: dict | None = None) -> subp
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, _ = proc.communicate()
-        pytest.fail(f"ranks hung: killed after {timeout:.0f} s\n$ {' '.join(cmd)}\n{out}", pytrace=False)
+        pytest.fail(f"ranks hung: killed after {timeout:.0f} s\n$ {' '.join(cmd)}\n{out}",
+                    pytrace=False)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 

@@ -60,48 +60,52 @@ def _loss(model, x, y, **kw):
     return ((model(x, **kw) - y) ** 2).sum().div(4)
 
 
+def _feature_kwargs(feature, model, hvd):
+    """The DistributedOptimizer keyword arguments that turn ``feature`` on (both wrappers take
+    the same ones)."""
+    options = {"passes2": lambda: {"backward_passes_per_step": 2},
+               "sum": lambda: {"op": hvd.Sum},
+               "predivide": lambda: {"gradient_predivide_factor": 2.0},
+               "groups": lambda: {"groups": 2},
+               "groups_list": lambda: {"groups": [[model.first.weight, model.second.weight]]},
+               "process_set": lambda: {"process_set": _EVEN[0]}}  # set up by the test's ranks
+    return options[feature]() if feature in options else {}
+
+
+def _train_step(opt, model, data, feature, step, passes, rank):
+    if feature == "frozen":  # GAN style: the second layer sits out every other step
+        for p in model.second.parameters():
+            p.requires_grad_(step % 2 == 0)
+    opt.zero_grad()
+    for _ in range(passes):
+        x, y = _batch(data)
+        _loss(model, x, y, use_extra=feature == "unused" and rank == 0).backward()
+    if feature == "clip":
+        opt.synchronize()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        with opt.skip_synchronize():
+            opt.step()
+    else:
+        opt.step()
+
+
 def _train(which, feature, steps=3):
     import horovod.torch as hvd
     rank, size = hvd.rank(), hvd.size()
     model = _Net()
-    kwargs, passes = {}, 1
     if feature == "frozen":
         model.first.bias.requires_grad_(False)
-    if feature == "passes2":
-        kwargs["backward_passes_per_step"] = passes = 2
-    if feature == "sum":
-        kwargs["op"] = hvd.Sum
-    if feature == "predivide":
-        kwargs["gradient_predivide_factor"] = 2.0
-    if feature == "groups":
-        kwargs["groups"] = 2
-    if feature == "groups_list":
-        kwargs["groups"] = [[model.first.weight, model.second.weight]]
-    if feature == "process_set":
-        kwargs["process_set"] = _EVEN[0]
+    kwargs = _feature_kwargs(feature, model, hvd)
+    passes = kwargs.get("backward_passes_per_step", 1)
     opt = _wrap(which, torch.optim.SGD(model.parameters(), lr=2.0 ** -7, momentum=0.5), model,
                 **kwargs)
     data = torch.Generator().manual_seed(rank)
     my_steps = steps - 1 if feature == "join" and rank == size - 1 else steps
     for step in range(my_steps):
-        if feature == "frozen":  # GAN style: the second layer sits out every other step
-            for p in model.second.parameters():
-                p.requires_grad_(step % 2 == 0)
-        opt.zero_grad()
-        for _ in range(passes):
-            x, y = _batch(data)
-            _loss(model, x, y, use_extra=feature == "unused" and rank == 0).backward()
-        if feature == "clip":
-            opt.synchronize()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            with opt.skip_synchronize():
-                opt.step()
-        else:
-            opt.step()
+        _train_step(opt, model, data, feature, step, passes, rank)
     if feature == "join":
         hvd.join()
     return [p.detach().clone() for p in model.parameters()]
-
 
 _EVEN = []
 
