@@ -81,8 +81,9 @@ def find_line(text: str, table: Sequence[str], key: Optional[str] = None) -> int
             continue
         if key is None:
             continue
-        m = re.match(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""",
-                     line)
+        # a dotted key (bare or quoted parts) followed by '='
+        m = re.match(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+                     r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""", line)
         if not m:
             continue
         dotted = current + _normalise_header(m.group(1))
@@ -251,8 +252,9 @@ def load_spec(path: "str | Path", options: Optional[TrainOptions] = None,
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
-        raise SpecError(f"{path}:{line}: not a sweep spec: byte {exc.start} (0x{raw[exc.start]:02x}) "
-                        "is not UTF-8 text; a spec is a TOML text file") from None
+        raise SpecError(f"{path}:{line}: not a sweep spec: byte {exc.start} "
+                        f"(0x{raw[exc.start]:02x}) is not UTF-8 text; "
+                        "a spec is a TOML text file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -349,7 +351,8 @@ def _parse_matrix(ctx: _Context, table: Mapping[str, Any], options: TrainOptions
         if not isinstance(values, list) or not values:
             ctx.report(("matrix",), key, f"expected a non-empty list of values, got {values!r}")
             continue
-        checked = [ctx.attempt(_check_train_value, ctx, ("matrix",), key, v, options) for v in values]
+        checked = [ctx.attempt(_check_train_value, ctx, ("matrix",), key, v, options)
+                   for v in values]
         if any(c is None for c in checked):
             continue
         canonical = checked[0][0]
@@ -366,7 +369,8 @@ def _parse_matrix(ctx: _Context, table: Mapping[str, Any], options: TrainOptions
     for entry in includes:
         overlap = set(entry) & set(train)
         if overlap:
-            ctx.report(("matrix",), "include", f"include sets {sorted(overlap)}, which [train] fixes")
+            ctx.report(("matrix",), "include",
+                       f"include sets {sorted(overlap)}, which [train] fixes")
     return axes, excludes, includes
 
 
