@@ -56,7 +56,8 @@ def line_of(text: str, needle: str) -> int:
 
 def test_expansion_is_the_product_minus_excludes(tmp_path: Path):
     spec = load_spec(write_spec(tmp_path, MINIMAL))
-    expected = [(a, c, r) for a, c, r in itertools.product(["psgd", "liec", "memsgd"], ["none", "sign"], [2, 4])
+    expected = [(a, c, r) for a, c, r in itertools.product(["psgd", "liec", "memsgd"],
+                                                            ["none", "sign"], [2, 4])
                 if not (a == "psgd" and c == "sign")]
     got = [(p.options["algorithm"], p.options["compressor"], p.ranks) for p in spec.points]
     assert got == expected
@@ -77,7 +78,8 @@ def test_ranks_layout(tmp_path: Path):
 
 def test_include_adds_points(tmp_path: Path):
     text = MINIMAL.replace('exclude = [{ algorithm = "psgd", compressor = "sign" }]',
-                           'include = [{ algorithm = "liec", compressor = "sign", ranks = 2, period = 100 }]')
+                           'include = [{ algorithm = "liec", compressor = "sign", ranks = 2, '
+                           'period = 100 }]')
     spec = load_spec(write_spec(tmp_path, text))
     assert len(spec.points) == 3 * 2 * 2 + 1
     extra = spec.points[-1]
@@ -86,15 +88,17 @@ def test_include_adds_points(tmp_path: Path):
 
 
 def test_names_are_deterministic_and_safe():
-    name = point_name({"compressor": "topk:ratio=0.01", "algorithm": "dgc"}, ["algorithm", "compressor"])
-    assert name == point_name({"algorithm": "dgc", "compressor": "topk:ratio=0.01"}, ["algorithm", "compressor"])
+    axes = ["algorithm", "compressor"]
+    name = point_name({"compressor": "topk:ratio=0.01", "algorithm": "dgc"}, axes)
+    assert name == point_name({"algorithm": "dgc", "compressor": "topk:ratio=0.01"}, axes)
     assert re.fullmatch(r"[A-Za-z0-9._+-]+", name)
     # values that sanitise alike stay distinct
     assert point_name({"c": "a:b"}, ["c"]) != point_name({"c": "a-b"}, ["c"])
 
 
 @pytest.mark.parametrize("mutation, needle, message", [
-    (('time = "00:05:00"', 'time = "00:05:00"\npartitoin = "gpu"'), "partitoin", "did you mean 'partition'"),
+    (('time = "00:05:00"', 'time = "00:05:00"\npartitoin = "gpu"'), "partitoin",
+     "did you mean 'partition'"),
     (('tasks-per-node = 2', 'tasks-per-node = "two"'), "tasks-per-node", "positive integer"),
     (('time = "00:05:00"', 'time = "five minutes"'), "time =", "Slurm time"),
     (('epochs = 1', 'epochs = 1\nbatchsize = 3'), "batchsize", "did you mean 'batch-size'"),
@@ -103,8 +107,10 @@ def test_names_are_deterministic_and_safe():
     (('ranks = [2, 4]', 'ranks = [0]'), "ranks =", "positive integer"),
     (('[cluster]', '[clusters]'), "[clusters]", "unknown key 'clusters'"),
     (('tasks-per-node = 2', 'tasks-per-node = 2\nlauncher = "mpiexec"'), "launcher", "srun"),
-    (('tasks-per-node = 2', 'tasks-per-node = 2\n[cluster.env]\n"NCCL-X" = 1'), "NCCL-X", "shell variable"),
-    (('exclude = [{ algorithm = "psgd", compressor = "sign" }]', 'exclude = [{ algoritm = "psgd" }]'),
+    (('tasks-per-node = 2', 'tasks-per-node = 2\n[cluster.env]\n"NCCL-X" = 1'), "NCCL-X",
+     "shell variable"),
+    (('exclude = [{ algorithm = "psgd", compressor = "sign" }]',
+      'exclude = [{ algoritm = "psgd" }]'),
      "exclude", "algoritm"),
     (('tasks-per-node = 2', 'tasks-per-node = 2\nrequeue-warning = 300'), "requeue-warning",
      "requeue-warning = 300 s is not shorter than time = '00:05:00'"),
@@ -189,7 +195,8 @@ def test_rendered_script_for_srun(tmp_path: Path):
     assert text.startswith("#!/bin/bash\n")
     assert "#SBATCH --ntasks=2\n" in text and "#SBATCH --time=00:05:00\n" in text
     assert "srun --mpi=pmix --ntasks=2" in text
-    assert f"RUN_DIR={tmp_path / 'sweep' / 'runs' / 'algorithm-psgd_compressor-none_ranks-2'}" in text
+    run_dir = tmp_path / "sweep" / "runs" / "algorithm-psgd_compressor-none_ranks-2"
+    assert f"RUN_DIR={run_dir}" in text
     assert "#SBATCH --requeue" in text and "#SBATCH --overcommit" not in text
     assert "--algorithm psgd" in text and "--compressor none" in text
     bash_n = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
@@ -225,7 +232,8 @@ def test_gpu_binding_picks_one_gpu_per_local_rank(tmp_path: Path):
     bind = script[start:script.index("bind-gpu)", start) + len("bind-gpu)")]
     probe = bind + '\n"${BIND[@]}" bash -c \'echo "$CUDA_VISIBLE_DEVICES"\'\n'
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "4,5"})
+                         env={"PATH": "/usr/bin:/bin", "SLURM_LOCALID": "1",
+                              "CUDA_VISIBLE_DEVICES": "4,5"})
     assert out.stdout.strip() == "5", out.stderr
 
 
@@ -285,7 +293,8 @@ def test_smoke_spec_is_small():
 def test_cli_render_and_bad_spec(tmp_path: Path):
     runner = CliRunner()
     spec = write_spec(tmp_path, MINIMAL)
-    result = runner.invoke(cli, ["slurm", "render", str(spec), "--out", str(tmp_path / "o"), "--dry-run"])
+    result = runner.invoke(cli, ["slurm", "render", str(spec), "--out", str(tmp_path / "o"),
+                                 "--dry-run"])
     assert result.exit_code == 0, result.output
     assert result.stdout.count("#!/bin/bash") == 10
     assert not (tmp_path / "o").exists()
@@ -296,7 +305,8 @@ def test_cli_render_and_bad_spec(tmp_path: Path):
     bad = write_spec(tmp_path, MINIMAL.replace("epochs = 1", "epoch = 1"), "bad.toml")
     result = runner.invoke(cli, ["slurm", "render", str(bad)])
     assert result.exit_code == 2
-    assert f"{bad}:{line_of(MINIMAL, 'epochs = 1')}:" in result.output and "'epoch'" in result.output
+    assert f"{bad}:{line_of(MINIMAL, 'epochs = 1')}:" in result.output
+    assert "'epoch'" in result.output
 
 
 def test_submit_without_sbatch_leaves_no_record(tmp_path: Path, monkeypatch):
@@ -327,7 +337,8 @@ def test_every_bad_value_is_reported_at_its_line(tmp_path: Path):
         ('model = "resnet99"', "train.model", "unknown model 'resnet99'"),
         ("lr = -0.1", "train.lr", "--lr must be positive, got -0.1"),
         ("algorithm = [", "matrix.algorithm", "unknown algorithm 'lice'"),
-        ("compressor = [", "matrix.compressor", "qsgd: levels must be an integer in [1, 127], got 0"),
+        ("compressor = [", "matrix.compressor",
+         "qsgd: levels must be an integer in [1, 127], got 0"),
         ("include = [", "matrix.include", "compressor: --up/--compressor 'topk:ratio=2': "
                                            "topk: ratio must be a number in (0, 1], got 2"),
     ]
@@ -355,9 +366,10 @@ def test_cli_render_and_submit_refuse_bad_values_before_writing(tmp_path: Path, 
 def test_a_refused_combination_is_reported_once_at_a_key_that_causes_it(tmp_path: Path):
     """Once for all the points it spoils, at the first key whose removal cures it, preferring
     one the message names (here --compressor)."""
-    text = MINIMAL.replace('algorithm = ["psgd", "liec", "memsgd"]', 'algorithm = ["liec", "monna"]'
-                           ).replace('compressor = ["none", "sign"]', 'compressor = ["sign"]'
-                                     ).replace('exclude = [{ algorithm = "psgd", compressor = "sign" }]', '')
+    text = (MINIMAL
+            .replace('algorithm = ["psgd", "liec", "memsgd"]', 'algorithm = ["liec", "monna"]')
+            .replace('compressor = ["none", "sign"]', 'compressor = ["sign"]')
+            .replace('exclude = [{ algorithm = "psgd", compressor = "sign" }]', ''))
     path = write_spec(tmp_path, text)
     with pytest.raises(SpecError) as info:
         load_spec(path)
