@@ -56,8 +56,9 @@ def training_job(out: Path, *extra):
                             start_new_session=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                              and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+        metrics_file = out / "metrics.jsonl"
+        while time.time() < deadline and not (metrics_file.exists()
+                                              and metrics_file.read_text().count("\n") >= 3):
             time.sleep(0.5)
         pids = _rank_pids(out)
         assert 1 in pids, f"rank 1 not found; ranks seen: {pids}"
@@ -75,5 +76,6 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path):
         os.kill(pids[1], signal.SIGKILL)           # rank 1 dies mid-training
         output, _ = proc.communicate(timeout=120)  # the job must end on its own, not hang
     assert proc.returncode != 0
-    assert "signal 9" in output or "exited on signal" in output or "killed" in output.lower(), output
+    assert ("signal 9" in output or "exited on signal" in output
+            or "killed" in output.lower()), output
     assert not (out / "summary.json").exists()
