@@ -55,7 +55,8 @@ def slurm_cluster():
         daemons_present = shutil.which("slurmctld") and shutil.which("slurmd")
         if os.geteuid() != 0:
             pytest.skip("no Slurm cluster answers, and starting one needs root "
-                        + ("" if daemons_present else "(slurmctld/slurmd are not installed either)"))
+                        + ("" if daemons_present
+                           else "(slurmctld/slurmd are not installed either)"))
         out = subprocess.run(["bash", str(REPO / "slurm" / "cluster" / "start.sh")],
                              capture_output=True, text=True, timeout=600)
         started = [(m.group(1), int(m.group(2)))
@@ -137,7 +138,8 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
         _cancel_all(spec, paths)
     assert waited.exit_code == 0, waited.output
     assert waited.stderr.splitlines()[-1] == "[smoke-digits] 2/2 finished (2 completed)"
-    logs = {r.point: Path(r.log).read_text() if r.log and Path(r.log).exists() else "" for r in rows}
+    logs = {r.point: Path(r.log).read_text() if r.log and Path(r.log).exists() else ""
+            for r in rows}
     for row in rows:
         assert (row.state, row.exit_code) == ("COMPLETED", "0:0"), f"{row}\n{logs[row.point]}"
         assert row.run == "completed"
@@ -156,7 +158,8 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
     assert again.stdout.count("skipped: finished") == len(spec.points)
 
     # collect: the liec run's ratio against the psgd run, from the two summaries.
-    result = runner.invoke(cli, ["collect", str(out), "--format", "json", "--plot", str(tmp_path / "fig")])
+    result = runner.invoke(cli, ["collect", str(out), "--format", "json",
+                                 "--plot", str(tmp_path / "fig")])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["skipped"] == []
@@ -168,7 +171,8 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
     assert rows["liec"]["compression_ratio"] > 1
     assert rows["psgd"]["compression_ratio"] == pytest.approx(1.0)
     for algorithm, row in rows.items():
-        assert 0 <= row["final_accuracy"] <= 1 and row["final_accuracy"] == summaries[algorithm]["final_accuracy"]
+        assert 0 <= row["final_accuracy"] <= 1
+        assert row["final_accuracy"] == summaries[algorithm]["final_accuracy"]
     # the figures themselves (which, and what they show) are tests/test_collect.py's
     assert all(p.stat().st_size > 0 for p in (tmp_path / "fig").glob("*.png"))
     assert list((tmp_path / "fig").glob("*.png"))
@@ -212,7 +216,8 @@ OMP_NUM_THREADS = 1
     assert waited.exit_code == 1, waited.output
     assert "2/2 finished (2 failed)" in waited.stderr
     assert "2 of 2 points did not complete" in waited.stderr
-    result = runner.invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out), "--format", "json"])
+    result = runner.invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out),
+                                 "--format", "json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert len(rows) == 2
@@ -224,7 +229,8 @@ OMP_NUM_THREADS = 1
     assert table.stdout.count("FAILED") == 2 and table.stdout.count("2:0") == 2
     alias = runner.invoke(cli, ["slurm", "status", str(spec_path), "--out", str(out), "--json"])
     assert json.loads(alias.stdout) == rows
-    shown = runner.invoke(cli, ["slurm", "logs", str(spec_path), rows[0]["point"], "--out", str(out)])
+    shown = runner.invoke(cli, ["slurm", "logs", str(spec_path), rows[0]["point"],
+                                "--out", str(out)])
     assert shown.exit_code == 0 and shown.stdout == Path(rows[0]["log"]).read_text()
     unknown = runner.invoke(cli, ["slurm", "logs", str(spec_path), "seed-7", "--out", str(out)])
     assert unknown.exit_code == 2 and "no point 'seed-7'" in unknown.stderr
@@ -311,7 +317,8 @@ def test_a_bad_value_never_reaches_the_queue(slurm_cluster, job_env, tmp_path: P
     out = tmp_path / "sweep"
     result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    assert f"{spec_path}:{_line(text, 'lr = -0.1')}: train.lr: --lr must be positive" in result.stderr
+    assert (f"{spec_path}:{_line(text, 'lr = -0.1')}: train.lr: --lr must be positive"
+            in result.stderr)
     assert f"{spec_path}:{_line(text, 'batch-size = 0')}: train.batch-size: " in result.stderr
     assert not out.exists()
     queued = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%j"], capture_output=True,
@@ -324,7 +331,8 @@ def _line(text: str, needle: str) -> int:
 
 
 @pytest.mark.parametrize("spec_path", SHIPPED_SPECS, ids=[p.name for p in SHIPPED_SPECS])
-def test_shipped_scripts_pass_sbatch_test_only(slurm_cluster, job_env, spec_path: Path, tmp_path: Path):
+def test_shipped_scripts_pass_sbatch_test_only(slurm_cluster, job_env, spec_path: Path,
+                                                tmp_path: Path):
     """Every rendered script is valid bash and Slurm accepts its directives. The paper specs ask
     for GPU nodes this machine does not have, so the size of the request is overridden on the
     command line (which takes precedence over #SBATCH lines); everything else is as rendered."""

@@ -126,8 +126,10 @@ def test_warmup_then_cosine_schedule():
     assert learning_rate(cfg, 0, total, spe) == pytest.approx(0.04)
     assert learning_rate(cfg, 9, total, spe) == pytest.approx(0.4)
     assert learning_rate(cfg, 10, total, spe) == pytest.approx(0.4)
-    assert learning_rate(cfg, 30, total, spe) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
-    assert learning_rate(cfg, 49, total, spe) == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    assert learning_rate(cfg, 30, total, spe) == pytest.approx(
+        0.4 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
+    assert learning_rate(cfg, 49, total, spe) == pytest.approx(
+        0.4 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
 
 
 def test_step_schedule_decays_tenfold_at_each_milestone():
@@ -141,7 +143,8 @@ def test_step_schedule_decays_tenfold_at_each_milestone():
 # --- results --------------------------------------------------------------------------------------
 def test_compression_ratio_is_one_for_psgds_own_traffic():
     d_bytes, n, steps = 4 * 1000, 4, 7
-    psgd_up = psgd_down = steps * (n - 1) / n * d_bytes  # ring allreduce: reduce-scatter + allgather
+    # ring allreduce: reduce-scatter + allgather
+    psgd_up = psgd_down = steps * (n - 1) / n * d_bytes
     assert compression_ratio(d_bytes, n, steps, psgd_up, psgd_down) == pytest.approx(1.0)
     # 1 bit per coordinate each way (sign) instead of 32: 32 times fewer bytes
     assert compression_ratio(d_bytes, n, steps, psgd_up / 32, psgd_down / 32) == pytest.approx(32)
@@ -172,7 +175,8 @@ def test_metrics_are_on_disk_after_each_record_and_cut_back_on_resume(tmp_path):
 def test_checkpoints_are_atomic_linked_and_pruned(tmp_path):
     folder = tmp_path / "checkpoints"
     for step in (5, 10, 15):
-        path = ckpt.save_checkpoint(folder, {"step": step, "ranks": [{"w": torch.full((3,), step)}]},
+        path = ckpt.save_checkpoint(folder,
+                                    {"step": step, "ranks": [{"w": torch.full((3,), step)}]},
                                     keep=2)
         assert path.name == f"ckpt-{step}.pt"
     assert [p.name for p in ckpt.list_checkpoints(folder)] == ["ckpt-10.pt", "ckpt-15.pt"]
