@@ -6,7 +6,7 @@ BIN  := $(VENV)/bin
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup demo test doctor
+.PHONY: setup demo test doctor lint
 setup:
 	scripts/setup.sh
 
@@ -17,5 +17,8 @@ demo: setup
 	$(BIN)/hvdcomp doctor
 	scripts/demo.sh
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check hvdcomp cli tests scripts examples
