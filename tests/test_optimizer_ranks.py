@@ -101,7 +101,8 @@ def _hooks_in_different_order():
 
     torch.manual_seed(0)
     left, right = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
-    params = list(left.named_parameters(prefix="left")) + list(right.named_parameters(prefix="right"))
+    params = (list(left.named_parameters(prefix="left"))
+              + list(right.named_parameters(prefix="right")))
     opt = hvdcomp.DistributedOptimizer(torch.optim.SGD([p for _, p in params], lr=0.1), params,
                                        compression=hvdcomp.Compression.liec("sign"),
                                        bucket_bytes=1, small_tensor_bytes=0)
@@ -205,7 +206,8 @@ def test_compressed_allreduce_of_one_tensor():
     mean = (results[0][2] + results[1][2]) / 2
     assert torch.equal(results[0][0], mean) and torch.equal(results[1][0], mean)
     # LIEC with sign: C(v) plus the worker's own local error r = x - C(x); the average over
-    # ranks of what the workers apply is the server's C(v) + mean r = mean x - e (error conservation)
+    # ranks of what the workers apply is the server's C(v) + mean r = mean x - e (error
+    # conservation)
     applied = (results[0][1] + results[1][1]) / 2
     assert not torch.allclose(applied, mean)   # compression really happened ...
     # ... and the server error it left, mean - applied = v - C(v), is smaller than the signal:
