@@ -6,9 +6,13 @@ exactly (:func:`average_parameters`).
 
 One dense collective, not two: when ``start`` is given the bucket's parameters (the optimizer
 does), the gradient and the parameters travel in one allreduce of their concatenation, and
-``finish`` writes the averaged parameters back in place; an allreduce average is elementwise, so
-every value is the one the two separate allreduces gave (tests/test_optimizer.py compares the
-optimizer with the two-collective reference bit for bit).  The server state still travels by its
+``finish`` writes the averaged parameters back in place. An allreduce average is elementwise, so
+every value is the one the two separate allreduces gave whenever the library adds the ranks'
+values in the same order for both layouts: always on two ranks and in the simulator
+(tests/test_optimizer.py compares the optimizer with the two-collective reference bit for bit).
+On three or more ranks MPI's allreduce may add an element's values in an order set by where it
+sits in the buffer, so results agree to floating-point rounding
+(tests/test_optimizer_ranks.py).  The server state still travels by its
 own allgather of 1/N of the bucket (it is summed into the update, not averaged)."""
 from __future__ import annotations
 

@@ -76,6 +76,11 @@ def _liec_real(steps=5):
 
 @pytest.mark.mpi
 def test_liec_sign_on_real_ranks_equals_the_simulator():
+    """Three real ranks against the simulator. The exact round averages one buffer holding the
+    gradient and the parameters (exchange_sync); on three ranks MPI's allreduce adds the three
+    values of an element in an order that depends on where it sits in the buffer, the simulator
+    in rank order, so values agree to float64 rounding (on two ranks, bit for bit:
+    test_exchange_ranks). The compressed rounds in between must not amplify that difference."""
     import hvdcomp
     from hvdcomp.comm import simulate
     from test_optimizer import train
@@ -89,7 +94,8 @@ def test_liec_sign_on_real_ranks_equals_the_simulator():
         torch.set_default_dtype(previous)
     for rank in range(3):
         for key in simulated[rank]["model"]:
-            assert torch.equal(real[rank]["model"][key], simulated[rank]["model"][key])
+            torch.testing.assert_close(real[rank]["model"][key], simulated[rank]["model"][key],
+                                       rtol=1e-13, atol=1e-15)
         assert real[rank]["bytes"] == simulated[rank]["bytes"]
 
 
