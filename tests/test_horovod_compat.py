@@ -122,6 +122,14 @@ ALGORITHMS = [
     ("neolithic", hvdcomp.Compression.neolithic("sign"), True),
     ("cser", hvdcomp.Compression.cser("sign"), True),
     ("ef21pp", PerRank(lambda rank: hvdcomp.Compression.ef21pp(rank, participation=1.0)), True),
+    # factories generated from the registry (hvdcomp.compression._registry_factory)
+    ("ef21bc", hvdcomp.Compression.ef21bc("topk:ratio=0.1", "topk:ratio=0.1"), True),
+    ("ef21sgdm", hvdcomp.Compression.ef21sgdm("topk:ratio=0.1"), True),
+    ("ef21w", PerRank(lambda rank: hvdcomp.Compression.ef21w(
+        "topk:ratio=0.1", rank=rank, smoothness=[1.0, 3.0])), True),
+    ("ef21wpp", PerRank(lambda rank: hvdcomp.Compression.ef21wpp(
+        "topk:ratio=0.1", rank=rank, smoothness=[1.0, 3.0], participation=1.0)), True),
+    ("powersgd_ef", hvdcomp.Compression.powersgd_ef(), True),
 ]
 
 
