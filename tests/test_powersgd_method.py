@@ -151,9 +151,14 @@ def _train_digits(comm, steps: int):
     y = torch.tensor(y)
     train_x, train_y, test_x, test_y = x[:1400], y[:1400], x[1400:], y[1400:]
     mine = torch.arange(comm.rank, 1400, comm.size)
-    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
                                 torch.nn.Linear(64, 10))
+    # the same start on every rank from a generator of its own: simulated ranks are threads of
+    # one process, and torch.manual_seed would race on the global generator they share
+    start = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=start) * 0.1)
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     optimizer = hvdcomp.DistributedOptimizer(
         base, named_parameters=model.named_parameters(), comm=comm, small_tensor_bytes=0,
