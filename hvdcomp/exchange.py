@@ -77,11 +77,28 @@ Names: every collective is called ``<name_prefix>.<key>.<phase>`` (``name_prefix
 any order across ranks (collectives pair by name, the configuration check of a bucket first seen
 by ``start`` too), but ``finish`` must be called in the same
 bucket order on every rank, because ``finish`` issues the downlink collective and waits for it.
+
+Overlap of the downlink (the finish in two halves):
+
+    for update in finish_in_order([(exchange, h) for h in handles]):   # pipelined finish
+        ...                                                            # bucket by bucket
+
+:meth:`Exchange.finish_server` waits for a bucket's uplink, runs the server steps and launches
+the downlink allgather; :meth:`Exchange.finish_worker` waits for that downlink, decodes it and
+runs ``worker_update``; ``finish`` is the two back to back.  :func:`finish_in_order` runs
+bucket k+1's server half before bucket k's worker half, so bucket k's downlink is in flight
+while bucket k+1's server decodes, averages and compresses (and ``sign``'s bucket-norm
+allgather of k+1 runs), and bucket k+1's downlink travels while bucket k is decoded.  Only the
+two-phase round has a downlink collective to overlap; the other kinds finish whole in
+``finish_server``.  The values are bit for bit those of ``finish`` (tests/test_overlap.py);
+``finish_server`` is then the call that must come in the same bucket order on every rank (it
+launches the collectives; ``finish_worker`` only waits).  ``hvdcomp.DistributedOptimizer``
+finishes its buckets this way; the DDP hook too (through the same reducer).
 """
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -94,14 +111,14 @@ from .exchange_codec import (BASE_ALIGNMENT, chunk_bounds, default_alignment,  #
 from .exchange_config import (BucketSpec, ConfigMismatchError, bucket_spec,  # noqa: F401
                               config_differences, post_config, verify_config)
 from .exchange_ledger import ByteLedger
-from .exchange_rounds import FINISHES, STARTS, ExchangeHandle
+from .exchange_rounds import FINISHES, SPLIT_FINISHES, STARTS, ExchangeHandle
 from .exchange_sync import average_parameters, finish_sync, start_sync
 
 PATTERNS = ("two_phase", "allgather", "allreduce")
 
 __all__ = ["BASE_ALIGNMENT", "PATTERNS", "BucketSpec", "ConfigMismatchError", "Exchange",
            "ExchangeHandle", "chunk_bounds", "config_differences", "default_alignment",
-           "summable_dtype"]
+           "finish_in_order", "summable_dtype"]
 
 
 class Exchange:
@@ -266,18 +283,52 @@ class Exchange:
 
     def finish(self, handle: ExchangeHandle) -> torch.Tensor:
         """Wait for ``handle``'s collectives, run the server and worker steps; returns the update
-        direction ``u_i`` for this bucket, shaped like the gradient given to :meth:`start`."""
-        if handle.finished or self._in_flight.get(handle.key) is not handle:
-            raise ValueError(f"{handle!r} is not in flight on this exchange (finished twice, or "
-                             "started on another exchange)")
+        direction ``u_i`` for this bucket, shaped like the gradient given to :meth:`start`.
+        The same as ``finish_worker(finish_server(handle))``."""
+        return self.finish_worker(self.finish_server(handle))
+
+    def finish_server(self, handle: ExchangeHandle) -> ExchangeHandle:
+        """The first half of :meth:`finish`: wait for the uplink, run the server steps and
+        launch the downlink without waiting for it; returns ``handle``, now "served", for
+        :meth:`finish_worker`.  Only the two-phase round is split this way; the other kinds
+        (no downlink collective, or exact and owned rounds) finish here whole, and
+        :meth:`finish_worker` hands their update back.  The collectives launched here (the
+        downlink, ``sign``'s bucket norm, an owned round's) make this the call that every rank
+        must make in the same bucket order."""
+        self._check_in_flight(handle)
+        if handle.served:
+            raise ValueError(f"{handle!r}: finish_server() was called twice")
         if "config" in handle.pending:
             verify_config(handle.pending.pop("config"), self.size)
-        finish = finish_sync if handle.kind == "sync" else FINISHES[handle.kind]
-        update = finish(self, handle).reshape(handle.shape)
+        if handle.kind in SPLIT_FINISHES:
+            SPLIT_FINISHES[handle.kind][0](self, handle)
+        else:
+            finish = finish_sync if handle.kind == "sync" else FINISHES[handle.kind]
+            handle.context["update"] = finish(self, handle)
+        handle.served = True
+        return handle
+
+    def finish_worker(self, handle: ExchangeHandle) -> torch.Tensor:
+        """The second half of :meth:`finish`, after :meth:`finish_server`: wait for the
+        downlink, decode it and run ``worker_update``; returns the update as :meth:`finish`.
+        Launches no collective, so ranks may call it at any point after ``finish_server``
+        (:func:`finish_in_order` calls it after the next bucket's ``finish_server``)."""
+        self._check_in_flight(handle)
+        if not handle.served:
+            raise ValueError(f"{handle!r}: call finish_server() before finish_worker()")
+        if handle.kind in SPLIT_FINISHES:
+            update = SPLIT_FINISHES[handle.kind][1](self, handle)
+        else:
+            update = handle.context.pop("update")
         handle.finished = True
         del self._in_flight[handle.key]
         self._done_this_round.add(handle.key)
-        return update
+        return update.reshape(handle.shape)
+
+    def _check_in_flight(self, handle: ExchangeHandle) -> None:
+        if handle.finished or self._in_flight.get(handle.key) is not handle:
+            raise ValueError(f"{handle!r} is not in flight on this exchange (finished twice, or "
+                             "started on another exchange)")
 
     def exchange(self, key: str, grad: torch.Tensor) -> torch.Tensor:
         """``finish(start(key, grad))``."""
@@ -325,3 +376,25 @@ class Exchange:
         the same indices everywhere); crc32, not hash(), which differs between processes."""
         text = f"{self.seed}:{key}:{self.round}:{direction}:{chunk}"
         return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def finish_in_order(started: Iterable[Tuple[Exchange, ExchangeHandle]]) -> Iterator[torch.Tensor]:
+    """Finish every ``(exchange, handle)`` of ``started``, in that order, pipelined: yields each
+    bucket's update (as :meth:`Exchange.finish` returns it) in order, but runs the server half
+    of bucket k+1 (its uplink waited for, server steps, downlink *launched*) before the worker
+    half of bucket k (wait for k's downlink, decode, ``worker_update``), so that bucket k's
+    downlink travels while bucket k+1's server works, and k+1's while k is decoded.
+
+    Every value is the one :meth:`Exchange.finish` gives bucket by bucket, bit for bit: a
+    bucket's steps touch only its own state and tensors, and only the order across buckets
+    changes.  The collectives are launched in the order of ``started`` on every rank (what
+    engines that pair by launch order need).  Holds one bucket's update more than
+    bucket-by-bucket finishing while it runs (bucket k's, waiting for its downlink)."""
+    previous: Optional[Tuple[Exchange, ExchangeHandle]] = None
+    for exchange, handle in started:
+        exchange.finish_server(handle)
+        if previous is not None:
+            yield previous[0].finish_worker(previous[1])
+        previous = (exchange, handle)
+    if previous is not None:
+        yield previous[0].finish_worker(previous[1])

@@ -3,7 +3,15 @@ round, for each collective pattern (``two_phase``, ``allgather``, ``allreduce``)
 ``start(ex, key, flat)`` that runs the worker steps and launches the uplink, and a
 ``finish(ex, handle)`` that waits, runs the server steps, and returns the worker's update; exact
 rounds (LIEC-SGD) are in :mod:`hvdcomp.exchange_sync`.  ``ex`` is the exchange: its algorithm,
-communicator, ledger, buffers, names and seeds."""
+communicator, ledger, buffers, names and seeds.
+
+The two-phase finish is also split in two halves (:data:`SPLIT_FINISHES`), so that an owner of
+several buckets can launch the next bucket's downlink before decoding this one's
+(:func:`hvdcomp.exchange.finish_in_order`): ``serve_two_phase`` waits for the uplink, runs the
+server steps and *launches* the downlink allgather; ``receive_two_phase`` waits for it, decodes
+it and runs ``worker_update``.  ``finish_two_phase`` is the two, back to back.  The other kinds
+have no downlink collective (allgather, allreduce: the server steps run replicated) or keep
+their own (exact rounds, PowerSGD's owned rounds) and finish in one step."""
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -30,10 +38,12 @@ class ExchangeHandle:
         self.dtype = dtype
         self.pending = pending
         self.context = context
+        self.served = False       # the server half ran (Exchange.finish_server): downlink sent
         self.finished = False
 
     def __repr__(self) -> str:
-        return f"<ExchangeHandle {self.key!r} round {self.round} {self.kind}>"
+        stage = "finished" if self.finished else "served" if self.served else "in flight"
+        return f"<ExchangeHandle {self.key!r} round {self.round} {self.kind} {stage}>"
 
 
 def own_payload(payload: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
@@ -67,11 +77,18 @@ def start_two_phase(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
 
 
 def finish_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
+    serve_two_phase(ex, handle)
+    return receive_two_phase(ex, handle)
+
+
+def serve_two_phase(ex, handle: ExchangeHandle) -> None:
+    """The server half: wait for the uplink, run the server steps on this rank's chunk and
+    launch the downlink allgather (not waited for: :func:`receive_two_phase` does)."""
     algo, key, dtype = ex.algorithm, handle.key, handle.dtype
     bounds = handle.context["bounds"]
     start, stop = bounds[ex.rank]
     own = stop - start
-    received, _ = handle.pending["uplink"].wait()
+    received, _ = handle.pending.pop("uplink").wait()
     # The update is decoded into one fresh tensor (it is returned, so it cannot be a reused
     # buffer); until the downlink arrives, two of its chunk-sized regions serve the server as
     # scratch (the mean, then the addend and C(v)), so a rank keeps no server buffers.
@@ -82,6 +99,7 @@ def finish_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
     sizes = [payload_nbytes(up, own, dtype)] * ex.size
     decode_mean_into(up, split(received, sizes, key), mean, scratch,
                      ex.seed_for(key, "up", ex.rank))
+    del received
     server_message = algo.server_message(key, mean)
     bucket = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"), algo.down,
                                 server_message, bounds[-1][1])
@@ -89,8 +107,19 @@ def finish_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
                              ex.seed_for(key, "down", ex.rank), bucket)
     algo.server_sent(key, server_message, scratch)
     ex.ledger.count("downlink", down=(ex.size - 1) * payload.numel())
-    # downlink: one allgather of the server payloads, decoded over the server's scratch
-    gathered = ex.comm.allgather(payload, ex.name(key, "down"))
+    # downlink: one allgather of the server payloads; nothing writes over the payload (or the
+    # update holding the scratch it may view) until receive_two_phase has waited for it
+    handle.pending["downlink"] = ex.comm.allgather_async(payload, ex.name(key, "down"))
+    handle.context["update"] = update
+
+
+def receive_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
+    """The worker half: wait for the downlink, decode it over the server's scratch, and run
+    ``worker_update``."""
+    algo, key, dtype = ex.algorithm, handle.key, handle.dtype
+    bounds = handle.context["bounds"]
+    gathered = handle.pending.pop("downlink").wait()
+    update = handle.context.pop("update")
     sizes = [payload_nbytes(algo.down, b - a, dtype) for a, b in bounds]
     for j, (p, (a, b)) in enumerate(zip(split(gathered, sizes, key), bounds)):
         decode_into(algo.down, p, update[a:b], ex.seed_for(key, "down", j))
@@ -198,3 +227,6 @@ STARTS = {"two_phase": start_two_phase, "allgather": start_allgather,
           "allreduce": start_allreduce, "owned": start_owned}
 FINISHES = {"two_phase": finish_two_phase, "allgather": finish_allgather,
             "allreduce": finish_allreduce, "owned": finish_owned}
+#: the kinds whose finish splits into a server half (ends with the downlink launched) and a
+#: worker half (waits for it, decodes, worker_update)
+SPLIT_FINISHES = {"two_phase": (serve_two_phase, receive_two_phase)}

@@ -9,7 +9,9 @@ own algorithms (``Compression.liec(...)``, ``.memsgd``, ``Compression.algorithm(
   hooks fire in (as DDP's), so ranks launch collectives in the same order, which engines that
   pair by launch order (torch.distributed) need; communication still overlaps backward;
   :meth:`BucketReducer.synchronize` finishes the **downlink** of every bucket, in bucket order,
-  and writes the update into ``p.grad``;
+  and writes the update into ``p.grad``, pipelined (:func:`hvdcomp.exchange.finish_in_order`):
+  bucket k+1's server steps run and its downlink is launched before bucket k's downlink is
+  waited for and decoded, so each bucket's downlink travels while the next is served;
 * tensors smaller than ``small_tensor_bytes`` (biases, norms) go uncompressed through an
   allreduce: compressing them saves nothing and costs accuracy;
 * LIEC-SGD's exact rounds: the exchange sends exact gradients, and :meth:`before_step` averages
@@ -23,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .exchange import Exchange
+from .exchange import Exchange, finish_in_order
 
 
 @dataclass
@@ -53,6 +55,10 @@ class BucketReducer:
     """Exchanges the gradients of ``trainable`` (``[(name, p)]``) through ``algorithm``."""
 
     has_error_feedback = True
+    #: finish the buckets pipelined (:func:`hvdcomp.exchange.finish_in_order`: bucket k+1's
+    #: downlink is launched before bucket k's is decoded); False finishes them one by one.
+    #: The same values either way (tests/test_overlap.py compares them bit for bit).
+    overlap_downlink = True
 
     def __init__(self, algorithm, comm, trainable, *, bucket_bytes: int, small_tensor_bytes: int,
                  pattern: Optional[str], groups: Optional[List[Sequence[torch.Tensor]]],
@@ -138,8 +144,10 @@ class BucketReducer:
                 self._start(bucket)
         self._average_before_step = self.exchange.is_sync_step()
         began = time.perf_counter()
-        for bucket in self.buckets:
-            update = bucket.exchange.finish(bucket.handle)
+        started = [(bucket.exchange, bucket.handle) for bucket in self.buckets]
+        updates = (finish_in_order(started) if self.overlap_downlink
+                   else (exchange.finish(handle) for exchange, handle in started))
+        for bucket, update in zip(self.buckets, updates):
             if self.op_sum:  # Horovod's op=Sum: the average times the number of ranks
                 update = update.mul_(self.comm.size)
             self._write_grads(bucket, update)
