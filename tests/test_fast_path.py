@@ -104,6 +104,60 @@ def test_sign_with_bucket_norm_and_partial_norm_native_equal_reference(numel):
     assert torch.equal(got["native"][1], got["reference"][1])
 
 
+@needs_kernels
+@settings(max_examples=30, deadline=None)
+@given(numel=LENGTHS, seed=st.integers(0, 2 ** 31 - 1),
+       kind=st.sampled_from(["gauss", "zeros", "constant", "span"]),   # qsgd's L2 norm is finite
+       spec=st.sampled_from(["sign", "chunksign", "qsgd:levels=4"]),
+       threads=st.sampled_from([1, 2, 3]))
+def test_decompress_add_into_equals_decode_then_add(numel, seed, kind, spec, threads):
+    """The server's fused decode-and-add (sign's C kernel; the default elsewhere) gives the
+    float sums of decoding into a scratch buffer and adding, bit for bit, on both roads."""
+    x, addend = vector(numel, seed, kind), vector(numel, seed + 1, "gauss")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name in ("reference", "native"):
+            with road(name):
+                compressor = from_spec(spec)
+                payload = compressor.compress(x, 5)
+                want = addend.clone().add_(compressor.decompress(payload, numel, seed=5))
+                got = addend.clone()
+                scratch = torch.full_like(x, float("nan"))
+                assert compressor.decompress_add_into(payload, got, scratch, 5) is got
+                assert torch.equal(got, want), name
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_kernels_run_on_torchs_own_openmp_runtime():
+    """No second OpenMP runtime: with the kernels loaded, the process maps one libgomp (torch's),
+    and the library was built for it exactly when torch's is loaded."""
+    if _native.library() is None:
+        pytest.skip(f"C kernels unavailable: {_native.status()}")
+    with open("/proc/self/maps") as maps:
+        gomps = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(gomps) <= 1, gomps
+    assert ("-fopenmp" in _native._openmp_flags()) == (len(gomps) == 1)
+
+
+def test_kernels_work_in_a_forked_child_with_one_thread():
+    """After a fork, with torch.set_num_threads(1) (as DataLoader workers do), the kernels run
+    on the calling thread and give the parent's bytes (GNU OpenMP's pool does not survive a
+    fork; a region of one thread never touches it)."""
+    import multiprocessing
+    x = vector(1 << 20, 0, "gauss")
+    parent = from_spec("sign").compress(x)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        child = pool.apply_async(_compress_sign, (x,)).get(timeout=60)
+    assert torch.equal(child, parent)
+
+
+def _compress_sign(x: torch.Tensor) -> torch.Tensor:
+    return from_spec("sign").compress(x)
+
+
 def exact_float32_l1(x: torch.Tensor) -> float:
     """The exact Σ|x_i| (fractions) rounded to the nearest float32, ties to the even one: the
     float32 candidates around float64(sum) compared with the exact sum."""

@@ -14,6 +14,13 @@ Selection, by the environment variable ``HVDCOMP_NATIVE``:
 Either road gives identical payloads and decoded tensors (tests/test_fast_path.py), so the choice
 changes speed only; :func:`status` says which road is in use and why.
 
+Threads: each kernel runs in one OpenMP region on torch's own thread pool
+(``torch.get_num_threads()`` threads; fewer for small tensors).  The library is built with
+``-fopenmp`` only when torch's libgomp is already loaded in the process (:func:`_openmp_flags`);
+otherwise the kernels run on the calling thread.  A process forked after torch ran a parallel
+region must call ``torch.set_num_threads(1)`` before using either (GNU OpenMP's pool does not
+survive a fork), as PyTorch's DataLoader workers do.
+
 The shared library is cached under ``$HVDCOMP_CACHE_DIR`` (default ``~/.cache/hvdcomp``), keyed
 by a hash of the source, the compiler flags and the CPU's feature flags (``-march=native``), and
 written atomically, so ranks starting together on one node do not read a half-written file.
@@ -26,8 +33,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import List, Optional
 
 import torch
 
@@ -39,9 +45,8 @@ from .base import CompressionError, road_setting
 # round the same whether or not the compiler assumes that they may trap)
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-strict-aliasing",
           "-ffp-contract=off", "-fno-trapping-math"]
-#: elements below which a kernel runs on the calling thread only
+#: elements per thread below which a kernel uses fewer threads (a region costs a few µs)
 _GRAIN = 1 << 18
-T = TypeVar("T")
 _lib: Optional[ctypes.CDLL] = None
 _reason = "not loaded yet"
 _tried = False
@@ -49,14 +54,14 @@ _tried = False
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "hv_init": (None, []),
-    "hv_sign_encode_f32": (None, [_ptr, _i64, _ptr, _ptr]),
-    "hv_l1_bins_f32": (None, [_ptr, _i64, _ptr]),
-    "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr]),
-    "hv_count_nonfinite_f32": (_i64, [_ptr, _i64]),
-    "hv_count_nonfinite_u16": (_i64, [_ptr, _i64, _int]),
-    "hv_qsgd_encode_f32": (None, [_ptr, _i64, _i64, ctypes.c_float, _int, _int,
-                                  ctypes.c_uint32, ctypes.c_uint32, _ptr, _i64]),
-    "hv_qsgd_decode_f32": (None, [_ptr, _i64, _i64, _i64, _int, _int, ctypes.c_float, _ptr]),
+    "hv_sign_encode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
+    "hv_l1_bins_f32": (None, [_ptr, _i64, _ptr, _int]),
+    "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
+    "hv_sign_decode_add_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
+    "hv_count_nonfinite": (_i64, [_ptr, _i64, _int, _int]),
+    "hv_qsgd_encode_f32": (None, [_ptr, _i64, ctypes.c_float, _int, _int, ctypes.c_uint32,
+                                  ctypes.c_uint32, _ptr, _int]),
+    "hv_qsgd_decode_f32": (None, [_ptr, _i64, _i64, _int, _int, ctypes.c_float, _ptr, _int]),
     "hv_candidates_f32": (_i64, [_ptr, _i64, ctypes.c_float, _ptr, _i64, _ptr]),
 }
 
@@ -83,8 +88,21 @@ def _cache_dir() -> str:
     return os.path.join(root, "native")
 
 
+def _openmp_flags() -> List[str]:
+    """``["-fopenmp"]`` when torch's GNU OpenMP runtime is loaded in this process (the kernels
+    then share it: same soname, so the loader binds ours to torch's copy); else ``[]`` (serial
+    kernels: never a second OpenMP runtime beside torch's)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = any("libgomp" in line for line in maps)
+    except OSError:
+        loaded = False
+    return ["-fopenmp"] if loaded and torch.backends.openmp.is_available() else []
+
+
 def _build(compiler: str) -> str:
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(_FLAGS), _cpu_flags()]).encode())
+    flags = _FLAGS + _openmp_flags()
+    key = hashlib.sha256("\0".join([SOURCE, " ".join(flags), _cpu_flags()]).encode())
     target = os.path.join(_cache_dir(), f"kernels-{key.hexdigest()[:16]}.so")
     if os.path.exists(target):
         return target
@@ -94,7 +112,7 @@ def _build(compiler: str) -> str:
         with open(source, "w") as handle:
             handle.write(SOURCE)
         built = os.path.join(work, "kernels.so")
-        subprocess.run([compiler, *_FLAGS, source, "-o", built, "-lm"], check=True,
+        subprocess.run([compiler, *flags, source, "-o", built, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(built, target)     # atomic: a concurrent rank sees the old or the new file
     return target
@@ -159,72 +177,40 @@ def usable(*tensors: torch.Tensor) -> Optional[ctypes.CDLL]:
     return library()
 
 
-# --- running a kernel over ranges on several threads -------------------------------------------
-_pool: "tuple[int, ThreadPoolExecutor] | None" = None
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A pool of this process (a forked child gets its own: the parent's threads are gone)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers:
-        _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="hvdcomp-kernel"))
-    return _pool[1]
-
-
-def ranges(numel: int, align: int = 8) -> List[Tuple[int, int]]:
-    """[start, stop) pieces covering 0..numel, one per torch thread for large tensors; every
-    start is a multiple of ``align`` (8: sign bits of a piece fill whole bytes)."""
-    pieces = max(1, min(torch.get_num_threads(), numel // _GRAIN))
-    step = -(-numel // pieces // align) * align or align
-    return [(start, min(numel, start + step)) for start in range(0, numel, step)] or [(0, 0)]
-
-
-def run(work: Callable[[int, int], T], numel: int, align: int = 8) -> List[T]:
-    """``work(start, stop)`` for each of :func:`ranges`, the first on this thread and the others
-    on the pool (ctypes releases the GIL during a kernel); results in range order."""
-    pieces = ranges(numel, align)
-    if len(pieces) == 1:
-        return [work(*pieces[0])]
-    futures = [_executor(len(pieces) - 1).submit(work, *piece) for piece in pieces[1:]]
-    first = work(*pieces[0])
-    return [first] + [future.result() for future in futures]
-
-
 # --- the kernels on tensors (callers check :func:`usable` first) ----------------------------------
+def threads(numel: int) -> int:
+    """Threads for a kernel over ``numel`` elements: torch's intra-op count, fewer for small
+    tensors (at least :data:`_GRAIN` elements each)."""
+    return max(1, min(torch.get_num_threads(), numel // _GRAIN))
+
+
 def sign_encode(lib: ctypes.CDLL, x: torch.Tensor, bits: torch.Tensor,
                 bins: "torch.Tensor | None") -> None:
     """Sign bits of float32 ``x`` into ``bits``; with ``bins`` (256 int64, zeroed), also its L1
-    exponent bins (integer sums: the pieces add up to the same bins in any order)."""
-    pieces = run(lambda start, stop: _encode_piece(lib, x, bits, bins is not None, start, stop),
-                 x.numel())
-    if bins is not None:
-        for piece in pieces:
-            bins += piece
-
-
-def _encode_piece(lib, x, bits, want_bins, start, stop):
-    piece_bins = torch.zeros(256, dtype=torch.int64) if want_bins else None
-    lib.hv_sign_encode_f32(x.data_ptr() + 4 * start, stop - start,
-                           piece_bins.data_ptr() if want_bins else None,
-                           bits.data_ptr() + start // 8)
-    return piece_bins
+    exponent bins (integer sums: the threads' pieces add up to the same bins in any order)."""
+    lib.hv_sign_encode_f32(x.data_ptr(), x.numel(), bins.data_ptr() if bins is not None else None,
+                           bits.data_ptr(), threads(x.numel()))
 
 
 def l1_bins(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
     """The 256 L1 exponent bins of float32 ``x``."""
-    def piece(start, stop):
-        bins = torch.zeros(256, dtype=torch.int64)
-        lib.hv_l1_bins_f32(x.data_ptr() + 4 * start, stop - start, bins.data_ptr())
-        return bins
-    return torch.stack(run(piece, x.numel())).sum(0)
+    bins = torch.zeros(256, dtype=torch.int64)
+    lib.hv_l1_bins_f32(x.data_ptr(), x.numel(), bins.data_ptr(), threads(x.numel()))
+    return bins
 
 
 def sign_decode(lib: ctypes.CDLL, bits: torch.Tensor, numel: int, table: torch.Tensor,
                 out: torch.Tensor) -> None:
     """``out[8q + i] = table[bits[q], i]`` (float32 table and out)."""
-    run(lambda start, stop: lib.hv_sign_decode_f32(
-        bits.data_ptr() + start // 8, stop - start, table.data_ptr(), out.data_ptr() + 4 * start),
-        numel)
+    lib.hv_sign_decode_f32(bits.data_ptr(), numel, table.data_ptr(), out.data_ptr(),
+                           threads(numel))
+
+
+def sign_decode_add(lib: ctypes.CDLL, bits: torch.Tensor, numel: int, table: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """``out[8q + i] += table[bits[q], i]`` (float32 table and out)."""
+    lib.hv_sign_decode_add_f32(bits.data_ptr(), numel, table.data_ptr(), out.data_ptr(),
+                               threads(numel))
 
 
 _NONFINITE_MASKS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -233,13 +219,9 @@ _NONFINITE_MASKS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 def count_nonfinite(lib: ctypes.CDLL, x: torch.Tensor) -> "int | None":
     """Non-finite elements of a float32/float16/bfloat16 tensor; None for other dtypes."""
     if x.dtype == torch.float32:
-        def piece(start, stop):
-            return lib.hv_count_nonfinite_f32(x.data_ptr() + 4 * start, stop - start)
+        mask = 0
     elif x.dtype in _NONFINITE_MASKS:
         mask = _NONFINITE_MASKS[x.dtype]
-
-        def piece(start, stop):
-            return lib.hv_count_nonfinite_u16(x.data_ptr() + 2 * start, stop - start, mask)
     else:
         return None
-    return sum(run(piece, x.numel()))
+    return lib.hv_count_nonfinite(x.data_ptr(), x.numel(), mask, threads(x.numel()))

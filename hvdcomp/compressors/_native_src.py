@@ -6,15 +6,23 @@ Every kernel computes exactly what the pure-torch reference computes, bit for bi
 1), the L1 norm as exact integer sums of fp32 mantissas per exponent (order-independent, so the
 thread count cannot change them), decoded values copied from the same ±scale table.
 
-The kernels are single-threaded and work on one range; :mod:`._native` splits a tensor into
-ranges (multiples of 8 elements) and runs them on Python threads (ctypes releases the GIL), so
-no OpenMP runtime is loaded next to torch's and a forked process cannot inherit a dead pool.
+Threads: every exported kernel takes ``threads`` and splits its range into that many pieces
+(multiples of 64 elements, so that bit-packed pieces are whole bytes and whole 64-bit words)
+inside one OpenMP parallel region.  :mod:`._native` builds with ``-fopenmp`` only when torch's
+own libgomp is already loaded in the process, so the regions run on torch's thread pool: no
+second runtime, and no thread of ours competing with torch's workers, which spin for several ms
+after each torch op (on the 2-core benchmark machine a Python thread pool beside them gained
+nothing from its second thread).  Built without OpenMP the pragmas are ignored and every kernel
+runs on the calling thread.
 """
 
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -137,6 +145,22 @@ static void encode_blocks(const float *x, int64_t n, bins_t bins, uint8_t *bits)
     }
 }
 
+/* Piece t of T of [0, n): starts are multiples of 64 elements (whole bytes of sign bits, whole
+   64-bit words of QSGD codes). */
+static void piece(int64_t n, int t, int T, int64_t *start, int64_t *stop) {
+    int64_t step = ((n + T - 1) / T + 63) / 64 * 64;
+    *start = t * step < n ? t * step : n;
+    *stop = (t + 1) * step < n ? (t + 1) * step : n;
+}
+
+#ifdef _OPENMP
+#define THREAD_ID omp_get_thread_num()
+#define THREAD_COUNT omp_get_num_threads()
+#else
+#define THREAD_ID 0
+#define THREAD_COUNT 1
+#endif
+
 /* Called once when the library is loaded, before any thread uses the kernels. */
 void hv_init(void) { init_reversed(); }
 
@@ -147,8 +171,8 @@ static void add_tables(bins_t local, int64_t *bins) {
 }
 
 /* Sign bits of x[0..n) into bits[0..ceil(n/8)); when bins is not NULL, also ADD the L1 bins of
-   x into bins[256] (the caller zeroes them). */
-void hv_sign_encode_f32(const float *x, int64_t n, int64_t *bins, uint8_t *bits) {
+   x into bins[256]. */
+static void sign_encode(const float *x, int64_t n, int64_t *bins, uint8_t *bits) {
     int64_t whole = n / 8;
     int tail = (int)(n % 8);
     int64_t blocks = n / 64 * 64;
@@ -165,7 +189,7 @@ void hv_sign_encode_f32(const float *x, int64_t n, int64_t *bins, uint8_t *bits)
 }
 
 /* ADD the L1 bins of x[0..n) into bins[256] (Sign.partial_norm). */
-void hv_l1_bins_f32(const float *x, int64_t n, int64_t *bins) {
+static void l1_bins(const float *x, int64_t n, int64_t *bins) {
     bins_t local;
     memset(local, 0, sizeof local);
     for (int64_t b = 0; b < n / 64; b++)
@@ -176,7 +200,7 @@ void hv_l1_bins_f32(const float *x, int64_t n, int64_t *bins) {
 }
 
 /* out[8q + i] = table[bits[q]][i] for the n elements; table is the (256, 8) ±scale table. */
-void hv_sign_decode_f32(const uint8_t *bits, int64_t n, const float *table, float *out) {
+static void sign_decode(const uint8_t *bits, int64_t n, const float *table, float *out) {
     int64_t whole = n / 8;
     for (int64_t q = 0; q < whole; q++)
         memcpy(out + 8 * q, table + 8 * (int)bits[q], 8 * sizeof(float));
@@ -184,8 +208,19 @@ void hv_sign_decode_f32(const uint8_t *bits, int64_t n, const float *table, floa
         memcpy(out + 8 * whole, table + 8 * (int)bits[whole], (size_t)(n % 8) * sizeof(float));
 }
 
+/* out[8q + i] += table[bits[q]][i]: the decode and the server's sum in one pass (one float
+   addition per element, as torch's add_ of the decoded values). */
+static void sign_decode_add(const uint8_t *bits, int64_t n, const float *table, float *out) {
+    int64_t whole = n / 8;
+    for (int64_t q = 0; q < whole; q++) {
+        const float *row = table + 8 * (int)bits[q];
+        for (int i = 0; i < 8; i++) out[8 * q + i] += row[i];
+    }
+    for (int i = 0; i < (int)(n % 8); i++) out[8 * whole + i] += table[8 * (int)bits[whole] + i];
+}
+
 /* Count of non-finite fp32 elements (exponent all ones). */
-int64_t hv_count_nonfinite_f32(const uint32_t *x, int64_t n) {
+static int64_t count_nonfinite_f32(const uint32_t *x, int64_t n) {
     int64_t count = 0;
     for (int64_t i = 0; i < n; i++)
         count += (x[i] & 0x7F800000u) == 0x7F800000u;
@@ -194,7 +229,7 @@ int64_t hv_count_nonfinite_f32(const uint32_t *x, int64_t n) {
 
 /* Count of non-finite 16-bit floats: exponent bits ``mask`` all ones (fp16 0x7C00, bf16
    0x7F80). */
-int64_t hv_count_nonfinite_u16(const uint16_t *x, int64_t n, int mask) {
+static int64_t count_nonfinite_u16(const uint16_t *x, int64_t n, int mask) {
     int64_t count = 0;
     const uint16_t m = (uint16_t)mask;
     for (int64_t i = 0; i < n; i++)
@@ -239,13 +274,12 @@ static void qsgd_values(const int32_t *restrict code, int n, int s, float step,
 
 /* The packed codes are one little-endian bit stream: code i at bits [bits*i, bits*(i+1)).
    A range that starts at a multiple of 64 codes starts on a whole 64-bit word. */
-void hv_qsgd_encode_f32(const float *x, int64_t start, int64_t stop, float norm, int s,
-                        int bits, uint32_t k1, uint32_t k2, uint8_t *codes, int64_t nbytes) {
+static void qsgd_encode(const float *x, int64_t start, int64_t stop, float norm, int s,
+                        int bits, uint32_t k1, uint32_t k2, uint8_t *codes) {
     int32_t code[QSGD_BLOCK];
     uint8_t *dst = codes + start * bits / 8;
     uint64_t acc = 0;
     int filled = 0;
-    (void)nbytes;
     for (int64_t b = start; b < stop; b += QSGD_BLOCK) {
         int n = stop - b < QSGD_BLOCK ? (int)(stop - b) : QSGD_BLOCK;
         qsgd_codes(x + b, b, n, norm, s, k1, k2, code);
@@ -264,7 +298,7 @@ void hv_qsgd_encode_f32(const float *x, int64_t start, int64_t stop, float norm,
 }
 
 /* out[i] = (code_i - s) * step for i in [start, stop) (start a multiple of 64). */
-void hv_qsgd_decode_f32(const uint8_t *codes, int64_t nbytes, int64_t start, int64_t stop,
+static void qsgd_decode(const uint8_t *codes, int64_t nbytes, int64_t start, int64_t stop,
                         int s, int bits, float step, float *out) {
     const uint64_t mask = (1u << bits) - 1;
     int32_t code[QSGD_BLOCK];
@@ -290,6 +324,88 @@ void hv_qsgd_decode_f32(const uint8_t *codes, int64_t nbytes, int64_t start, int
             avail = 64 - used;
         }
         qsgd_values(code, n, s, step, out + b);
+    }
+}
+
+/* --- exported kernels: one OpenMP region each, a piece per thread ------------------------ */
+/* Sign bits of x[0..n) into bits; with bins (256 int64), also ADD the L1 bins of x to them. */
+void hv_sign_encode_f32(const float *x, int64_t n, int64_t *bins, uint8_t *bits, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop, mine[256];
+        memset(mine, 0, sizeof mine);
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        sign_encode(x + start, stop - start, bins ? mine : NULL, bits + start / 8);
+        if (bins) {
+            #pragma omp critical
+            for (int e = 0; e < 256; e++) bins[e] += mine[e];
+        }
+    }
+}
+
+void hv_l1_bins_f32(const float *x, int64_t n, int64_t *bins, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop, mine[256];
+        memset(mine, 0, sizeof mine);
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        l1_bins(x + start, stop - start, mine);
+        #pragma omp critical
+        for (int e = 0; e < 256; e++) bins[e] += mine[e];
+    }
+}
+
+void hv_sign_decode_f32(const uint8_t *bits, int64_t n, const float *table, float *out,
+                        int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop;
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        sign_decode(bits + start / 8, stop - start, table, out + start);
+    }
+}
+
+void hv_sign_decode_add_f32(const uint8_t *bits, int64_t n, const float *table, float *out,
+                            int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop;
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        sign_decode_add(bits + start / 8, stop - start, table, out + start);
+    }
+}
+
+/* Non-finite elements of x: fp32 when mask is 0, else 16-bit floats whose exponent bits are
+   mask (fp16 0x7C00, bf16 0x7F80). */
+int64_t hv_count_nonfinite(const void *x, int64_t n, int mask, int threads) {
+    int64_t count = 0;
+    #pragma omp parallel num_threads(threads) if (threads > 1) reduction(+:count)
+    {
+        int64_t start, stop;
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        count += mask ? count_nonfinite_u16((const uint16_t *)x + start, stop - start, mask)
+                      : count_nonfinite_f32((const uint32_t *)x + start, stop - start);
+    }
+    return count;
+}
+
+void hv_qsgd_encode_f32(const float *x, int64_t n, float norm, int s, int bits, uint32_t k1,
+                        uint32_t k2, uint8_t *codes, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop;
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        if (stop > start) qsgd_encode(x, start, stop, norm, s, bits, k1, k2, codes);
+    }
+}
+
+void hv_qsgd_decode_f32(const uint8_t *codes, int64_t nbytes, int64_t n, int s, int bits,
+                        float step, float *out, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop;
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        if (stop > start) qsgd_decode(codes, nbytes, start, stop, s, bits, step, out);
     }
 }
 

@@ -134,9 +134,8 @@ class QSGD(LayoutCompressor):
 
     def _encode_native(self, lib, x, norm: float, seed: int, codes: torch.Tensor) -> None:
         k1, k2 = seed_words(seed)
-        _native.run(lambda start, stop: lib.hv_qsgd_encode_f32(
-            x.data_ptr(), start, stop, norm, self.levels, self.bits, k1, k2, codes.data_ptr(),
-            codes.numel()), x.numel(), align=64)   # pieces start on whole 64-bit words
+        lib.hv_qsgd_encode_f32(x.data_ptr(), x.numel(), norm, self.levels, self.bits, k1, k2,
+                               codes.data_ptr(), _native.threads(x.numel()))
 
     def _step(self, payload, numel: int, dtype: torch.dtype):
         """``(layout, step)``: the payload's layout and the decoded value of one level."""
@@ -167,7 +166,6 @@ class QSGD(LayoutCompressor):
         if lib is None:
             return super().decompress_into(payload, out, seed)
         step_value = float(step)        # CPU: no device to wait for
-        _native.run(lambda start, stop: lib.hv_qsgd_decode_f32(
-            codes.data_ptr(), codes.numel(), start, stop, self.levels, self.bits, step_value,
-            out.data_ptr()), numel, align=64)
+        lib.hv_qsgd_decode_f32(codes.data_ptr(), codes.numel(), numel, self.levels, self.bits,
+                               step_value, out.data_ptr(), _native.threads(numel))
         return out
