@@ -105,13 +105,14 @@ def decode_mean_into(compressor: Compressor, payloads: Sequence[torch.Tensor],
     right so that every rank, the simulator and the oracle add in the same order, and scaled as
     Horovod's ``Average`` scales (times 1/N in the tensor's dtype, not divided by N), so that
     with the identity compressor the average equals ``hvd.allreduce(op=Average)`` whenever the
-    sum itself is exact.  The first payload is decoded into ``mean``, the others one after the
-    other into ``addend`` (a buffer as large as ``mean``, not overlapping it) and added in."""
+    sum itself is exact.  The first payload is decoded into ``mean``, the others added in one
+    after the other by ``decompress_add_into`` (which may decode into ``addend``, a buffer as
+    large as ``mean`` not overlapping it, or add in the same pass as it decodes: ``sign``)."""
     if not mean.numel():
         return mean
     decode_into(compressor, payloads[0], mean, seed)
     for payload in payloads[1:]:
-        mean.add_(decode_into(compressor, payload, addend, seed))
+        compressor.decompress_add_into(payload, mean, addend, seed)
     return scale_like_horovod(mean, 1.0 / len(payloads))
 
 

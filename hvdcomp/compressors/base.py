@@ -96,6 +96,14 @@ class Compressor(abc.ABC):
         ``decompress(payload, out.numel(), out.dtype, seed)`` returns."""
         return out.copy_(self.decompress(payload, out.numel(), out.dtype, seed).view_as(out))
 
+    def decompress_add_into(self, payload: torch.Tensor, out: torch.Tensor,
+                            scratch: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """``out += decompress(payload)`` (the server's sum of N decoded chunks) and return
+        ``out``; ``scratch`` is a buffer like ``out`` (not overlapping it) that this default
+        decodes into first.  A compressor that decodes and adds in one pass overrides it; the
+        sum is the same float addition either way."""
+        return out.add_(self.decompress_into(payload, scratch, seed))
+
     def roundtrip_into(self, x: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Like :meth:`roundtrip`, with C(x) written into ``out`` (1-D, same numel and dtype as
         ``x``); returns the payload.  A compressor that overrides :meth:`roundtrip` keeps its

@@ -167,6 +167,19 @@ def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype,
     return out
 
 
+def add_signs(packed: torch.Tensor, numel: int, scale: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out += ±scale`` from the packed bits in one pass when the C kernels can (float32,
+    contiguous CPU ``out``); returns False, touching nothing, when they cannot."""
+    if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel:
+        return False
+    table = _scaled_sign_table(packed.device, torch.float32, scale)
+    lib = _native.usable(packed, out, table)
+    if lib is None:
+        return False
+    _native.sign_decode_add(lib, packed, numel, table, out)
+    return True
+
+
 def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Pack integer codes in [0, 2^bits) (any integer dtype, 1-D) into ``out`` (uint8 of
     ``packed_nbytes(len(codes), bits)`` bytes), ``bits`` ≤ 8, LSB first."""
