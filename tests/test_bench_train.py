@@ -221,3 +221,14 @@ def test_settings_in_force_user_value_wins():
             assert shown[name] == {"value": value, "source": "hvdcomp bench default"}
     assert hs.settings_in_force({})["HOROVOD_FUSION_THRESHOLD"] == {
         "value": str(128 * 2**20), "source": "Horovod default"}
+
+
+def test_a_method_without_compressors_gets_one_row_whatever_the_compressors():
+    """powersgd_ef (its own factors) is planned once, not crossed with --compressors (which it
+    would refuse); the others are crossed."""
+    from hvdcomp.bench.train import plan_train_methods
+    rows = plan_train_methods(["liec", "powersgd_ef"], ["sign", "topk:ratio=0.01"],
+                              baselines=())
+    hvdcomp_rows = [(m.algorithm, m.up) for m in rows if m.kind == "hvdcomp"]
+    assert hvdcomp_rows == [("liec", "sign"), ("liec", "topk:fp16_values=False,ratio=0.01"),
+                            ("powersgd_ef", "none")]

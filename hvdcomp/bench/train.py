@@ -136,7 +136,9 @@ def plan_train_methods(algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose from "
                              f"{', '.join(sorted(ALGORITHMS))}")
-        for spec in compressors:
+        # a method that takes no compressor (PowerSGD's own factors, MoNNA) runs once
+        refuses = ALGORITHMS[algorithm].info.compressors_refused
+        for spec in ["none"] if refuses else compressors:
             built = make_algorithm(algorithm, up=spec)
             methods.append(TrainMethod("hvdcomp", algorithm, built.up.spec()))
     return methods + _peer_methods(peers, methods, powersgd_rank)
