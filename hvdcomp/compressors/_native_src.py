@@ -272,6 +272,39 @@ static void qsgd_values(const int32_t *restrict code, int n, int s, float step,
 }
 
 
+/* Codes of ``bits`` bits where 64 % bits == 0, packed word by word (the bit stream's layout:
+   code j of word w at bits [bits*j, bits*(j+1))); a last partial word writes only its bytes.
+   Returns the next destination byte. */
+static uint8_t *pack_words(const int32_t *code, int n, int bits, uint8_t *dst) {
+    const int per = 64 / bits;
+    int j = 0;
+    for (; j + per <= n; j += per) {
+        uint64_t word = 0;
+        for (int i = 0; i < per; i++) word |= (uint64_t)(uint32_t)code[j + i] << (bits * i);
+        memcpy(dst, &word, 8);
+        dst += 8;
+    }
+    if (j < n) {
+        uint64_t word = 0;
+        for (int i = 0; j + i < n; i++) word |= (uint64_t)(uint32_t)code[j + i] << (bits * i);
+        memcpy(dst, &word, (size_t)(((n - j) * bits + 7) / 8));
+    }
+    return dst;
+}
+
+/* Inverse of pack_words for n codes from byte ``pos`` of the nbytes-long stream. */
+static void unpack_words(const uint8_t *codes, int64_t nbytes, int64_t pos, int n, int bits,
+                         int32_t *code) {
+    const int per = 64 / bits;
+    const uint64_t mask = (1u << bits) - 1;
+    for (int j = 0; j < n; j += per, pos += 8) {
+        uint64_t word = 0;
+        memcpy(&word, codes + pos, nbytes - pos >= 8 ? 8 : (size_t)(nbytes - pos));
+        int count = n - j < per ? n - j : per;
+        for (int i = 0; i < count; i++) code[j + i] = (int32_t)((word >> (bits * i)) & mask);
+    }
+}
+
 /* The packed codes are one little-endian bit stream: code i at bits [bits*i, bits*(i+1)).
    A range that starts at a multiple of 64 codes starts on a whole 64-bit word. */
 static void qsgd_encode(const float *x, int64_t start, int64_t stop, float norm, int s,
@@ -283,6 +316,10 @@ static void qsgd_encode(const float *x, int64_t start, int64_t stop, float norm,
     for (int64_t b = start; b < stop; b += QSGD_BLOCK) {
         int n = stop - b < QSGD_BLOCK ? (int)(stop - b) : QSGD_BLOCK;
         qsgd_codes(x + b, b, n, norm, s, k1, k2, code);
+        if (64 % bits == 0) {        /* whole codes per word (1, 2, 4, 8 bits): no carries */
+            dst = pack_words(code, n, bits, dst);
+            continue;
+        }
         for (int j = 0; j < n; j++) {
             acc |= (uint64_t)(uint32_t)code[j] << filled;
             filled += bits;
@@ -307,6 +344,11 @@ static void qsgd_decode(const uint8_t *codes, int64_t nbytes, int64_t start, int
     int avail = 0;
     for (int64_t b = start; b < stop; b += QSGD_BLOCK) {
         int n = stop - b < QSGD_BLOCK ? (int)(stop - b) : QSGD_BLOCK;
+        if (64 % bits == 0) {        /* whole codes per word: each code from one load */
+            unpack_words(codes, nbytes, b * bits / 8, n, bits, code);
+            qsgd_values(code, n, s, step, out + b);
+            continue;
+        }
         for (int j = 0; j < n; j++) {
             if (avail >= bits) {
                 code[j] = (int32_t)(acc & mask);
