@@ -182,7 +182,10 @@ def command(sizes, algorithms, compressors, patterns, baselines, warmup, repeats
     if comm.size < 2 and comm.rank == 0:
         click.echo("warning: 1 rank, nothing crosses a link; run under `mpirun -np 2` or with "
                    "--link", err=True)
+    from hvdcomp.threads import share_cores
+    threads = share_cores(comm.local_size)     # as hvdcomp train does: ranks share the cores
     info = bench.run_info(comm)
+    info["threads_per_rank"] = threads
     from hvdcomp.bench.horovod_settings import settings_in_force
     info["horovod_settings"] = settings_in_force()      # what this rank's Horovod read
     status = _progress(comm.rank == 0 and not as_json)
@@ -210,7 +213,10 @@ def comm_table(payload: Dict[str, object]):
     link = payload.get("link") or "no emulated link"
     settings = ", ".join(f"{name}={s['value']} ({s['source']})"
                          for name, s in payload.get("horovod_settings", {}).items())
-    table = Table(title=f"exchange of one buffer, {payload['world_size']} ranks, link: {link} "
+    threads = payload.get("threads_per_rank")
+    table = Table(title=f"exchange of one buffer, {payload['world_size']} ranks"
+                        + (f" ({threads} thread{'s' * (threads != 1)} each)" if threads else "")
+                        + f", link: {link} "
                         f"(median of {payload['repeats']}; bytes per rank per round)"
                         + (f"\nHorovod settings: {settings}" if settings else ""))
     for name in ("method", "MiB", "time ms", "min–max ms", "algbw GB/s", "busbw GB/s",

@@ -140,6 +140,9 @@ def test_bench_comm_two_ranks_json_bytes_match_formulas(tmp_path):
     finally:
         os.umask(old_umask)
     check_comm_document(doc)
+    # the ranks' threads are reported; the launcher's OMP_NUM_THREADS (tests: 1) wins over the
+    # share of the node's cores that hvdcomp.threads.share_cores gives otherwise
+    assert doc["threads_per_rank"] == int(launcher_env()["OMP_NUM_THREADS"])
     assert json.loads(out.read_text()) == doc                  # the file holds what was printed
     assert out.stat().st_mode & 0o777 == 0o644                 # like any file under umask 022
     # at this size every row is within 2 % of its formula (sign adds a 4-byte scale per chunk,

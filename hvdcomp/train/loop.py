@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import stall
 from ..errors import UserError
+from ..threads import share_cores
 from . import checkpoint as ckpt
 from . import engine
 from .agreement import settings_of, settle
@@ -289,9 +290,7 @@ def _train(training: _Training, bar: ProgressReporter, stop_after_steps: Optiona
 
 
 def _device_for(cfg: TrainConfig, comm) -> torch.device:
-    if "OMP_NUM_THREADS" not in os.environ:
-        # ranks on one node share its cores; oversubscribed threads slow everyone down
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, comm.local_size)))
+    share_cores(comm.local_size)
     if cfg.device == "cuda":
         torch.cuda.set_device(comm.local_rank)
         return torch.device("cuda", comm.local_rank)
