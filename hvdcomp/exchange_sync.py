@@ -54,8 +54,10 @@ def start_sync(ex, key: str, flat: torch.Tensor,
 
 
 def _launch_joint(ex, key: str, flat: torch.Tensor, params: List[torch.Tensor]):
-    """One allreduce average of [gradient, parameters...] (a fresh buffer: an exact round comes
-    once every ``period`` rounds, not worth keeping a buffer for)."""
+    """One allreduce average of [gradient, parameters...], reduced in place (a fresh buffer: an
+    exact round comes once every ``period`` rounds, not worth keeping a buffer for; in place,
+    because every bucket's joint buffer is in flight at once: Horovod's out-of-place allreduce
+    added a second copy of twice the model, docs/benchmarks.md "Memory")."""
     numel = flat.numel() + sum(p.numel() for p in params)
     joint = allocate(numel, flat.dtype, flat.device)
     joint[:flat.numel()].copy_(flat)
@@ -64,7 +66,7 @@ def _launch_joint(ex, key: str, flat: torch.Tensor, params: List[torch.Tensor]):
         joint[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
         offset += p.numel()
     ex.ledger.count_ring_allreduce("sync", numel, flat.dtype)
-    return ex.comm.allreduce_async(joint, ex.name(key, "sync"), "average")
+    return ex.comm.allreduce_into_async(joint, ex.name(key, "sync"), "average")
 
 
 def finish_sync(ex, handle: ExchangeHandle) -> torch.Tensor:

@@ -103,3 +103,64 @@ def test_a_kept_extra_bucket_breaks_the_bound():
 
     for held in simulate(2, rounds):
         assert held > 4 * D // 2 + 4 * D          # server error (half) + one bucket
+
+
+# --- LIEC-SGD's exact round reduces its [gradient, parameters] buffer in place ------------------
+# Every bucket's joint buffer (twice the bucket) is in flight at once; an out-of-place allreduce
+# added a second one (twice the model in all). docs/benchmarks.md, "Memory".
+def _exact_round_allreduces(comm):
+    calls = []
+    for method in ("allreduce_async", "allreduce_into_async"):
+        inner = getattr(comm, method)
+
+        def spy(tensor, name, op="average", _inner=inner, _method=method):
+            calls.append((_method, tensor.numel()))
+            return _inner(tensor, name, op)
+        setattr(comm, method, spy)
+    exchange = Exchange(make_algorithm("liec", up="sign", period=1), comm)
+    params = [torch.randn(D, generator=torch.Generator().manual_seed(comm.rank))]
+    exchange.finish(exchange.start("b", torch.randn(D), params=params))
+    return calls
+
+
+def test_the_exact_round_reduces_gradient_and_parameters_in_place():
+    for calls in simulate(2, _exact_round_allreduces):
+        # (the simulator's allreduce_into_async is the default: it calls allreduce_async in turn)
+        assert calls == [("allreduce_into_async", 2 * D), ("allreduce_async", 2 * D)]
+
+
+def _allreduce_into_on_horovod_ranks():
+    from hvdcomp.comm import HorovodCommunicator
+    comm = HorovodCommunicator()
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        for op in ("average", "sum"):
+            x = torch.randn(3 * D + 1, dtype=dtype,
+                            generator=torch.Generator().manual_seed(comm.rank))
+            name = f"{dtype}/{op}"
+            outside = comm.allreduce_async(x, f"out/{name}", op).wait()
+            inside = x.clone()
+            result = comm.allreduce_into_async(inside, f"in/{name}", op).wait()
+            out[name] = (result.data_ptr() == inside.data_ptr(),
+                         torch.equal(inside, outside), torch.equal(x, inside))
+    return out
+
+
+@pytest.mark.mpi
+def test_horovods_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buffer():
+    """The 2 real ranks' in-place allreduce writes into the tensor given, with the bits of the
+    out-of-place one (Horovod runs the same operation with output = input)."""
+    from multirank import run_ranks
+    for rank, cases in enumerate(run_ranks(_allreduce_into_on_horovod_ranks, np=2)):
+        for name, (same_buffer, same_bits, unchanged) in cases.items():
+            assert same_buffer and same_bits and not unchanged, (rank, name)
+
+
+def test_the_default_allreduce_into_writes_the_out_of_place_result_into_the_tensor():
+    def ranks(comm):
+        x = torch.randn(D, generator=torch.Generator().manual_seed(comm.rank))
+        outside = comm.allreduce(x, "out")
+        inside = x.clone()
+        result = comm.allreduce_into_async(inside, "in").wait()
+        return result is inside and torch.equal(inside, outside)
+    assert all(simulate(3, ranks))

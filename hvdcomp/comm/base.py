@@ -115,6 +115,15 @@ class Communicator(abc.ABC):
     def broadcast_async(self, tensor: torch.Tensor, root: int, name: str) -> Handle:
         """Rank ``root``'s ``tensor`` on every rank; ``wait()`` returns a new tensor."""
 
+    def allreduce_into_async(self, tensor: torch.Tensor, name: str,
+                             op: str = "average") -> Handle:
+        """As :meth:`allreduce_async`, with the result written into ``tensor`` itself (``wait()``
+        returns ``tensor``), which the caller leaves alone until then.  The same values; an
+        engine that reduces in place (Horovod) then needs no second buffer of the tensor's size.
+        This default reduces out of place and copies back."""
+        handle = self.allreduce_async(tensor, name, op)
+        return Handle(lambda: tensor.copy_(handle.wait()), name)
+
     # --- blocking conveniences -----------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "average") -> torch.Tensor:
         return self.allreduce_async(tensor, name, op).wait()

@@ -83,6 +83,19 @@ class HorovodCommunicator(Communicator):
                                            process_set=self._process_set)
         return Handle(lambda: self._hvd.synchronize(handle), name)
 
+    def allreduce_into_async(self, tensor, name, op="average"):
+        """Horovod's in-place allreduce (the same C++ operation as the out-of-place one, with the
+        output being the input: the same values, and no output buffer)."""
+        if not tensor.is_contiguous():
+            return super().allreduce_into_async(tensor, name, op)
+        check_op(op)
+        if tensor.dtype not in REDUCIBLE_DTYPES:
+            return super().allreduce_into_async(tensor, name, op)   # raises allreduce's error
+        hvd_op = self._hvd.Average if op == "average" else self._hvd.Sum
+        handle = self._hvd.allreduce_async_(tensor, name=name, op=hvd_op,
+                                            process_set=self._process_set)
+        return Handle(lambda: self._hvd.synchronize(handle), name)
+
     def allgather_async(self, tensor, name):
         handle = self._hvd.allgather_async(tensor.contiguous(), name=name,
                                            process_set=self._process_set)
