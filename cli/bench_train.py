@@ -82,7 +82,7 @@ def command(model, batch_size, image_size, num_classes, algorithms, compressors,
     none = lambda text: [] if text.strip().lower() == "none" else split_list(text)  # noqa: E731
     try:
         methods = rows.plan_train_methods(none(algorithms), split_list(compressors),
-                                          none(baselines), none(peers), powersgd_rank)
+                                          none(baselines), none(peers), powersgd_rank, pattern)
     except ValueError as exc:
         raise BenchError(str(exc))
     out = check_out_option(out)
@@ -97,6 +97,10 @@ def command(model, batch_size, image_size, num_classes, algorithms, compressors,
         click.echo("interrupted: ranks stopped", err=True)
         sys.exit(130)
     emit(payload, as_json, out, lambda: train_table(payload))
+    for failure in payload["failed_rows"]:    # after the rows that were measured, not instead
+        click.echo(f"Error: {failure['error']}", err=True)
+    if payload["failed_rows"]:
+        sys.exit(1)
 
 
 def train_table(payload: Dict[str, object]):

@@ -162,6 +162,9 @@ def test_table_has_the_new_rows_and_columns(train_doc):
     (["--powersgd-rank", "0"], "'--powersgd-rank'"),
     (["--baselines", "nccl"], "Error: unknown baseline 'nccl'"),
     (["--link", "1gbit", "--np", "3"], "Error: --np 3"),
+    (["--pattern", "allreduce"], "Error: pattern 'allreduce' needs a linear compressor"),
+    (["--algorithms", "powersgd_ef", "--pattern", "two_phase"],
+     "Error: powersgd_ef all-reduces its own messages"),
 ])
 def test_bad_input_exits_2(args, words):
     done = run_hvdcomp(["bench", "train", *args], timeout=120)
@@ -232,3 +235,24 @@ def test_a_method_without_compressors_gets_one_row_whatever_the_compressors():
     hvdcomp_rows = [(m.algorithm, m.up) for m in rows if m.kind == "hvdcomp"]
     assert hvdcomp_rows == [("liec", "sign"), ("liec", "topk:fp16_values=False,ratio=0.01"),
                             ("powersgd_ef", "none")]
+
+
+@pytest.mark.mpi
+def test_a_crashed_row_is_reported_and_the_other_rows_are_kept():
+    """One row's rank 1 exits (a crashed rank, HVDCOMP_BENCH_CRASH_KINDS): the rows before and
+    after it are measured and printed, the failure is named on stderr and in ``failed_rows``,
+    and the exit status is 1."""
+    require("mpi")
+    from hvdcomp.bench.train_worker import CRASH_VARIABLE
+    env = launcher_env()
+    env[CRASH_VARIABLE] = "horovod"
+    done = run_hvdcomp(["bench", "train", "--model", "logreg", "--image-size", "4", "--warmup",
+                        "0", "--steps", "1", "--algorithms", "doublesqueeze", "--compressors",
+                        "sign", "--baselines", "horovod", "--json"], env=env, timeout=900)
+    assert done.returncode == 1, done.stdout + done.stderr
+    doc = parse_json_output(done.stdout)
+    assert [r["method"] for r in doc["results"]] == ["compute-only", "horovod-idle",
+                                                     "doublesqueeze[sign]"]
+    assert [f["method"] for f in doc["failed_rows"]] == ["horovod"]
+    assert "Error: row horovod failed" in done.stderr
+    assert "crashes on purpose" in doc["failed_rows"][0]["error"]      # the ranks' own output

@@ -120,9 +120,11 @@ class TrainResult:
 def plan_train_methods(algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
                        compressors: Sequence[str] = DEFAULT_COMPRESSORS,
                        baselines: Sequence[str] = ("horovod",), peers: Sequence[str] = (),
-                       powersgd_rank: int = 1) -> List[TrainMethod]:
+                       powersgd_rank: int = 1, pattern: Optional[str] = None
+                       ) -> List[TrainMethod]:
     """``compute-only`` and ``horovod-idle`` first, then the baselines, every algorithm ×
-    compressor, and the peers' rows; ValueError naming the problem for an unknown name or spec."""
+    compressor, and the peers' rows; ValueError naming the problem for an unknown name or spec,
+    or for a ``pattern`` a row's method cannot run (before any rank starts)."""
     from ..algorithms import ALGORITHMS, make_algorithm
 
     if isinstance(powersgd_rank, bool) or not isinstance(powersgd_rank, int) or powersgd_rank < 1:
@@ -140,8 +142,22 @@ def plan_train_methods(algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
         refuses = ALGORITHMS[algorithm].info.compressors_refused
         for spec in ["none"] if refuses else compressors:
             built = make_algorithm(algorithm, up=spec)
+            _check_pattern(built, pattern)
             methods.append(TrainMethod("hvdcomp", algorithm, built.up.spec()))
     return methods + _peer_methods(peers, methods, powersgd_rank)
+
+
+def _check_pattern(algorithm, pattern: Optional[str]) -> None:
+    """What :class:`hvdcomp.exchange.Exchange` would refuse in the ranks, refused here."""
+    import torch
+
+    from ..exchange_codec import summable_dtype
+    owned = getattr(algorithm, "round_kind", None) == "owned"
+    if owned and pattern not in (None, "allreduce"):
+        raise ValueError(f"{algorithm.name} all-reduces its own messages: --pattern allreduce "
+                         f"(or leave --pattern out), not {pattern}")
+    if pattern == "allreduce" and not owned:
+        summable_dtype(algorithm.up, torch.float32)   # ValueError for a non-linear compressor
 
 
 def _peer_methods(peers: Sequence[str], methods: List[TrainMethod],

@@ -7,7 +7,9 @@ import no communication library), the DDP rows build their own Gloo/NCCL process
 at rank 0's address, and the Horovod rows call ``hvd.init()``. Each rank writes its record to a
 temporary folder (the ranks of one machine, or of its two namespaces, share the file system);
 :func:`hvdcomp.bench.train.combine` makes the rows. A row that fails or passes ``row_timeout_s``
-stops the run with its ranks' output; Ctrl-C or SIGTERM end the ranks and remove the link.
+is reported in ``failed_rows`` with the end of its ranks' output, and the other rows go on (the
+rows measured are kept; ``bench train`` then exits 1); only a failed compute-only row, which
+every ratio is over, stops the run.  Ctrl-C or SIGTERM end the ranks and remove the link.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from .train import TrainMethod, TrainResult, add_ratios, combine
 LINK_MASTER_PORT = 29500
 #: variables every rank needs; passed explicitly (-x) across the link when set
 RANK_VARIABLES = ("OMP_NUM_THREADS", "PYTHONUNBUFFERED", "PYTHONPATH", "HOROVOD_LOG_LEVEL",
-                  "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HVDCOMP_STALL_TIMEOUT")
+                  "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HVDCOMP_STALL_TIMEOUT",
+                  "HVDCOMP_BENCH_CRASH_KINDS")
 
 
 def rank_environment(np: int, base: Optional[Dict[str, str]] = None):
@@ -178,17 +181,26 @@ def bench_train(methods: Sequence[TrainMethod], spec: Dict[str, object], np: int
             "steps": spec["steps"], "threads": int(env["OMP_NUM_THREADS"]),
             "horovod_settings": settings_in_force(env, added)}
     results: List[TrainResult] = []
+    failed: List[Dict[str, str]] = []     # rows whose ranks failed: reported, not fatal
     hosts = None
     with _interrupt_on_sigterm(), tempfile.TemporaryDirectory(prefix="hvdcbench-") as tmp, \
             _maybe_link(link) as emulated:
         ranks = Ranks(np, env, emulated)
         for i, method in enumerate(methods):
             progress(method.label)
-            records = run_row(ranks, method, spec, Path(tmp), f"row{i}", row_timeout_s)
+            try:
+                records = run_row(ranks, method, spec, Path(tmp), f"row{i}", row_timeout_s)
+            except BenchError as exc:
+                if method.kind == "compute-only":
+                    raise          # every ratio is over this row: nothing worth measuring on
+                failed.append({"method": method.label, "error": str(exc)})
+                progress(f"{method.label} FAILED; the other rows go on "
+                         f"({str(exc).splitlines()[0]})")
+                continue
             hosts = hosts or [r["hostname"] for r in sorted(records, key=lambda r: r["rank"])]
             results.append(combine(method, records, str(spec["model"]),
                                    int(spec["batch_size"])))
     add_ratios(results)
     info.update(hosts=hosts, loadavg_end=list(os.getloadavg()),
-                results=[r.as_dict() for r in results])
+                results=[r.as_dict() for r in results], failed_rows=failed)
     return info

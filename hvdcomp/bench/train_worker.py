@@ -98,9 +98,17 @@ def comm_modules() -> List[str]:
     return names
 
 
+#: rows (kinds, e.g. ``horovod``) whose rank 1 exits at once, as a crashed rank would: how the
+#: tests make one row fail for real and check that the launcher keeps the others
+CRASH_VARIABLE = "HVDCOMP_BENCH_CRASH_KINDS"
+
+
 def run(spec: Dict[str, object]) -> Dict[str, object]:
     rank, size = rank_and_size()
     kind = spec["kind"]
+    if rank == 1 and kind in os.environ.get(CRASH_VARIABLE, "").split(","):
+        print(f"rank 1 crashes on purpose ({CRASH_VARIABLE}={kind})", flush=True)
+        os._exit(3)
     if kind == "compute-only":
         record = run_compute_only(spec, rank, size)
     elif kind in ("ddp", "hvdcomp-ddp"):
