@@ -237,11 +237,7 @@ class BucketReducer:
     def reset_error_feedback(self) -> None:
         """Errors at zero and the round counter at 0 (the same on every rank that calls it)."""
         for algorithm in (self.algorithm, self.dense_exchange.algorithm):
-            for value in vars(algorithm).values():
-                if isinstance(value, dict) and all(isinstance(v, torch.Tensor)
-                                                   for v in value.values()):
-                    value.clear()
-            algorithm.step = 0
+            algorithm.reset_state()
 
 
 def _default_pattern(algorithm) -> str:

@@ -78,3 +78,21 @@ def test_compression_has_a_factory_for_every_algorithm():
         assert callable(getattr(Compression, name)), name
     built = Compression.powersgd_ef(rank=2).build()
     assert built.config()["rank"] == 2 and built.up.spec() == "none"
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_reset_state_gives_a_fresh_algorithms_state(name):
+    """reset_state (load_state_dict(..., reset_error_feedback=True)) empties exactly the declared
+    state_fields and the round counter: the state_dict of a fresh algorithm."""
+    import torch
+    from hvdcomp.algorithms import make_algorithm
+    up = "none" if ALGORITHMS[name].info.compressors_refused else \
+        "topk:ratio=0.5" if name == "dgc" else "sign"
+    options = {"ef21pp": {"rank": 0}, "ef21w": {"smoothness": [1.0, 2.0], "rank": 0},
+               "ef21wpp": {"smoothness": [1.0, 2.0], "rank": 0}}.get(name, {})
+    used, fresh = (make_algorithm(name, up=up, **options) for _ in range(2))
+    for attr in used.state_fields:
+        getattr(used, attr)["bucket"] = torch.ones(3)
+    used.step = 7
+    used.reset_state()
+    assert used.state_dict() == fresh.state_dict()

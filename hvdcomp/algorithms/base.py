@@ -150,6 +150,13 @@ class Algorithm(TrainingMethod):
             state[attr] = {k: v.detach().clone() for k, v in getattr(self, attr).items()}
         return state
 
+    def reset_state(self) -> None:
+        """Every :attr:`state_fields` dict emptied (errors at zero) and the round counter at 0:
+        the state of a fresh algorithm."""
+        for attr in self.state_fields:
+            getattr(self, attr).clear()
+        self.step = 0
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("config") != self.config():
             raise ValueError(
