@@ -358,3 +358,25 @@ def test_fp16_overflow_is_refused_on_both_roads():
 
 def test_default_finite_check_mode_is_auto():
     assert compressor_base.finite_check_mode() == "auto"
+
+
+@needs_kernels
+def test_a_compiler_without_openmp_builds_serial_kernels(fresh_library, tmp_path):
+    """A compiler that refuses -fopenmp (no libgomp development files) still gives the kernels,
+    built without OpenMP, with the same bytes."""
+    import shutil
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && '
+                       'echo "no omp.h" >&2 && exit 1; done\n'
+                       f'exec {gcc} "$@"\n')
+    wrapper.chmod(0o755)
+    x = vector(1 << 19, 1, "gauss")
+    fresh_library.setenv("HVDCOMP_NATIVE", "1")
+    want = from_spec("sign").compress(x)
+    _native.reset()
+    for built in (tmp_path / "native").glob("kernels-*.so"):
+        built.unlink()
+    fresh_library.setenv("CC", str(wrapper))
+    assert _native.library() is not None
+    assert torch.equal(from_spec("sign").compress(x), want)

@@ -101,7 +101,18 @@ def _openmp_flags() -> List[str]:
 
 
 def _build(compiler: str) -> str:
-    flags = _FLAGS + _openmp_flags()
+    """The library's path, built first when not cached: with OpenMP where it applies, and
+    serial when the OpenMP build fails (a compiler without libgomp's development files)."""
+    openmp = _openmp_flags()
+    try:
+        return _build_with(compiler, _FLAGS + openmp)
+    except subprocess.CalledProcessError:
+        if not openmp:
+            raise
+        return _build_with(compiler, _FLAGS)
+
+
+def _build_with(compiler: str, flags: List[str]) -> str:
     key = hashlib.sha256("\0".join([SOURCE, " ".join(flags), _cpu_flags()]).encode())
     target = os.path.join(_cache_dir(), f"kernels-{key.hexdigest()[:16]}.so")
     if os.path.exists(target):
