@@ -111,9 +111,13 @@ def decode_mean_into(compressor: Compressor, payloads: Sequence[torch.Tensor],
     if not mean.numel():
         return mean
     decode_into(compressor, payloads[0], mean, seed)
-    for payload in payloads[1:]:
+    if len(payloads) == 1:
+        return scale_like_horovod(mean, 1.0)
+    for payload in payloads[1:-1]:
         compressor.decompress_add_into(payload, mean, addend, seed)
-    return scale_like_horovod(mean, 1.0 / len(payloads))
+    # the last one is added and the sum scaled by 1/N in one call (one pass for sign)
+    return compressor.decompress_add_into(payloads[-1], mean, addend, seed,
+                                          scale=1.0 / len(payloads))
 
 
 def split(buffer: torch.Tensor, sizes: Sequence[int], key: str) -> Tuple[torch.Tensor, ...]:

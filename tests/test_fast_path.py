@@ -121,11 +121,16 @@ def test_decompress_add_into_equals_decode_then_add(numel, seed, kind, spec, thr
             with road(name):
                 compressor = from_spec(spec)
                 payload = compressor.compress(x, 5)
-                want = addend.clone().add_(compressor.decompress(payload, numel, seed=5))
+                decoded = compressor.decompress(payload, numel, seed=5)
+                want = addend.clone().add_(decoded)
                 got = addend.clone()
                 scratch = torch.full_like(x, float("nan"))
                 assert compressor.decompress_add_into(payload, got, scratch, 5) is got
                 assert torch.equal(got, want), name
+                for n in (2, 3, 7):       # the average's 1/N product in the same pass
+                    got = addend.clone()
+                    compressor.decompress_add_into(payload, got, scratch, 5, scale=1.0 / n)
+                    assert torch.equal(got, addend.clone().add_(decoded).mul_(1.0 / n)), (name, n)
     finally:
         torch.set_num_threads(old)
 

@@ -57,7 +57,7 @@ _SIGNATURES = {
     "hv_sign_encode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
     "hv_l1_bins_f32": (None, [_ptr, _i64, _ptr, _int]),
     "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
-    "hv_sign_decode_add_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
+    "hv_sign_decode_add_f32": (None, [_ptr, _i64, _ptr, _ptr, _int, ctypes.c_float, _int]),
     "hv_count_nonfinite": (_i64, [_ptr, _i64, _int, _int]),
     "hv_qsgd_encode_f32": (None, [_ptr, _i64, ctypes.c_float, _int, _int, ctypes.c_uint32,
                                   ctypes.c_uint32, _ptr, _int]),
@@ -218,9 +218,11 @@ def sign_decode(lib: ctypes.CDLL, bits: torch.Tensor, numel: int, table: torch.T
 
 
 def sign_decode_add(lib: ctypes.CDLL, bits: torch.Tensor, numel: int, table: torch.Tensor,
-                    out: torch.Tensor) -> None:
-    """``out[8q + i] += table[bits[q], i]`` (float32 table and out)."""
+                    out: torch.Tensor, scale: "float | None" = None) -> None:
+    """``out[8q + i] += table[bits[q], i]``, then ``out *= scale`` in float32 when a scale is
+    given, in the same pass (float32 table and out)."""
     lib.hv_sign_decode_add_f32(bits.data_ptr(), numel, table.data_ptr(), out.data_ptr(),
+                               scale is not None, 1.0 if scale is None else scale,
                                threads(numel))
 
 

@@ -208,15 +208,23 @@ static void sign_decode(const uint8_t *bits, int64_t n, const float *table, floa
         memcpy(out + 8 * whole, table + 8 * (int)bits[whole], (size_t)(n % 8) * sizeof(float));
 }
 
-/* out[8q + i] += table[bits[q]][i]: the decode and the server's sum in one pass (one float
-   addition per element, as torch's add_ of the decoded values). */
-static void sign_decode_add(const uint8_t *bits, int64_t n, const float *table, float *out) {
+/* out[8q + i] = (out[8q + i] + table[bits[q]][i]) * scale when scaled, else without the
+   product: the decode, the server's sum and Horovod's average scaling in one pass (one float
+   addition and one float product per element, as torch's add_ then mul_). */
+static void sign_decode_add(const uint8_t *bits, int64_t n, const float *table, float *out,
+                            int scaled, float scale) {
     int64_t whole = n / 8;
     for (int64_t q = 0; q < whole; q++) {
         const float *row = table + 8 * (int)bits[q];
-        for (int i = 0; i < 8; i++) out[8 * q + i] += row[i];
+        if (scaled)
+            for (int i = 0; i < 8; i++) out[8 * q + i] = (out[8 * q + i] + row[i]) * scale;
+        else
+            for (int i = 0; i < 8; i++) out[8 * q + i] += row[i];
     }
-    for (int i = 0; i < (int)(n % 8); i++) out[8 * whole + i] += table[8 * (int)bits[whole] + i];
+    for (int i = 0; i < (int)(n % 8); i++) {
+        float sum = out[8 * whole + i] + table[8 * (int)bits[whole] + i];
+        out[8 * whole + i] = scaled ? sum * scale : sum;
+    }
 }
 
 /* Count of non-finite fp32 elements (exponent all ones). */
@@ -408,12 +416,12 @@ void hv_sign_decode_f32(const uint8_t *bits, int64_t n, const float *table, floa
 }
 
 void hv_sign_decode_add_f32(const uint8_t *bits, int64_t n, const float *table, float *out,
-                            int threads) {
+                            int scaled, float scale, int threads) {
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int64_t start, stop;
         piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
-        sign_decode_add(bits + start / 8, stop - start, table, out + start);
+        sign_decode_add(bits + start / 8, stop - start, table, out + start, scaled, scale);
     }
 }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import os
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -97,12 +97,17 @@ class Compressor(abc.ABC):
         return out.copy_(self.decompress(payload, out.numel(), out.dtype, seed).view_as(out))
 
     def decompress_add_into(self, payload: torch.Tensor, out: torch.Tensor,
-                            scratch: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """``out += decompress(payload)`` (the server's sum of N decoded chunks) and return
-        ``out``; ``scratch`` is a buffer like ``out`` (not overlapping it) that this default
-        decodes into first.  A compressor that decodes and adds in one pass overrides it; the
-        sum is the same float addition either way."""
-        return out.add_(self.decompress_into(payload, scratch, seed))
+                            scratch: torch.Tensor, seed: int = 0,
+                            scale: Optional[float] = None) -> torch.Tensor:
+        """``out += decompress(payload)`` (the server's sum of N decoded chunks), then
+        ``out *= scale`` when ``scale`` is given (the average, as Horovod scales: a product in
+        ``out``'s dtype), and return ``out``.  ``scratch`` is a buffer like ``out`` (not
+        overlapping it) that this default decodes into first.  A compressor that decodes, adds
+        and scales in one pass overrides it; the sum and the product are the same float
+        operations either way."""
+        out.add_(self.decompress_into(payload, scratch, seed))
+        # times the scale as hvdcomp.comm.base.scale_like_horovod does (Horovod's Average)
+        return out if scale is None else out.mul_(scale)
 
     def roundtrip_into(self, x: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Like :meth:`roundtrip`, with C(x) written into ``out`` (1-D, same numel and dtype as

@@ -167,16 +167,18 @@ def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype,
     return out
 
 
-def add_signs(packed: torch.Tensor, numel: int, scale: torch.Tensor, out: torch.Tensor) -> bool:
-    """``out += ±scale`` from the packed bits in one pass when the C kernels can (float32,
-    contiguous CPU ``out``); returns False, touching nothing, when they cannot."""
+def add_signs(packed: torch.Tensor, numel: int, scale: torch.Tensor, out: torch.Tensor,
+              then_scale: "float | None" = None) -> bool:
+    """``out += ±scale`` from the packed bits (then ``out *= then_scale``) in one pass when the
+    C kernels can (float32, contiguous CPU ``out``); returns False, touching nothing, when they
+    cannot."""
     if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel:
         return False
     table = _scaled_sign_table(packed.device, torch.float32, scale)
     lib = _native.usable(packed, out, table)
     if lib is None:
         return False
-    _native.sign_decode_add(lib, packed, numel, table, out)
+    _native.sign_decode_add(lib, packed, numel, table, out, then_scale)
     return True
 
 

@@ -115,17 +115,17 @@ class ChunkSign(LayoutCompressor):
         scale = layout.read(payload, "scale")[0]
         return bitpack.unpack_signs(layout.read(payload, "bits"), numel, dtype, scale, out=out)
 
-    def decompress_add_into(self, payload, out, scratch, seed=0):
-        """``out += C(payload)``: on CPU with the C kernels in one pass (each ±scale table row
-        added to ``out``), otherwise decoded into ``scratch`` and added."""
+    def decompress_add_into(self, payload, out, scratch, seed=0, scale=None):
+        """``out += C(payload)`` (then ``out *= scale``): on CPU with the C kernels in one pass
+        (each ±‖x‖₁/d table row added to ``out``), otherwise decoded into ``scratch``."""
         numel = out.numel()
         check_payload(payload, self.payload_nbytes(numel), self.name, numel)
         if numel:
             layout = self._layout(numel)
-            scale = layout.read(payload, "scale")[0]
-            if bitpack.add_signs(layout.read(payload, "bits"), numel, scale, out):
+            l1_scale = layout.read(payload, "scale")[0]
+            if bitpack.add_signs(layout.read(payload, "bits"), numel, l1_scale, out, scale):
                 return out
-        return super().decompress_add_into(payload, out, scratch, seed)
+        return super().decompress_add_into(payload, out, scratch, seed, scale)
 
 
 @register("sign")
