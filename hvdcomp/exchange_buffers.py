@@ -44,6 +44,12 @@ class ReusedBuffers:
     def tensors(self):
         return list(self._buffers.values())
 
+    def discard(self, key: str) -> None:
+        """Let go of every buffer of bucket ``key`` (a round that needs none of them: the memory
+        goes back to the allocator; the next :meth:`get` allocates afresh)."""
+        for held in [k for k in self._buffers if k[0] == key]:
+            del self._buffers[held]
+
     def clear(self) -> None:
         self._buffers.clear()
 

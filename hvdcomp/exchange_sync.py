@@ -29,6 +29,9 @@ from .exchange_rounds import ExchangeHandle
 def start_sync(ex, key: str, flat: torch.Tensor,
                params: Sequence[torch.Tensor] = ()) -> ExchangeHandle:
     params = [p for p in params]
+    # an exact round compresses nothing: the bucket's work buffers (C(g_i), a bucket) go back to
+    # the allocator for the joint buffer, and the next compressed round allocates them again
+    ex.buffers.discard(key)
     if params and all(p.dtype == flat.dtype and p.device == flat.device for p in params):
         pending = {"gradient": _launch_joint(ex, key, flat, params)}
     else:

@@ -164,3 +164,22 @@ def test_the_default_allreduce_into_writes_the_out_of_place_result_into_the_tens
         result = comm.allreduce_into_async(inside, "in").wait()
         return result is inside and torch.equal(inside, outside)
     assert all(simulate(3, ranks))
+
+
+def test_an_exact_round_lets_go_of_the_buckets_work_buffers():
+    """An exact round compresses nothing: the bucket's C(g_i) buffer is released while its
+    joint buffer (twice the bucket) is in flight, and the next compressed round allocates it
+    again (the memory bound above still holds after it)."""
+    def rounds(comm):
+        exchange = Exchange(make_algorithm("liec", up="sign", period=2), comm)
+        held = []
+        for step in range(3):
+            g = torch.randn(D, generator=torch.Generator().manual_seed(10 * comm.rank + step))
+            params = [torch.randn(D, generator=torch.Generator().manual_seed(step))]
+            handle = exchange.start("b", g, params=params)
+            held.append(len(exchange.buffers.tensors()))
+            exchange.finish(handle)
+            exchange.end_round()
+        return held
+    for held in simulate(2, rounds):
+        assert held == [1, 0, 1]         # compressed, exact, compressed

@@ -81,3 +81,8 @@ class LIEC(Algorithm):
 
     def server_flush(self, key):
         return self.server_error.pop(key, None)                         # e folded in, e ← 0
+
+    def sync_update(self, key, mean_grad, flushed):
+        # mean_grad is the exact round's own allreduce result (hvdcomp.exchange_sync): adding in
+        # place gives mean_grad + flushed without a fresh bucket-sized tensor
+        return mean_grad.add_(flushed)                                  # d = ḡ + e
