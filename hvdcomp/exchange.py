@@ -62,7 +62,8 @@ one buffer the exchange keeps per bucket across rounds
 (:class:`hvdcomp.exchange_buffers.ReusedBuffers`) and handed to ``worker_sent``; that buffer is
 the algorithm's until ``worker_update`` of the same bucket and round: it may write over it
 (LIEC-SGD and CSER keep r_i = p_i − C(p_i) there) but must copy what it keeps longer.  The
-two-phase server needs no buffer of its own: the update tensor it returns (fresh each round) is
+two-phase server needs no buffer of its own: the update tensor it returns (the caller's
+``update_into``, which the optimizer points at its reused bucket buffer, else fresh) is
 its scratch until the downlink arrives: the mean in one chunk-sized region, the addend and then
 C(v) in its own chunk (where the downlink decodes C(v) again).  ``worker_message`` may return a
 tensor the algorithm owns and overwrite it in ``worker_sent`` (MEM-SGD and DoubleSqueeze write
@@ -105,7 +106,7 @@ import torch
 from .algorithms.base import Algorithm
 from .comm.base import Communicator
 from .compressors import Compressor
-from .exchange_buffers import ReusedBuffers
+from .exchange_buffers import ReusedBuffers, flat_target
 from .exchange_codec import (BASE_ALIGNMENT, chunk_bounds, default_alignment,  # noqa: F401
                              summable_dtype)
 from .exchange_config import (BucketSpec, ConfigMismatchError, bucket_spec,  # noqa: F401
@@ -236,8 +237,8 @@ class Exchange:
         """True when this round is an exact one (the optimizer then calls average_parameters)."""
         return self.algorithm.is_sync_step()
 
-    def start(self, key: str, grad: torch.Tensor,
-              params: Sequence[torch.Tensor] = ()) -> ExchangeHandle:
+    def start(self, key: str, grad: torch.Tensor, params: Sequence[torch.Tensor] = (),
+              update_into: Optional[torch.Tensor] = None) -> ExchangeHandle:
         """Launch the exchange of bucket ``key`` with this rank's gradient ``grad`` (any shape;
         treated as flat). Non-blocking. The first time a key is seen without :meth:`prepare`, its
         configuration check is launched too and verified by :meth:`finish`.
@@ -245,7 +246,12 @@ class Exchange:
         ``params``: the parameters the bucket holds the gradients of.  Used only in an exact
         round (LIEC-SGD): they are then averaged by the gradient's own allreduce and
         :meth:`finish` writes their averages into them in place, so the caller does not pass
-        them to :meth:`average_parameters` (they must not change between start and finish)."""
+        them to :meth:`average_parameters` (they must not change between start and finish).
+
+        ``update_into``: a contiguous tensor of ``grad``'s size and dtype (``grad`` itself may
+        be given: the algorithm steps do not read the gradient after ``start``) that the
+        two-phase round decodes the update into instead of a fresh tensor; the caller leaves it
+        alone until :meth:`finish` and uses the update it returns."""
         key = str(key)
         if key in self._in_flight or key in self._done_this_round:
             raise ValueError(f"bucket {key!r} was already exchanged in round {self.round}: call "
@@ -261,6 +267,8 @@ class Exchange:
             handle = STARTS[getattr(self.algorithm, "round_kind", None) or self.pattern](
                 self, key, flat)
         handle.shape = grad.shape
+        if update_into is not None:
+            handle.context["update_into"] = flat_target(update_into, flat, key)
         if config_check is not None:
             handle.pending["config"] = config_check
         self._in_flight[key] = handle

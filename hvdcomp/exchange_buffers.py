@@ -103,3 +103,13 @@ def held_bytes(*objects) -> int:
                                                                types.FunctionType)):
             stack.extend(vars(obj).values())
     return sum(seen_storages.values())
+
+
+def flat_target(out: torch.Tensor, flat: torch.Tensor, key: str) -> torch.Tensor:
+    """``out`` as a flat tensor that an update of ``flat`` can be written into (ValueError
+    naming the bucket when it cannot)."""
+    if (not out.is_contiguous() or out.numel() != flat.numel() or out.dtype != flat.dtype
+            or out.device != flat.device):
+        raise ValueError(f"bucket {key!r}: update_into must be a contiguous {flat.dtype} tensor "
+                         f"of {flat.numel()} elements on {flat.device}")
+    return out.reshape(-1)

@@ -89,10 +89,13 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     start, stop = bounds[ex.rank]
     own = stop - start
     received, _ = handle.pending.pop("uplink").wait()
-    # The update is decoded into one fresh tensor (it is returned, so it cannot be a reused
-    # buffer); until the downlink arrives, two of its chunk-sized regions serve the server as
-    # scratch (the mean, then the addend and C(v)), so a rank keeps no server buffers.
-    update = allocate(bounds[-1][1], dtype, received.device)
+    # The update is decoded into the caller's update_into (the optimizer's reused bucket
+    # buffer) or one fresh tensor; until the downlink arrives, two of its chunk-sized regions
+    # serve the server as scratch (the mean, then the addend and C(v)), so a rank keeps no
+    # server buffers.
+    update = handle.context.get("update_into")
+    if update is None:
+        update = allocate(bounds[-1][1], dtype, received.device)
     mean, scratch = _server_regions(update, start, stop)
     # server: decode the N payloads of the chunk this rank owns, average in rank order
     up = ex.uplink(key)

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .compressors._wire import allocate
 from .exchange import Exchange, finish_in_order
 
 
@@ -35,6 +36,10 @@ class Bucket:
     exchange: Exchange
     pending: int = 0                  # params whose gradient is not ready yet this step
     handle: Any = None
+    #: the bucket's gradients side by side, reused every round (not state): the exchange also
+    #: decodes the update into it (``Exchange.start(update_into=)``), so a round allocates no
+    #: bucket-sized tensor (fresh ones cost page faults and fragment the heap: peak RSS)
+    flat: Optional[torch.Tensor] = None
 
     @property
     def numel(self) -> int:
@@ -109,11 +114,15 @@ class BucketReducer:
         return any(b.handle is not None for b in self.buckets)
 
     def _start(self, bucket: Bucket) -> None:
-        grads = [self._dense_grad(p) for p in bucket.params]
-        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
+        grads = [self._dense_grad(p).reshape(-1) for p in bucket.params]
+        flat = grads[0] if len(grads) == 1 else _concatenate(grads, bucket)
         began = time.perf_counter()
-        # params: in an exact round (LIEC-SGD) they travel in the gradient's own allreduce
-        bucket.handle = bucket.exchange.start(bucket.key, flat, params=bucket.params)
+        # params: in an exact round (LIEC-SGD) they travel in the gradient's own allreduce;
+        # update_into: the algorithms are done with the gradient once start returns, so the
+        # update may be decoded over it (with one parameter: over its own gradient, which the
+        # update replaces anyway)
+        bucket.handle = bucket.exchange.start(bucket.key, flat, params=bucket.params,
+                                              update_into=flat)
         self.stats.time_compress += time.perf_counter() - began
 
     def _dense_grad(self, p: torch.Tensor) -> torch.Tensor:
@@ -238,6 +247,18 @@ class BucketReducer:
         """Errors at zero and the round counter at 0 (the same on every rank that calls it)."""
         for algorithm in (self.algorithm, self.dense_exchange.algorithm):
             algorithm.reset_state()
+
+
+def _concatenate(grads: List[torch.Tensor], bucket: Bucket) -> torch.Tensor:
+    """The gradients side by side in the bucket's reused buffer (a fresh one when their dtypes
+    or devices differ from it)."""
+    first = grads[0]
+    if bucket.flat is None or bucket.flat.dtype != first.dtype or \
+            bucket.flat.device != first.device:
+        bucket.flat = allocate(bucket.numel, first.dtype, first.device)
+    if any(g.dtype != first.dtype or g.device != first.device for g in grads):
+        return torch.cat(grads)
+    return torch.cat(grads, out=bucket.flat)
 
 
 def _default_pattern(algorithm) -> str:
