@@ -183,3 +183,36 @@ def test_an_exact_round_lets_go_of_the_buckets_work_buffers():
         return held
     for held in simulate(2, rounds):
         assert held == [1, 0, 1]         # compressed, exact, compressed
+
+
+def _optimizer_rounds(comm):
+    """Three DistributedOptimizer steps (LIEC/sign, two-phase, several buckets): each bucket's
+    gradient buffer, and whether its update was decoded over it, per step."""
+    import hvdcomp
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64),
+                                torch.nn.Linear(64, 10))
+    torch.manual_seed(0)
+    optimizer = hvdcomp.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+        compression=hvdcomp.Compression.liec("sign", period=1000), comm=comm,
+        bucket_bytes=4 * 64 * 65, small_tensor_bytes=0)
+    reducer = optimizer._reducer
+    seen = []
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 64, generator=torch.Generator().manual_seed(step))).sum().backward()
+        handles = {b.key: b.handle for b in reducer.buckets}
+        optimizer.step()
+        seen.append({b.key: (b.flat.data_ptr() if b.flat is not None else None,
+                             handles[b.key].context.get("update_into") is not None)
+                     for b in reducer.buckets if b.exchange is reducer.exchange})
+    return seen
+
+
+def test_the_optimizer_reuses_one_gradient_buffer_per_bucket_for_the_update():
+    """No bucket-sized tensor per round: the bucket's concatenated gradients go into the same
+    buffer every step, and the two-phase round decodes the update over it."""
+    seen = simulate(2, _optimizer_rounds)[0]
+    assert len(seen[0]) >= 2
+    assert seen[0] == seen[1] == seen[2]                       # the same buffers every step
+    assert all(ptr is not None and into for ptr, into in seen[0].values())  # update went there
