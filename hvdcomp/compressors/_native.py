@@ -92,9 +92,10 @@ def _openmp_flags() -> List[str]:
     """``["-fopenmp"]`` when torch's GNU OpenMP runtime is loaded in this process (the kernels
     then share it: same soname, so the loader binds ours to torch's copy); else ``[]`` (serial
     kernels: never a second OpenMP runtime beside torch's)."""
-    try:
+    try:   # soname libgomp.so.1 (a package's vendored, renamed copy is another soname)
         with open("/proc/self/maps") as maps:
-            loaded = any("libgomp" in line for line in maps)
+            loaded = any(os.path.basename(line.split()[-1]).startswith("libgomp.so")
+                         for line in maps)
     except OSError:
         loaded = False
     return ["-fopenmp"] if loaded and torch.backends.openmp.is_available() else []
