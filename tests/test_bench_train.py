@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 from rich.console import Console
@@ -256,3 +257,20 @@ def test_a_crashed_row_is_reported_and_the_other_rows_are_kept():
     assert [f["method"] for f in doc["failed_rows"]] == ["horovod"]
     assert "Error: row horovod failed" in done.stderr
     assert "crashes on purpose" in doc["failed_rows"][0]["error"]      # the ranks' own output
+
+
+def test_train_defaults_apply_on_cpu_only_and_never_over_a_users_value(monkeypatch):
+    from hvdcomp.bench import horovod_settings as hs
+    # set, then removed, through monkeypatch: it restores the original environment at the end,
+    # whatever apply_train_defaults wrote into os.environ meanwhile
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "unset-me")
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME")
+    assert hs.apply_train_defaults("cuda") == {}
+    assert "HOROVOD_CYCLE_TIME" not in os.environ
+    assert hs.apply_train_defaults("cpu") == {"HOROVOD_CYCLE_TIME": "5"}
+    shown = hs.settings_in_force(applied={"HOROVOD_CYCLE_TIME": "5"}, applied_by="train")
+    assert shown["HOROVOD_CYCLE_TIME"] == {"value": "5", "source": "train"}
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "2")
+    assert hs.apply_train_defaults("cpu") == {}
+    assert hs.settings_in_force()["HOROVOD_CYCLE_TIME"] == {"value": "2",
+                                                           "source": "environment"}

@@ -78,6 +78,10 @@ def test_psgd_with_horovods_optimizer_learns_digits(psgd_run):
     assert summary["bytes_up"] == summary["bytes_down"] == \
         pytest.approx(per_step * summary["steps"])
     assert summary["compression_ratio"] == pytest.approx(1.0)
+    # CPU ranks under hvdcomp train run Horovod's thread at a 5 ms cycle unless told otherwise
+    settings = json.loads((psgd_run / "env.json").read_text())["horovod_settings"]
+    assert settings["HOROVOD_CYCLE_TIME"] == {"value": "5",
+                                              "source": "hvdcomp train default (CPU)"}
 
 
 @pytest.mark.mpi

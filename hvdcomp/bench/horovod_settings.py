@@ -20,14 +20,20 @@ HOROVOD_DEFAULTS: Dict[str, str] = {"HOROVOD_CYCLE_TIME": "1",
                                     "HOROVOD_FUSION_THRESHOLD": str(128 * 1024 * 1024)}
 #: what ``hvdcomp bench`` sets for the ranks it launches when the environment does not
 BENCH_DEFAULTS: Dict[str, str] = {}
+#: what ``hvdcomp train`` sets on CPU ranks (Horovod engine) when the environment does not: at
+#: Horovod's 1 ms cycle its idle background thread made a compute-only ResNet-18 step 1.44-1.74x
+#: slower on the 2-core benchmark machine, 1.26x at 5 ms (docs/benchmarks.md, 30 Nov 2026)
+TRAIN_CPU_DEFAULTS: Dict[str, str] = {"HOROVOD_CYCLE_TIME": "5"}
 SETTINGS: Tuple[str, ...] = tuple(HOROVOD_DEFAULTS)
 
 
 def settings_in_force(env: Optional[Mapping[str, str]] = None,
-                      applied: Mapping[str, str] = ()) -> Dict[str, Dict[str, str]]:
+                      applied: Mapping[str, str] = (),
+                      applied_by: str = "hvdcomp bench default") -> Dict[str, Dict[str, str]]:
     """``{name: {"value": ..., "source": ...}}`` for :data:`SETTINGS` in ``env`` (default: this
-    process's environment); ``applied`` names the ones the bench added itself
-    (:func:`with_bench_defaults`), every other value set is the user's (``environment``)."""
+    process's environment); ``applied`` names the ones hvdcomp added itself (source
+    ``applied_by``: :func:`with_bench_defaults`, :func:`apply_train_defaults`), every other
+    value set is the user's (``environment``)."""
     env = os.environ if env is None else env
     out = {}
     for name in SETTINGS:
@@ -35,7 +41,7 @@ def settings_in_force(env: Optional[Mapping[str, str]] = None,
         if value is None:
             out[name] = {"value": HOROVOD_DEFAULTS[name], "source": "Horovod default"}
         elif name in applied:
-            out[name] = {"value": value, "source": "hvdcomp bench default"}
+            out[name] = {"value": value, "source": applied_by}
         else:
             out[name] = {"value": value, "source": "environment"}
     return out
@@ -46,3 +52,15 @@ def with_bench_defaults(env: Mapping[str, str]) -> Tuple[Dict[str, str], Dict[st
     (a user's value is never replaced)."""
     added = {name: value for name, value in BENCH_DEFAULTS.items() if name not in env}
     return {**env, **added}, added
+
+
+def apply_train_defaults(device: str) -> Dict[str, str]:
+    """Before ``hvd.init()`` in ``hvdcomp train``: :data:`TRAIN_CPU_DEFAULTS` into this process's
+    environment on CPU ranks, where the user set nothing; returns the ones applied."""
+    if device != "cpu":
+        return {}
+    added: Dict[str, str] = {}
+    for name, value in TRAIN_CPU_DEFAULTS.items():
+        if name not in os.environ:
+            os.environ[name] = added[name] = value
+    return added

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import stall
 from ..errors import UserError
+from ..bench.horovod_settings import apply_train_defaults, settings_in_force
 from ..threads import share_cores
 from . import checkpoint as ckpt
 from . import engine
@@ -302,7 +303,10 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
         stop_after_steps: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """Train with ``cfg`` (already resolved and validated, ``cfg.engine`` chosen); returns the
     summary on rank 0. ``resume_state``: :func:`.checkpoint.load_for_rank` of this rank."""
-    comm = engine.start(cfg.engine or engine.default_engine(launcher), launcher, cfg.device)
+    chosen = cfg.engine or engine.default_engine(launcher)
+    # before hvd.init(): Horovod reads its settings once (hvdcomp.bench.horovod_settings)
+    applied = apply_train_defaults(cfg.device) if chosen == "horovod" else None
+    comm = engine.start(chosen, launcher, cfg.device)
     device = _device_for(cfg, comm)
     dataset, shard, spe = _load_and_agree(cfg, comm, resume_state, stop_after_steps)
     training = _Training(cfg, comm, device, dataset, shard, spe, out_dir, quiet)
@@ -310,9 +314,13 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
 
     config_record = {**cfg.to_dict(), "out": str(out_dir), "world_size": comm.size,
                      "launcher": launcher["name"], **training.dist.describe()}
+    facts = {}           # for env.json and the summary, not config.json (not an option)
+    if applied is not None:
+        facts["horovod_settings"] = settings_in_force(
+            applied=applied, applied_by="hvdcomp train default (CPU)")
     if comm.rank == 0:
         training.run_dir = RunDirectory(out_dir)
-        training.run_dir.start(config_record, environment_facts(comm.size, launcher),
+        training.run_dir.start(config_record, {**environment_facts(comm.size, launcher), **facts},
                                resume_step=training.start_step if resume_state is not None
                                else None)
     training.clock_start = time.perf_counter()
@@ -326,6 +334,6 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
     engine.stop(comm)
     if comm.rank == 0:
         training.run_dir.finish(summary)
-        print_summary(summary, config_record)
+        print_summary(summary, {**config_record, **facts})
         return summary
     return None

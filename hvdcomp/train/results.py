@@ -217,6 +217,7 @@ def print_summary(summary: Dict[str, Any], config: Dict[str, Any], file=None) ->
         ("model / dataset", f"{config['model']} / {config['dataset']}"),
         *_settings_rows(config),
         ("ranks (launcher)", f"{config['world_size']} ({config['launcher']})"),
+        *_horovod_rows(config),
         ("final test accuracy", f"{100 * summary['final_accuracy']:.2f}%"),
         ("best test accuracy", f"{100 * summary['best_accuracy']:.2f}%"),
         ("steps / epochs", f"{summary['steps']} / {summary['epochs']:g}"),
@@ -232,6 +233,15 @@ def print_summary(summary: Dict[str, Any], config: Dict[str, Any], file=None) ->
         ("run directory", str(summary.get("run_dir", ""))),
     ]
     write_table(rows, file)
+
+
+def _horovod_rows(config: Dict[str, Any]) -> List[tuple]:
+    """The Horovod settings in force and where each came from (Horovod engine runs)."""
+    settings = config.get("horovod_settings")
+    if not settings:
+        return []
+    return [("Horovod settings", ", ".join(f"{name}={s['value']} ({s['source']})"
+                                           for name, s in settings.items()))]
 
 
 def write_table(rows: List[tuple], file=None) -> None:
