@@ -1,0 +1,56 @@
+"""Profile exchange rounds of one algorithm with sign on ResNet-18's gradient size (44.7 MB):
+the round times of every rank, and rank 0's cProfile of five rounds (docs/benchmarks.md, "Where a
+round's time goes").  Run under a launcher, one thread per rank:
+
+    mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/profile_round.py liec
+"""
+import cProfile
+import pstats
+import sys
+import time
+
+import horovod.torch as hvd
+import torch
+
+from hvdcomp.algorithms import make_algorithm
+from hvdcomp.comm.horovod import HorovodCommunicator
+from hvdcomp.exchange import Exchange
+
+NUMEL = int(42.61 * 2 ** 20) // 4
+
+
+def main(algorithm: str) -> None:
+    hvd.init()
+    comm = HorovodCommunicator()
+    grad = torch.randn(NUMEL, generator=torch.Generator().manual_seed(comm.rank))
+    exchange = Exchange(make_algorithm(algorithm, up="sign", down="sign"), comm)
+    exchange.prepare({"b": (NUMEL, torch.float32)})
+
+    def one_round():
+        while exchange.is_sync_step():      # LIEC's exact rounds are not what is profiled
+            exchange.exchange("b", grad)
+            exchange.end_round()
+        exchange.exchange("b", grad)
+        exchange.end_round()
+
+    for _ in range(3):
+        one_round()
+    times = []
+    for _ in range(5):
+        comm.barrier("profile.round")
+        began = time.perf_counter()
+        one_round()
+        times.append(time.perf_counter() - began)
+    print(comm.rank, "round ms", sorted(round(1e3 * t, 1) for t in times), flush=True)
+    profiler = cProfile.Profile() if comm.rank == 0 else None
+    if profiler:
+        profiler.enable()
+    for _ in range(5):
+        one_round()
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "liec")
