@@ -73,7 +73,9 @@ class _DDPReducer(BucketReducer):
         offset = 0
         for p in bucket.params:
             view = self.grads[id(p)]
-            view.copy_(update[offset:offset + p.numel()].view_as(view))
+            piece = update[offset:offset + p.numel()]
+            if view.data_ptr() != piece.data_ptr():   # a one-tensor bucket decodes in place
+                view.copy_(piece.view_as(view))
             offset += p.numel()
 
 

@@ -396,8 +396,9 @@ def finish_in_order(started: Iterable[Tuple[Exchange, ExchangeHandle]]) -> Itera
     Every value is the one :meth:`Exchange.finish` gives bucket by bucket, bit for bit: a
     bucket's steps touch only its own state and tensors, and only the order across buckets
     changes.  The collectives are launched in the order of ``started`` on every rank (what
-    engines that pair by launch order need).  Holds one bucket's update more than
-    bucket-by-bucket finishing while it runs (bucket k's, waiting for its downlink)."""
+    engines that pair by launch order need).  Without ``update_into`` (fresh updates) it holds
+    one bucket's update more than bucket-by-bucket finishing while it runs (bucket k's, waiting
+    for its downlink)."""
     previous: Optional[Tuple[Exchange, ExchangeHandle]] = None
     for exchange, handle in started:
         exchange.finish_server(handle)

@@ -178,7 +178,7 @@ class BucketReducer:
                 p.grad = piece.clone()
             elif p.grad.is_sparse:  # sparse_as_dense: sparse again for the optimizer (Horovod)
                 p.grad.zero_().add_(piece.to_sparse())
-            else:
+            elif p.grad.data_ptr() != piece.data_ptr():   # a one-tensor bucket decodes in place
                 p.grad.copy_(piece)
 
     def _read_bytes(self) -> None:
@@ -253,11 +253,11 @@ def _concatenate(grads: List[torch.Tensor], bucket: Bucket) -> torch.Tensor:
     """The gradients side by side in the bucket's reused buffer (a fresh one when their dtypes
     or devices differ from it)."""
     first = grads[0]
+    if any(g.dtype != first.dtype or g.device != first.device for g in grads):
+        return torch.cat(grads)
     if bucket.flat is None or bucket.flat.dtype != first.dtype or \
             bucket.flat.device != first.device:
         bucket.flat = allocate(bucket.numel, first.dtype, first.device)
-    if any(g.dtype != first.dtype or g.device != first.device for g in grads):
-        return torch.cat(grads)
     return torch.cat(grads, out=bucket.flat)
 
 
