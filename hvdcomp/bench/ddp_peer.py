@@ -18,6 +18,7 @@ whole fp32 gradient (what its buckets carry).
 """
 from __future__ import annotations
 
+import gc
 import time
 from datetime import timedelta
 from typing import Dict, Optional
@@ -163,8 +164,13 @@ def run_ddp(spec: Dict[str, object], rank: int, size: int) -> Dict[str, object]:
         buckets = [b for b in runner.state.reducer.buckets
                    if b.exchange is runner.state.reducer.exchange]
         bucket = max((4 * b.numel for b in buckets), default=None)
+    record = {"compressed": compressed, "exact": exact, "period": period,
+              "parameters": runner.numel, "bytes_source": runner.source, "bucket_bytes": bucket,
+              "comm_modules": loaded}
+    # DDP and hvdcomp's hook hold the process group: release them before it is destroyed, so
+    # that no Gloo work or buffer outlives it into the interpreter's shutdown
+    del runner
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
-    return {"compressed": compressed, "exact": exact, "period": period,
-            "parameters": runner.numel, "bytes_source": runner.source, "bucket_bytes": bucket,
-            "comm_modules": loaded}
+    return record
