@@ -61,17 +61,22 @@ tests/test_memory_bound.py): the worker's C(p_i) is written (``Compressor.roundt
 one buffer the exchange keeps per bucket across rounds
 (:class:`hvdcomp.exchange_buffers.ReusedBuffers`) and handed to ``worker_sent``; that buffer is
 the algorithm's until ``worker_update`` of the same bucket and round: it may write over it
-(LIEC-SGD and CSER keep r_i = p_i − C(p_i) there) but must copy what it keeps longer.  The
-two-phase server needs no buffer of its own: the update tensor it returns (the caller's
-``update_into``, which the optimizer points at its reused bucket buffer, else fresh) is
-its scratch until the downlink arrives: the mean in one chunk-sized region, the addend and then
-C(v) in its own chunk (where the downlink decodes C(v) again).  ``worker_message`` may return a
-tensor the algorithm owns and overwrite it in ``worker_sent`` (MEM-SGD and DoubleSqueeze write
-p_i over their error): payloads that view the message are copied before that.  The exchange does
-not read the mean again after ``server_message``, nor the received C(v) after ``worker_update``:
-the steps may add into them in place (LIEC-SGD, DoubleSqueeze do).  Large fresh CPU tensors come
-from ``compressors._wire.allocate`` (numpy: transparent huge pages, fewer page faults).  The
-values are those of the plain formulas, bit for bit; only the memory and the passes change.
+(LIEC-SGD and CSER keep r_i = p_i − C(p_i) there) but must copy what it keeps longer.  An
+algorithm that reads C(p_i) only inside ``worker_sent`` declares ``keeps_worker_sent = False``
+(MEM-SGD, DoubleSqueeze), and the two-phase round then decodes C(p_i) into the caller's
+``update_into`` instead (when p_i is not held there): such a rank keeps nothing but its errors.
+The two-phase server needs no buffer of its own: the update tensor it returns (the caller's
+``update_into``, which the optimizer points at its reused bucket buffer, else fresh) is its
+scratch until the downlink arrives: the mean in its own chunk, then C(v) over the mean when the
+algorithm keeps v in its own state (LIEC-SGD and DoubleSqueeze write v over their server error),
+else in a second chunk-sized region (also the decoder's addend where it needs one).
+``worker_message`` may return a tensor the algorithm owns and overwrite it in ``worker_sent``
+(MEM-SGD and DoubleSqueeze write p_i over their error), and ``server_message`` likewise in
+``server_sent``: payloads that view the message are copied before that.  The exchange does not
+read the mean again after ``server_message``, nor the received C(v) after ``worker_update``: the
+steps may add into them in place.  Large fresh CPU tensors come from ``compressors._wire.allocate``
+(numpy: transparent huge pages, fewer page faults).  The values are those of the plain formulas,
+bit for bit; only the memory and the passes change.
 
 Names: every collective is called ``<name_prefix>.<key>.<phase>`` (``name_prefix`` defaults to
 ``hvdcomp``), the same every round; ``start`` may be called in
@@ -112,7 +117,8 @@ from .exchange_codec import (BASE_ALIGNMENT, chunk_bounds, default_alignment,  #
 from .exchange_config import (BucketSpec, ConfigMismatchError, bucket_spec,  # noqa: F401
                               config_differences, post_config, verify_config)
 from .exchange_ledger import ByteLedger
-from .exchange_rounds import FINISHES, SPLIT_FINISHES, STARTS, ExchangeHandle
+from .exchange_rounds import (FINISHES, SPLIT_FINISHES, STARTS, ExchangeHandle,
+                              start_two_phase)
 from .exchange_sync import average_parameters, finish_sync, start_sync
 
 PATTERNS = ("two_phase", "allgather", "allreduce")
@@ -260,15 +266,17 @@ class Exchange:
             raise ValueError(f"bucket {key!r}: gradients must be floating point, not {grad.dtype}")
         config_check = self._check_bucket(key, (grad.numel(), grad.dtype))
         flat = grad.detach().reshape(-1)
+        target = None if update_into is None else flat_target(update_into, flat, key)
         if self.algorithm.is_sync_step():
             handle = start_sync(self, key, flat, params)
         else:
             # a method that runs its own collectives (PowerSGD) declares round_kind "owned"
-            handle = STARTS[getattr(self.algorithm, "round_kind", None) or self.pattern](
-                self, key, flat)
+            start = STARTS[getattr(self.algorithm, "round_kind", None) or self.pattern]
+            handle = (start_two_phase(self, key, flat, target) if start is start_two_phase
+                      else start(self, key, flat))
         handle.shape = grad.shape
-        if update_into is not None:
-            handle.context["update_into"] = flat_target(update_into, flat, key)
+        if target is not None:
+            handle.context["update_into"] = target
         if config_check is not None:
             handle.pending["config"] = config_check
         self._in_flight[key] = handle

@@ -14,7 +14,7 @@ have no downlink collective (allgather, allreduce: the server steps run replicat
 their own (exact rounds, PowerSGD's owned rounds) and finish in one step."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -47,9 +47,9 @@ class ExchangeHandle:
 
 
 def own_payload(payload: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
-    """``payload``, copied when it views the message (``none``): worker_sent may write over the
-    message (MEM-SGD, DoubleSqueeze keep p_i in their error's storage) while the collective
-    still reads the payload."""
+    """``payload``, copied when it views the message (``none``): worker_sent and server_sent
+    may write over the message (MEM-SGD, DoubleSqueeze, LIEC-SGD keep p_i or v in their
+    error's storage) while the collective still reads the payload."""
     if payload.numel() and payload.untyped_storage().data_ptr() == \
             message.untyped_storage().data_ptr():
         return payload.clone()
@@ -57,13 +57,14 @@ def own_payload(payload: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
 
 
 # --- the two-phase sharded server --------------------------------------------------------------
-def start_two_phase(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
+def start_two_phase(ex, key: str, flat: torch.Tensor,
+                    update_into: Optional[torch.Tensor] = None) -> ExchangeHandle:
     algo, up = ex.algorithm, ex.uplink(key)
     bounds = chunk_bounds(flat.numel(), ex.size, ex.alignment)
     message = algo.worker_message(key, flat)
     bucket = worker_bucket_norm(up, message)
-    # C(p_i), chunk by chunk, decoded straight into one reused buffer (no torch.cat)
-    sent = ex.buffers.get(key, "sent", flat.numel(), flat.dtype, flat.device)
+    # C(p_i), chunk by chunk, decoded straight into one buffer (no torch.cat)
+    sent = _worker_sent_buffer(ex, key, message, update_into)
     payloads = [roundtrip_into(up, message[start:stop], sent[start:stop],
                                ex.seed_for(key, "up", j), bucket)
                 for j, (start, stop) in enumerate(bounds)]
@@ -74,6 +75,19 @@ def start_two_phase(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
     pending = {"uplink": ex.comm.alltoall_async(packed, splits, ex.name(key, "up"))}
     return ExchangeHandle(key, ex.round, "two_phase", flat.shape, flat.dtype, pending,
                           bounds=bounds)
+
+
+def _worker_sent_buffer(ex, key: str, message: torch.Tensor,
+                        update_into: Optional[torch.Tensor]) -> torch.Tensor:
+    """Where C(p_i) is decoded for ``worker_sent``: the caller's ``update_into`` (garbage until
+    the server half writes there) when the algorithm lets go of C(p_i) in ``worker_sent``
+    (``keeps_worker_sent`` false) and p_i is not held in that buffer; otherwise the buffer the
+    exchange keeps for the bucket across rounds."""
+    if (update_into is not None and not ex.algorithm.keeps_worker_sent
+            and message.untyped_storage().data_ptr()
+            != update_into.untyped_storage().data_ptr()):
+        return update_into
+    return ex.buffers.get(key, "sent", message.numel(), message.dtype, message.device)
 
 
 def finish_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
@@ -96,19 +110,25 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     update = handle.context.get("update_into")
     if update is None:
         update = allocate(bounds[-1][1], dtype, received.device)
-    mean, scratch = _server_regions(update, start, stop)
+    mean, other = _server_regions(update, start, stop)
     # server: decode the N payloads of the chunk this rank owns, average in rank order
     up = ex.uplink(key)
     sizes = [payload_nbytes(up, own, dtype)] * ex.size
-    decode_mean_into(up, split(received, sizes, key), mean, scratch,
+    decode_mean_into(up, split(received, sizes, key), mean, other,
                      ex.seed_for(key, "up", ex.rank))
     del received
     server_message = algo.server_message(key, mean)
+    # C(v) goes over the mean, which the exchange does not read again, unless v lives in the
+    # update (v is the mean, or written into it); an algorithm that keeps v in its own state
+    # (LIEC-SGD, DoubleSqueeze write v over their server error) leaves the other region alone
+    in_update = server_message.untyped_storage().data_ptr() == update.untyped_storage().data_ptr()
+    sent = other if in_update else mean
     bucket = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"), algo.down,
                                 server_message, bounds[-1][1])
-    payload = roundtrip_into(algo.down, server_message, scratch,
-                             ex.seed_for(key, "down", ex.rank), bucket)
-    algo.server_sent(key, server_message, scratch)
+    payload = own_payload(roundtrip_into(algo.down, server_message, sent,
+                                         ex.seed_for(key, "down", ex.rank), bucket),
+                          server_message)
+    algo.server_sent(key, server_message, sent)
     ex.ledger.count("downlink", down=(ex.size - 1) * payload.numel())
     # downlink: one allgather of the server payloads; nothing writes over the payload (or the
     # update holding the scratch it may view) until receive_two_phase has waited for it
@@ -131,15 +151,17 @@ def receive_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
 
 def _server_regions(update: torch.Tensor, start: int, stop: int):
     """Two disjoint regions of ``stop − start`` elements: this rank's own chunk of the update
-    (the addend, then C(v), which the downlink decodes there again) and another (the mean):
-    the chunk before it (chunks before this rank's are full) or after it; a fresh tensor when
-    the bucket is too small for both (one rank, or a short last chunk)."""
+    (the mean, then C(v) when v is not kept there; the downlink decodes C(v) there again) and
+    another (the decoder's addend, and C(v) when v is kept in the own chunk): the chunk before
+    it (chunks before this rank's are full) or after it; when the bucket is too small for both
+    (one rank, or rank 0 of two with a shorter last chunk) a fresh tensor, whose pages are only
+    touched if it is written (``sign`` adds in the same pass as it decodes and never is)."""
     own = stop - start
     if own <= start:
-        return update[:own], update[start:stop]
+        return update[start:stop], update[:own]
     if stop + own <= update.numel():
-        return update[stop:stop + own], update[start:stop]
-    return allocate(own, update.dtype, update.device), update[start:stop]
+        return update[start:stop], update[stop:stop + own]
+    return update[start:stop], allocate(own, update.dtype, update.device)
 
 
 # --- allgather (GRACE/DGC) ---------------------------------------------------------------------
@@ -199,8 +221,13 @@ def replicated_server(ex, key: str, mean: torch.Tensor) -> torch.Tensor:
     """Server steps run on every rank over the whole bucket; no downlink compression."""
     algo = ex.algorithm
     server_message = algo.server_message(key, mean)
-    algo.server_sent(key, server_message, server_message)
-    return algo.worker_update(key, server_message)
+    sent = server_message
+    if server_message.untyped_storage().data_ptr() != mean.untyped_storage().data_ptr():
+        # v lives in the algorithm's state (written over its error, which server_sent then
+        # overwrites): C(v) = v goes on in the mean's buffer, which nothing reads any more
+        sent = mean.copy_(server_message)
+    algo.server_sent(key, server_message, sent)
+    return algo.worker_update(key, sent)
 
 
 # --- a method that runs its own collectives (round_kind "owned": PowerSGD) ---------------------

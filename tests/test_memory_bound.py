@@ -62,6 +62,41 @@ def test_a_rank_keeps_its_state_plus_one_bucket(name, up, down, pattern, n):
             f"+ scratch {(held - state) / bucket:.2f} (at most 1)")
 
 
+def _rounds_into_the_callers_buffer(comm, name, up, down, into):
+    """Four two-phase rounds with the gradient in one buffer that is also ``update_into`` (what
+    the optimizer does), or without ``update_into``: the updates, and the bytes held."""
+    algo = _algorithm(name, up, down)
+    exchange = Exchange(algo, comm)
+    flat, updates = torch.empty(D), []
+    for step in range(4):
+        flat.copy_(torch.randn(D, generator=torch.Generator().manual_seed(10 * comm.rank + step)))
+        handle = exchange.start("b", flat, update_into=flat if into else None)
+        updates.append(exchange.finish(handle).clone())
+        exchange.end_round()
+    state = sum(t.numel() * t.element_size()
+                for field in algo.state_fields for t in getattr(algo, field).values())
+    return updates, held_bytes(exchange), state
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("name,up,down", [("doublesqueeze", "sign", "sign"),
+                                          ("memsgd", "topk:ratio=0.1", None),
+                                          ("liec", "sign", "sign")])
+def test_with_the_callers_buffer_a_rank_keeps_only_what_the_algorithm_must(name, up, down, n):
+    """Given ``update_into``, DoubleSqueeze and MEM-SGD (which read C(p_i) only in worker_sent)
+    have it decoded into the caller's buffer and keep nothing but their errors; LIEC-SGD keeps
+    r_i for the round in the exchange's one bucket of scratch. The server writes v over its
+    error and C(v) over the mean, so it keeps nothing of its own. The updates are those of
+    rounds without ``update_into``, bit for bit."""
+    bucket = 4 * D
+    into = simulate(n, _rounds_into_the_callers_buffer, name, up, down, True)
+    fresh = simulate(n, _rounds_into_the_callers_buffer, name, up, down, False)
+    for rank, ((updates, held, state), (expected, _, _)) in enumerate(zip(into, fresh)):
+        assert all(torch.equal(a, b) for a, b in zip(updates, expected)), rank
+        scratch = bucket if name == "liec" else 0
+        assert held == state + scratch, (rank, held / bucket, state / bucket)
+
+
 @pytest.mark.parametrize("name,up,down,pattern", CASES)
 def test_every_tensor_kept_across_rounds_is_declared_state(name, up, down, pattern):
     for _, _, undeclared in simulate(2, _rounds, name, up, down, pattern):

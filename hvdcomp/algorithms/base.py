@@ -70,6 +70,12 @@ class Algorithm(TrainingMethod):
     #: listed explicitly as PyTorch's ``PowerSGDState`` lists its fields.  Work buffers and
     #: values that live for one round only are not state and are not listed.
     state_fields: Tuple[str, ...] = ()
+    #: Whether the algorithm still reads the buffer handed to ``worker_sent`` after it returns
+    #: (LIEC-SGD and CSER keep r_i = p_i − C(p_i) there until ``worker_update``).  An algorithm
+    #: that declares False (it only reads C(p_i) inside ``worker_sent``) lets the two-phase
+    #: exchange decode C(p_i) into the caller's update buffer, which the server half then
+    #: overwrites, instead of a bucket-sized buffer of its own.
+    keeps_worker_sent: bool = True
 
     def __init__(self, up: "Compressor | str" = "none", down: "Compressor | str | None" = None):
         self.up = from_spec(up)

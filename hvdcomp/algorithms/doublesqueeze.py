@@ -29,6 +29,7 @@ class DoubleSqueeze(Algorithm):
     read it again); the values are those of the formulas above."""
     name = "doublesqueeze"
     state_fields = ("worker_error", "server_error")
+    keeps_worker_sent = False     # C(p_i) is read once, by worker_sent
     info = MethodInfo(
         name="doublesqueeze", label="DoubleSqueeze", order=30,
         summary="error feedback on the workers and on the server; both directions compressed",
@@ -43,8 +44,9 @@ class DoubleSqueeze(Algorithm):
 
     def worker_message(self, key, grad):
         error = self.worker_error.get(key)
-        if error is None:
-            return grad.clone()
+        if error is None:   # first round: δ_i = 0, and p_i already in the error's own storage
+            error = self.worker_error[key] = grad.clone()
+            return error
         # p_i written over the error, then the error over p_i (worker_sent): no third buffer
         return torch.add(grad, error, out=error)                      # p_i = g_i + δ_i
 
@@ -52,8 +54,13 @@ class DoubleSqueeze(Algorithm):
         store_difference(self.worker_error, key, message, sent)         # δ_i ← p_i − C(p_i)
 
     def server_message(self, key, mean_received):
+        # v written over the error (then the error over v in server_sent), so the exchange can
+        # put C(v) over the mean: the server keeps no buffer beyond its error
         error = self.server_error.get(key)
-        return mean_received if error is None else mean_received.add_(error)  # v = m + δ
+        if error is None:                            # first round: δ = 0
+            error = self.server_error[key] = mean_received.clone()
+            return error
+        return error.add_(mean_received)                                 # v = m + δ
 
     def server_sent(self, key, message, sent):
         store_difference(self.server_error, key, message, sent)         # δ ← v − C(v)

@@ -70,8 +70,13 @@ class LIEC(Algorithm):
         self.local_error[key] = torch.sub(message, sent, out=sent)  # r_i = g_i − C(g_i)
 
     def server_message(self, key, mean_received):
+        # v written over the error (then the error over v in server_sent), so the exchange can
+        # put C(v) over the mean: the server keeps no buffer beyond its error
         error = self.server_error.get(key)
-        return mean_received if error is None else mean_received.add_(error)  # v = m + e
+        if error is None:                            # first round: e = 0
+            error = self.server_error[key] = mean_received.clone()
+            return error
+        return error.add_(mean_received)                                 # v = m + e
 
     def server_sent(self, key, message, sent):
         store_difference(self.server_error, key, message, sent)         # e ← v − C(v)

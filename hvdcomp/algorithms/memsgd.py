@@ -36,6 +36,7 @@ class MemSGD(Algorithm):
                     "https://arxiv.org/abs/1809.07599", "NeurIPS"))
     compresses_downlink = False
     state_fields = ("worker_error",)
+    keeps_worker_sent = False     # C(p_i) is read once, by worker_sent
 
     def __init__(self, up="none", down=None):
         super().__init__(up, down)
@@ -43,8 +44,9 @@ class MemSGD(Algorithm):
 
     def worker_message(self, key, grad):
         error = self.worker_error.get(key)
-        if error is None:
-            return grad.clone()
+        if error is None:   # first round: e_i = 0, and p_i already in the error's own storage
+            error = self.worker_error[key] = grad.clone()
+            return error
         # p_i written over the error, then the error over p_i (worker_sent): no third buffer
         return torch.add(grad, error, out=error)                      # p_i = g_i + e_i
 
