@@ -43,6 +43,7 @@ from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
+from ..compressors._wire import allocate
 from ..compressors.lowrank import matrix_shape
 from .base import Algorithm
 from .registry import MethodInfo, Option, Paper
@@ -198,7 +199,7 @@ class PowerSGDMethod(Algorithm):
         if self.step < self.start_iter:
             return {"dense_all": allreduce(flat.clone(), "powersgd_startup")}
         matrices, dense = self.layout(key, flat.numel())
-        message = flat.clone()
+        message = allocate(flat.numel(), flat.dtype, flat.device).copy_(flat)
         error = self.error.get(key)
         if error is not None:
             offset = 0
@@ -223,13 +224,15 @@ class PowerSGDMethod(Algorithm):
         """Wait for P, orthogonalise, all-reduce Q', decompress; update E_i and Q."""
         if "dense_all" in context:
             return context["dense_all"].wait()
+        # The update is written over the message, matrix by matrix once its error is taken
+        # (M_i is not read again), and the error into its own buffer: a round allocates one
+        # matrix at a time beyond the message, not buckets (the values are the formulas')
         message, matrices = context["message"], context["matrices"]
-        update = torch.empty_like(message)
         if context["dense"]:
             mean = context["dense_mean"].wait()
             offset = 0
             for a, b in context["dense"]:
-                update[a:b] = mean[offset:offset + b - a]
+                message[a:b] = mean[offset:offset + b - a]
                 offset += b - a
         if matrices:
             p = context["p_mean"].wait()
@@ -237,13 +240,28 @@ class PowerSGDMethod(Algorithm):
             q = torch.cat([(_matrix(message, m).T @ p_hat).reshape(-1)
                            for m, p_hat in zip(matrices, p_hats)])   # Q' = Mᵀ P̂
             q = allreduce(q, "powersgd_q").wait()
+            error = self._error_buffer(key, matrices, message)
+            offset = 0
             for m, p_hat in zip(matrices, p_hats):
-                _matrix(update, m).copy_(p_hat @ _factor(q, m, "q").T)   # U = P̂ Q'ᵀ
-            self.error[key] = _compressed_view(message, matrices) - \
-                _compressed_view(update, matrices)                   # E_i = M_i − U
+                update = p_hat @ _factor(q, m, "q").T                # U = P̂ Q'ᵀ
+                size = m.rows * m.cols
+                torch.sub(_matrix(message, m), update,
+                          out=error[offset:offset + size].view(m.rows, m.cols))  # E_i = M_i − U
+                _matrix(message, m).copy_(update)
+                offset += size
             if self.warm_start:
                 self.q_memory[key] = q
-        return update
+        return message
+
+    def _error_buffer(self, key: str, matrices: List[Matrix], like: torch.Tensor) -> torch.Tensor:
+        """E_i's buffer for bucket ``key`` (the compressed matrices, concatenated): the one
+        kept since the last round (M_i = G_i + E_i has read it), fresh in the first."""
+        numel = sum(m.rows * m.cols for m in matrices)
+        error = self.error.get(key)
+        if error is None or error.numel() != numel or error.dtype != like.dtype \
+                or error.device != like.device:
+            error = self.error[key] = allocate(numel, like.dtype, like.device)
+        return error
 
 
 def _matrix(flat: torch.Tensor, m: Matrix) -> torch.Tensor:
@@ -254,10 +272,3 @@ def _factor(buffer: torch.Tensor, m: Matrix, which: str) -> torch.Tensor:
     """Matrix ``m``'s P (rows × r) or Q (cols × r) inside its bucket's concatenated buffer."""
     at, length = (m.p_at, m.rows) if which == "p" else (m.q_at, m.cols)
     return buffer[at:at + length * m.rank].view(length, m.rank)
-
-
-def _compressed_view(flat: torch.Tensor, matrices: List[Matrix]) -> torch.Tensor:
-    """The compressed matrices' elements of ``flat``, concatenated (a copy)."""
-    if not matrices:
-        return flat.new_zeros(0)
-    return torch.cat([_matrix(flat, m).reshape(-1) for m in matrices])
