@@ -89,6 +89,32 @@ def test_native_alltoall_on_gloo():
     _check_collectives(results, 2)
 
 
+def _allreduce_into():
+    comm = _comm()
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        for op in ("average", "sum"):
+            x = torch.randn(1001, dtype=dtype, generator=torch.Generator().manual_seed(comm.rank))
+            name = f"{dtype}/{op}"
+            outside = comm.allreduce_async(x, f"out/{name}", op).wait()
+            inside = x.clone()
+            result = comm.allreduce_into_async(inside, f"in/{name}", op).wait()
+            strided = x.clone().view(7, 143).t()            # not contiguous: the copy-back road
+            result_strided = comm.allreduce_into_async(strided, f"st/{name}", op).wait()
+            out[name] = (result.data_ptr() == inside.data_ptr(), torch.equal(inside, outside),
+                         not torch.equal(x, inside), result_strided is strided,
+                         torch.equal(strided.t().reshape(-1), outside))
+    return out
+
+
+def test_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buffer():
+    """As Horovod's (tests/test_memory_bound.py): the exact round's joint buffer is reduced in
+    place on Gloo ranks too, with the bits of the out-of-place allreduce."""
+    for rank, cases in enumerate(run_torch_ranks(_allreduce_into, np=2, timeout=120)):
+        for name, checks in cases.items():
+            assert all(checks), (rank, name, checks)
+
+
 @pytest.mark.gpu
 def test_collectives_on_nccl_single_rank():
     if not torch.cuda.is_available():

@@ -149,13 +149,25 @@ class TorchDistCommunicator(Communicator):
 
     # --- the four collectives ------------------------------------------------------------------
     def allreduce_async(self, tensor, name, op="average"):
+        return self._allreduce(tensor, name, op, in_place=False)
+
+    def allreduce_into_async(self, tensor, name, op="average"):
+        """Reduced in ``tensor`` itself when it is contiguous and on the group's device (no
+        second buffer of its size, as Horovod's in-place allreduce); otherwise the default
+        (reduced in a copy, copied back)."""
+        if tensor.device != self._device or not tensor.is_contiguous():
+            return super().allreduce_into_async(tensor, name, op)
+        return self._allreduce(tensor, name, op, in_place=True)
+
+    def _allreduce(self, tensor, name, op, in_place):
         check_op(op)
         if tensor.dtype not in REDUCIBLE_DTYPES:
             raise TypeError(f"allreduce {name!r}: {tensor.dtype} cannot be reduced (hvdcomp's "
                             "engines reduce float16/32/64); send packed bytes with allgather")
         local, back = self._on_device(tensor)
         header = self._post_header("allreduce", name, local, extra=REDUCE_CODES[op])
-        result = local.detach().clone(memory_format=torch.contiguous_format)
+        result = (local.detach() if in_place
+                  else local.detach().clone(memory_format=torch.contiguous_format))
         work = (self._dist.all_reduce(result, op=self._dist.ReduceOp.SUM, group=self._group,
                                       async_op=True) if result.numel() else None)
 
