@@ -92,6 +92,24 @@ def roundtrip_into(compressor: Compressor, x: torch.Tensor, out: torch.Tensor, s
     return payload
 
 
+def roundtrip_chunks_into(compressor: Compressor, x: torch.Tensor,
+                          bounds: Sequence[Tuple[int, int]], out: torch.Tensor,
+                          seeds: Sequence[int]) -> List[torch.Tensor]:
+    """The worker's uplink: each chunk ``x[a:b]`` through :func:`roundtrip_into` (C(x) into
+    ``out[a:b]``, the bucket's norm for ``needs_bucket_norm``), or, for a compressor that
+    encodes a bucket's chunks at once (``roundtrip_chunks_into``: ``sign``, one pass for its
+    norm and bits), through that; the payloads, one per chunk."""
+    chunks = getattr(compressor, "roundtrip_chunks_into", None)
+    if chunks is None or x.numel() == 0:
+        bucket = worker_bucket_norm(compressor, x)
+        return [roundtrip_into(compressor, x[a:b], out[a:b], seed, bucket)
+                for (a, b), seed in zip(bounds, seeds)]
+    payloads = chunks(x, bounds, out)
+    for (a, b), payload in zip(bounds, payloads):
+        _check_payload(compressor, x[a:b], payload)
+    return payloads
+
+
 def decode_into(compressor: Compressor, payload: torch.Tensor, out: torch.Tensor,
                 seed: int) -> torch.Tensor:
     if out.numel():

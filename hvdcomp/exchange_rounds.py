@@ -21,8 +21,8 @@ import torch
 from .comm.base import Handle
 from .compressors._wire import allocate
 from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into, payload_nbytes,
-                             roundtrip_into, server_bucket_norm, split, summable_dtype,
-                             worker_bucket_norm)
+                             roundtrip_chunks_into, roundtrip_into, server_bucket_norm, split,
+                             summable_dtype)
 
 
 class ExchangeHandle:
@@ -62,12 +62,10 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     algo, up = ex.algorithm, ex.uplink(key)
     bounds = chunk_bounds(flat.numel(), ex.size, ex.alignment)
     message = algo.worker_message(key, flat)
-    bucket = worker_bucket_norm(up, message)
     # C(p_i), chunk by chunk, decoded straight into one buffer (no torch.cat)
     sent = _worker_sent_buffer(ex, key, message, update_into)
-    payloads = [roundtrip_into(up, message[start:stop], sent[start:stop],
-                               ex.seed_for(key, "up", j), bucket)
-                for j, (start, stop) in enumerate(bounds)]
+    payloads = roundtrip_chunks_into(up, message, bounds, sent,
+                                     [ex.seed_for(key, "up", j) for j in range(len(bounds))])
     splits = [p.numel() for p in payloads]
     packed = torch.cat(payloads)   # before worker_sent: a payload may view the message
     algo.worker_sent(key, message, sent)

@@ -99,3 +99,40 @@ def test_real_ranks_sign_equals_whole_bucket_sign(n):
     expected = oracle("liec", grads, per_bucket, per_bucket, period=3)
     for rank in range(n):
         torch.testing.assert_close(results[rank][0], expected[:, rank], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("road", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numel,n", [(1000, 2), (4099, 3), (130, 4), (64, 3)])
+def test_a_buckets_chunks_at_once_give_each_chunks_payload(numel, n, dtype, road, monkeypatch):
+    """The worker encodes its chunks in one pass (bits and bucket norm together); each payload
+    and decoded chunk equals the chunk encoded alone with the bucket's norm, bit for bit (with
+    the C kernels and without, float32 and float64, uneven and empty chunks)."""
+    from hvdcomp.exchange_codec import chunk_bounds
+    monkeypatch.setenv("HVDCOMP_NATIVE", "1" if road == "native" else "0")
+    if road == "native":
+        from hvdcomp.compressors import _native
+        if _native.library() is None:
+            pytest.skip(f"C kernels unavailable: {_native.status()}")
+    sign = from_spec("sign")
+    x = torch.randn(numel, dtype=dtype, generator=torch.Generator().manual_seed(numel))
+    x[::7] = 0.0
+    x[1::11] = -0.0
+    bounds = chunk_bounds(numel, n)
+    out = torch.full_like(x, float("nan"))
+    payloads = sign.roundtrip_chunks_into(x, bounds, out)
+    bucket = (sign.partial_norm(x), numel)
+    for (a, b), payload in zip(bounds, payloads):
+        alone = torch.empty(b - a, dtype=dtype)
+        expected = sign.roundtrip_into(x[a:b], alone, bucket=bucket) if b > a else \
+            torch.empty(0, dtype=torch.uint8)
+        assert torch.equal(payload, expected), (a, b)
+        assert torch.equal(out[a:b], alone), (a, b)
+
+
+def test_a_bucket_holding_nan_is_refused_once_with_its_count():
+    from hvdcomp.compressors.base import CompressionError
+    x = torch.randn(1000)
+    x[900] = float("nan")
+    with pytest.raises(CompressionError, match="1 of 1000 elements"):
+        from_spec("sign").roundtrip_chunks_into(x, [(0, 512), (512, 1000)], torch.empty(1000))

@@ -157,6 +157,32 @@ class Sign(ChunkSign):
         self.decompress_into(payload, out, seed)
         return payload
 
+    def roundtrip_chunks_into(self, x: torch.Tensor, bounds, out: torch.Tensor):
+        """The worker's chunks of the bucket ``x`` (``bounds``: (start, stop) per chunk, every
+        start a multiple of 8), each with the bucket's scale, decoded into ``out``; returns the
+        payloads.  The bits do not depend on the scale, so the bucket's bits and its L1 norm
+        come from one pass over ``x`` (one pass less than the norm, then the bits of each chunk)
+        and each payload takes its chunk's bytes; the same payloads, bit for bit."""
+        x = flat_input(x, self.name)
+        numel = x.numel()
+        bits = allocate(bitpack.packed_nbytes(numel), torch.uint8, x.device)
+        l1 = signs_and_norm(x, bits, want_norm=True)
+        check_finite(x, summary=l1)
+        scale = l1 / numel
+        payloads = []
+        for start, stop in bounds:
+            if start == stop:
+                payloads.append(torch.empty(0, dtype=torch.uint8, device=x.device))
+                continue
+            layout = self._layout(stop - start)
+            payload = layout.allocate(x.device)
+            layout.view(payload, "scale").copy_(scale)
+            chunk_bits = layout.view(payload, "bits")
+            chunk_bits.copy_(bits[start // 8:start // 8 + chunk_bits.numel()])
+            self.decompress_into(payload, out[start:stop])
+            payloads.append(payload)
+        return payloads
+
 
 @register("blocksign")
 class BlockSign(LayoutCompressor):
