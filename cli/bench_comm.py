@@ -186,7 +186,7 @@ def command(sizes, algorithms, compressors, patterns, baselines, warmup, repeats
     threads = share_cores(comm.local_size)     # as hvdcomp train does: ranks share the cores
     info = bench.run_info(comm)
     info["threads_per_rank"] = threads
-    from hvdcomp.bench.horovod_settings import settings_in_force
+    from hvdcomp.horovod_settings import settings_in_force
     info["horovod_settings"] = settings_in_force()      # what this rank's Horovod read
     status = _progress(comm.rank == 0 and not as_json)
     results = bench.bench_comm(comm, size_list, methods, warmup=warmup, repeats=repeats,

@@ -214,7 +214,7 @@ def test_combine_takes_the_slowest_rank_per_step_and_amortises_the_exact_round()
 
 
 def test_settings_in_force_user_value_wins():
-    from hvdcomp.bench import horovod_settings as hs
+    from hvdcomp import horovod_settings as hs
 
     env, added = hs.with_bench_defaults({"HOROVOD_CYCLE_TIME": "7"})
     assert env["HOROVOD_CYCLE_TIME"] == "7" and "HOROVOD_CYCLE_TIME" not in added
@@ -260,7 +260,7 @@ def test_a_crashed_row_is_reported_and_the_other_rows_are_kept():
 
 
 def test_train_defaults_apply_on_cpu_only_and_never_over_a_users_value(monkeypatch):
-    from hvdcomp.bench import horovod_settings as hs
+    from hvdcomp import horovod_settings as hs
     # set, then removed, through monkeypatch: it restores the original environment at the end,
     # whatever apply_train_defaults wrote into os.environ meanwhile
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "unset-me")

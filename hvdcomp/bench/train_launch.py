@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-from .horovod_settings import settings_in_force, with_bench_defaults
+from ..horovod_settings import settings_in_force, with_bench_defaults
 from .output import BenchError
 from .train import TrainMethod, TrainResult, add_ratios, combine
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import stall
 from ..errors import UserError
-from ..bench.horovod_settings import apply_train_defaults, settings_in_force
+from ..horovod_settings import apply_train_defaults, settings_in_force
 from ..threads import share_cores
 from . import checkpoint as ckpt
 from . import engine
@@ -304,7 +304,7 @@ def run(cfg: TrainConfig, out_dir: Path, launcher: Dict[str, Any], *, resume_sta
     """Train with ``cfg`` (already resolved and validated, ``cfg.engine`` chosen); returns the
     summary on rank 0. ``resume_state``: :func:`.checkpoint.load_for_rank` of this rank."""
     chosen = cfg.engine or engine.default_engine(launcher)
-    # before hvd.init(): Horovod reads its settings once (hvdcomp.bench.horovod_settings)
+    # before hvd.init(): Horovod reads its settings once (hvdcomp.horovod_settings)
     applied = apply_train_defaults(cfg.device) if chosen == "horovod" else None
     comm = engine.start(chosen, launcher, cfg.device)
     device = _device_for(cfg, comm)
