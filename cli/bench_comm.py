@@ -211,8 +211,9 @@ def comm_table(payload: Dict[str, object]):
     from rich.table import Table
 
     link = payload.get("link") or "no emulated link"
-    settings = ", ".join(f"{name}={s['value']} ({s['source']})"
-                         for name, s in payload.get("horovod_settings", {}).items())
+    from hvdcomp.horovod_settings import describe
+
+    settings = describe(payload.get("horovod_settings", {}))
     threads = payload.get("threads_per_rank")
     table = Table(title=f"exchange of one buffer, {payload['world_size']} ranks"
                         + (f" ({threads} thread{'s' * (threads != 1)} each)" if threads else "")

@@ -47,6 +47,11 @@ def settings_in_force(env: Optional[Mapping[str, str]] = None,
     return out
 
 
+def describe(settings: Mapping[str, Mapping[str, str]]) -> str:
+    """``NAME=value (source), ...`` of :func:`settings_in_force`'s result (tables, summaries)."""
+    return ", ".join(f"{name}={s['value']} ({s['source']})" for name, s in settings.items())
+
+
 def with_bench_defaults(env: Mapping[str, str]) -> Tuple[Dict[str, str], Dict[str, str]]:
     """``env`` with :data:`BENCH_DEFAULTS` added where the user set nothing, and the ones added
     (a user's value is never replaced)."""

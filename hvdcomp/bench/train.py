@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..horovod_settings import describe
+
 DEFAULT_ALGORITHMS = ("liec", "doublesqueeze")
 DEFAULT_COMPRESSORS = ("sign",)
 BASELINES = ("horovod", "horovod-fp16")
@@ -276,8 +278,7 @@ def row_cells(doc: Dict[str, object]) -> List[List[str]]:
 
 def header_lines(doc: Dict[str, object]) -> List[str]:
     """What the run was: link, ranks, threads, Horovod settings in force."""
-    settings = ", ".join(f"{name}={s['value']} ({s['source']})"
-                         for name, s in doc.get("horovod_settings", {}).items())
+    settings = describe(doc.get("horovod_settings", {}))
     return [f"link: {doc.get('link') or 'none (local mpirun)'}; {doc['world_size']} ranks, "
             f"{doc.get('threads')} intra-op threads each; warm-up {doc['warmup']}, "
             f"{doc['steps']} timed steps per row",

@@ -23,8 +23,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..horovod_settings import SETTINGS
+
 Row = List[Optional[float]]     # [step, compute, compress, comm, bytes_up, bytes_down]
-HOROVOD_SETTINGS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD")
 
 
 def rank_and_size() -> Tuple[int, int]:
@@ -121,7 +122,7 @@ def run(spec: Dict[str, object]) -> Dict[str, object]:
     record.update(rank=rank, world_size=size, hostname=socket.gethostname(),
                   threads=torch.get_num_threads(), peak_rss_bytes=rss, peak_device_bytes=device,
                   comm_modules=record.get("comm_modules", comm_modules()),
-                  horovod_env={k: os.environ.get(k) for k in HOROVOD_SETTINGS})
+                  horovod_env={k: os.environ.get(k) for k in SETTINGS})
     return record
 
 

@@ -240,8 +240,8 @@ def _horovod_rows(config: Dict[str, Any]) -> List[tuple]:
     settings = config.get("horovod_settings")
     if not settings:
         return []
-    return [("Horovod settings", ", ".join(f"{name}={s['value']} ({s['source']})"
-                                           for name, s in settings.items()))]
+    from ..horovod_settings import describe
+    return [("Horovod settings", describe(settings))]
 
 
 def write_table(rows: List[tuple], file=None) -> None:
