@@ -90,7 +90,15 @@ def test_native_alltoall_on_gloo():
 
 
 def _allreduce_into():
+    import torch.distributed as dist
     comm = _comm()
+    reduced = []                 # the data pointers torch.distributed reduced
+    original = dist.all_reduce
+
+    def spy(tensor, *args, **kwargs):
+        reduced.append(tensor.data_ptr())
+        return original(tensor, *args, **kwargs)
+    dist.all_reduce = spy
     out = {}
     for dtype in (torch.float32, torch.float64):
         for op in ("average", "sum"):
@@ -98,10 +106,13 @@ def _allreduce_into():
             name = f"{dtype}/{op}"
             outside = comm.allreduce_async(x, f"out/{name}", op).wait()
             inside = x.clone()
+            reduced.clear()
             result = comm.allreduce_into_async(inside, f"in/{name}", op).wait()
+            in_place = reduced == [inside.data_ptr()]       # no copy was reduced instead
             strided = x.clone().view(7, 143).t()            # not contiguous: the copy-back road
             result_strided = comm.allreduce_into_async(strided, f"st/{name}", op).wait()
-            out[name] = (result.data_ptr() == inside.data_ptr(), torch.equal(inside, outside),
+            out[name] = (in_place, result.data_ptr() == inside.data_ptr(),
+                         torch.equal(inside, outside),
                          not torch.equal(x, inside), result_strided is strided,
                          torch.equal(strided.t().reshape(-1), outside))
     return out

@@ -167,6 +167,13 @@ def test_the_exact_round_reduces_gradient_and_parameters_in_place():
 def _allreduce_into_on_horovod_ranks():
     from hvdcomp.comm import HorovodCommunicator
     comm = HorovodCommunicator()
+    reduced = []                 # the data pointers Horovod's in-place allreduce was given
+    original = comm._hvd.allreduce_async_
+
+    def spy(tensor, *args, **kwargs):
+        reduced.append(tensor.data_ptr())
+        return original(tensor, *args, **kwargs)
+    comm._hvd.allreduce_async_ = spy
     out = {}
     for dtype in (torch.float32, torch.float64):
         for op in ("average", "sum"):
@@ -175,8 +182,10 @@ def _allreduce_into_on_horovod_ranks():
             name = f"{dtype}/{op}"
             outside = comm.allreduce_async(x, f"out/{name}", op).wait()
             inside = x.clone()
+            reduced.clear()
             result = comm.allreduce_into_async(inside, f"in/{name}", op).wait()
-            out[name] = (result.data_ptr() == inside.data_ptr(),
+            out[name] = (reduced == [inside.data_ptr()],
+                         result.data_ptr() == inside.data_ptr(),
                          torch.equal(inside, outside), torch.equal(x, inside))
     return out
 
@@ -187,8 +196,8 @@ def test_horovods_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buf
     out-of-place one (Horovod runs the same operation with output = input)."""
     from multirank import run_ranks
     for rank, cases in enumerate(run_ranks(_allreduce_into_on_horovod_ranks, np=2)):
-        for name, (same_buffer, same_bits, unchanged) in cases.items():
-            assert same_buffer and same_bits and not unchanged, (rank, name)
+        for name, (in_place, same_buffer, same_bits, unchanged) in cases.items():
+            assert in_place and same_buffer and same_bits and not unchanged, (rank, name)
 
 
 def test_the_default_allreduce_into_writes_the_out_of_place_result_into_the_tensor():
