@@ -133,7 +133,24 @@ class TorchDistCommunicator(Communicator):
     @property
     def group(self):
         """The process group every data collective runs on."""
+        self._check_open()
         return self._group
+
+    def close(self) -> None:
+        """Let go of the process groups (the communicator cannot be used afterwards).
+
+        ``destroy_process_group`` only unregisters groups: while this object holds one, Gloo's
+        worker and transport threads live on until the interpreter exits, and a C++ thread
+        still running during interpreter finalisation can abort a finished job with SIGABRT
+        ("terminate called without an active exception"). :func:`hvdcomp.train.engine.stop`
+        closes the communicator, destroys the groups and collects them, so the threads are
+        joined while the interpreter is whole."""
+        self._group = self._headers = None
+
+    def _check_open(self) -> None:
+        if self._group is None:
+            raise RuntimeError("this TorchDistCommunicator was closed (its process groups "
+                               "were released): build a new one")
 
     @property
     def local_rank(self) -> int:
@@ -271,6 +288,7 @@ class TorchDistCommunicator(Communicator):
                      splits: Optional[Sequence[int]] = None):
         """Launch the all-gather of this collective's header; returns what :meth:`_verify`
         needs."""
+        self._check_open()
         name = str(name)
         layout = tensor.shape if kind in ("allreduce", "broadcast") else tensor.shape[1:]
         row = torch.zeros(_SPLITS + self.size, dtype=torch.int64)

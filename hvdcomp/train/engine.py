@@ -28,6 +28,7 @@ exit 2).
 """
 from __future__ import annotations
 
+import gc
 import os
 import zlib
 from dataclasses import dataclass
@@ -210,8 +211,13 @@ def _start_torch(where: Rendezvous, device: str):
 
 
 def stop(comm) -> None:
-    """Tear down what :func:`start` started (torch.distributed's process group)."""
+    """Tear down what :func:`start` started (torch.distributed's process groups), now rather
+    than at interpreter exit: the communicator lets go of its groups, the groups are destroyed,
+    and the collection that follows joins Gloo's threads (see
+    :meth:`~hvdcomp.comm.torchdist.TorchDistCommunicator.close` for the abort this prevents)."""
     if type(comm).__name__ == "TorchDistCommunicator":
         import torch.distributed as dist
+        comm.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()
