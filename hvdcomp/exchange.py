@@ -22,12 +22,12 @@ Three patterns (``pattern=``), all driving the five steps of :mod:`hvdcomp.algor
     for ``"allgather"``.
 
 Rounds in which ``algorithm.is_sync_step()`` holds (LIEC-SGD every ``period`` rounds) are exact
-(:mod:`hvdcomp.exchange_sync`): ``start`` launches one dense allreduce average of the gradient
-and, when given (``start(key, grad, params=...)``, as the optimizer does), the bucket's
-parameters with it, plus an allgather of the server state (``algorithm.server_flush``, each
-chunk from its owner); ``finish`` writes the averaged parameters back and returns
-``algorithm.sync_update(key, mean, flushed)``. Parameters not passed to ``start`` are averaged
-by :meth:`Exchange.average_parameters`.
+(:mod:`hvdcomp.exchange_sync`): ``start`` launches a dense allreduce average of the gradient (in
+place in ``update_into`` when given) and, when given (``start(key, grad, params=...)``, as the
+optimizer does), one of the bucket's parameters, plus an allgather of the server state
+(``algorithm.server_flush``, each chunk from its owner); ``finish`` writes the averaged
+parameters back and returns ``algorithm.sync_update(key, mean, flushed)``. Parameters not passed
+to ``start`` are averaged by :meth:`Exchange.average_parameters`.
 
 The parts, one module each: the round kinds (:mod:`hvdcomp.exchange_rounds`, exact rounds in
 :mod:`hvdcomp.exchange_sync`); what the exchange asks of compressors, chunking included
@@ -41,8 +41,8 @@ bytes of payload *this rank sends to other ranks*, as if every collective were p
 sends; bytes a rank sends itself are not counted, nor are the collectives' own headers, nor the
 one-time configuration check. Two-phase uplink: Σ_{j≠rank} |payload of chunk j|; downlink:
 (N−1)·|server payload of this rank's chunk|. Allgather uplink: (N−1)·|payload|, downlink 0.
-Allreduces (``"allreduce"`` pattern, sync rounds: phase ``sync`` for gradient and parameters
-together, ``sync_grad``/``sync_params`` when apart) are counted as a ring
+Allreduces (``"allreduce"`` pattern, sync rounds: phases ``sync_grad`` and ``sync_params``) are
+counted as a ring
 allreduce sends (:mod:`hvdcomp.exchange_ledger`); the real bytes depend on the MPI or NCCL
 algorithm. The allgather of the server state in a sync round is counted as downlink, and
 so is the allgather of the chunks' L1 norms that ``sign`` needs on the downlink ((N−1)·8 bytes).
@@ -250,14 +250,15 @@ class Exchange:
         configuration check is launched too and verified by :meth:`finish`.
 
         ``params``: the parameters the bucket holds the gradients of.  Used only in an exact
-        round (LIEC-SGD): they are then averaged by the gradient's own allreduce and
+        round (LIEC-SGD): they are then averaged by an allreduce launched with the gradient's and
         :meth:`finish` writes their averages into them in place, so the caller does not pass
         them to :meth:`average_parameters` (they must not change between start and finish).
 
         ``update_into``: a contiguous tensor of ``grad``'s size and dtype (``grad`` itself may
         be given: the algorithm steps do not read the gradient after ``start``) that the
-        two-phase round decodes the update into instead of a fresh tensor; the caller leaves it
-        alone until :meth:`finish` and uses the update it returns."""
+        two-phase round decodes the update into, and the exact round averages the gradient in,
+        instead of a fresh tensor; the caller leaves it alone until :meth:`finish` and uses the
+        update it returns."""
         key = str(key)
         if key in self._in_flight or key in self._done_this_round:
             raise ValueError(f"bucket {key!r} was already exchanged in round {self.round}: call "
@@ -268,7 +269,7 @@ class Exchange:
         flat = grad.detach().reshape(-1)
         target = None if update_into is None else flat_target(update_into, flat, key)
         if self.algorithm.is_sync_step():
-            handle = start_sync(self, key, flat, params)
+            handle = start_sync(self, key, flat, params, target)
         else:
             # a method that runs its own collectives (PowerSGD) declares round_kind "owned"
             start = STARTS[getattr(self.algorithm, "round_kind", None) or self.pattern]

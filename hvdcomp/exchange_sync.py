@@ -4,19 +4,25 @@ gathers the server state (``algorithm.server_flush``, each chunk from its owner)
 returns ``algorithm.sync_update(key, mean, flushed)``; the optimizer also averages the parameters
 exactly (:func:`average_parameters`).
 
-One dense collective, not two: when ``start`` is given the bucket's parameters (the optimizer
-does), the gradient and the parameters travel in one allreduce of their concatenation, and
-``finish`` writes the averaged parameters back in place. An allreduce average is elementwise, so
-every value is the one the two separate allreduces gave whenever the library adds the ranks'
-values in the same order for both layouts: always on two ranks and in the simulator
-(tests/test_optimizer.py compares the optimizer with the two-collective reference bit for bit).
-On three or more ranks MPI's allreduce may add an element's values in an order set by where it
-sits in the buffer, so results agree to floating-point rounding
-(tests/test_optimizer_ranks.py).  The server state still travels by its
-own allgather of 1/N of the bucket (it is summed into the update, not averaged)."""
+Memory: nothing of the bucket's size is allocated for the gradient. It is averaged in place in
+the caller's ``update_into`` (the optimizer's bucket buffer), and the update is written there
+too. Only the parameters are copied, into one buffer per bucket: they change only when
+``finish`` writes the averages back, as in the uncompressed round, and their allreduce still
+starts at ``start``, while backward runs.  These are two in-place allreduces per bucket,
+launched together; Horovod fuses them into one collective.  An earlier version sent one
+allreduce of the concatenation [gradient, parameters]; that buffer held a second copy of the
+gradient, and every bucket's buffer was in flight at once: twice the model at the peak, not once
+(docs/benchmarks.md, "Memory").
+
+An allreduce average is elementwise, so every value is the one of separate collectives whenever
+the library adds the ranks' values in the same order: always on two ranks and in the simulator
+(tests/test_exchange_sync.py checks it bit for bit). On three or more ranks, MPI may add an
+element's values in an order set by where it sits in the buffer, so results agree to
+floating-point rounding (tests/test_optimizer_ranks.py).  The server state travels by its own
+allgather of 1/N of the bucket (it is summed into the update, not averaged)."""
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -26,19 +32,25 @@ from .exchange_codec import chunk_bounds
 from .exchange_rounds import ExchangeHandle
 
 
-def start_sync(ex, key: str, flat: torch.Tensor,
-               params: Sequence[torch.Tensor] = ()) -> ExchangeHandle:
-    params = [p for p in params]
+def start_sync(ex, key: str, flat: torch.Tensor, params: Sequence[torch.Tensor] = (),
+               target: Optional[torch.Tensor] = None) -> ExchangeHandle:
+    """Launch the exact round of ``key``: the gradient averaged in place in ``target`` (the
+    caller's ``update_into``; a fresh copy without one), ``params`` averaged in a buffer of
+    their own, the server state allgathered."""
     # an exact round compresses nothing: the bucket's work buffers (C(g_i), a bucket) go back to
-    # the allocator for the joint buffer, and the next compressed round allocates them again
+    # the allocator, and the next compressed round allocates them again
     ex.buffers.discard(key)
+    mean = allocate(flat.numel(), flat.dtype, flat.device) if target is None else target
+    if mean.data_ptr() != flat.data_ptr():
+        mean.copy_(flat)
+    ex.ledger.count_ring_allreduce("sync_grad", mean.numel(), mean.dtype)
+    pending = {"gradient": ex.comm.allreduce_into_async(mean, ex.name(key, "sync_grad"),
+                                                        "average")}
+    params = list(params)
     if params and all(p.dtype == flat.dtype and p.device == flat.device for p in params):
-        pending = {"gradient": _launch_joint(ex, key, flat, params)}
+        pending["params"] = _launch_parameters(ex, key, params)
     else:
-        params = []
-        pending = {"gradient": ex.comm.allreduce_async(flat, ex.name(key, "sync_grad"),
-                                                       "average")}
-        ex.ledger.count_ring_allreduce("sync_grad", flat.numel(), flat.dtype)
+        params = []      # the optimizer averages them apart (average_parameters)
     flushed = ex.algorithm.server_flush(key)
     if ex.pattern == "two_phase":
         start, stop = chunk_bounds(flat.numel(), ex.size, ex.alignment)[ex.rank]
@@ -56,32 +68,29 @@ def start_sync(ex, key: str, flat: torch.Tensor,
     return ExchangeHandle(key, ex.round, "sync", flat.shape, flat.dtype, pending, params=params)
 
 
-def _launch_joint(ex, key: str, flat: torch.Tensor, params: List[torch.Tensor]):
-    """One allreduce average of [gradient, parameters...], reduced in place (a fresh buffer: an
-    exact round comes once every ``period`` rounds, not worth keeping a buffer for; in place,
-    because every bucket's joint buffer is in flight at once: Horovod's out-of-place allreduce
-    added a second copy of twice the model, docs/benchmarks.md "Memory")."""
-    numel = flat.numel() + sum(p.numel() for p in params)
-    joint = allocate(numel, flat.dtype, flat.device)
-    joint[:flat.numel()].copy_(flat)
-    offset = flat.numel()
+def _launch_parameters(ex, key: str, params: List[torch.Tensor]):
+    """One allreduce average of the bucket's parameters side by side, reduced in place (a fresh
+    buffer: an exact round comes once every ``period`` rounds, not worth keeping one; in place,
+    because every bucket's buffer is in flight at once)."""
+    joined = allocate(sum(p.numel() for p in params), params[0].dtype, params[0].device)
+    offset = 0
     for p in params:
-        joint[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
+        joined[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
         offset += p.numel()
-    ex.ledger.count_ring_allreduce("sync", numel, flat.dtype)
-    return ex.comm.allreduce_into_async(joint, ex.name(key, "sync"), "average")
+    ex.ledger.count_ring_allreduce("sync_params", joined.numel(), joined.dtype)
+    return ex.comm.allreduce_into_async(joined, ex.name(key, "sync_params"), "average")
 
 
 def finish_sync(ex, handle: ExchangeHandle) -> torch.Tensor:
-    averaged = handle.pending["gradient"].wait()
+    mean = handle.pending["gradient"].wait()
     flushed = handle.pending["server_error"].wait()
-    numel = handle.shape.numel()
-    offset = numel
-    with torch.no_grad():
-        for p in handle.context["params"]:
-            p.copy_(averaged[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-    return ex.algorithm.sync_update(handle.key, averaged[:numel], flushed)
+    if "params" in handle.pending:
+        averaged, offset = handle.pending["params"].wait(), 0
+        with torch.no_grad():
+            for p in handle.context["params"]:
+                p.copy_(averaged[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+    return ex.algorithm.sync_update(handle.key, mean, flushed)
 
 
 def average_parameters(ex, tensors: Iterable[torch.Tensor]) -> None:

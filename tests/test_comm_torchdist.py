@@ -119,7 +119,7 @@ def _allreduce_into():
 
 
 def test_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buffer():
-    """As Horovod's (tests/test_memory_bound.py): the exact round's joint buffer is reduced in
+    """As Horovod's (tests/test_memory_bound.py): the exact round's buffers are reduced in
     place on Gloo ranks too, with the bits of the out-of-place allreduce."""
     for rank, cases in enumerate(run_torch_ranks(_allreduce_into, np=2, timeout=120)):
         for name, checks in cases.items():

@@ -140,28 +140,34 @@ def test_a_kept_extra_bucket_breaks_the_bound():
         assert held > 4 * D // 2 + 4 * D          # server error (half) + one bucket
 
 
-# --- LIEC-SGD's exact round reduces its [gradient, parameters] buffer in place ------------------
-# Every bucket's joint buffer (twice the bucket) is in flight at once; an out-of-place allreduce
-# added a second one (twice the model in all). docs/benchmarks.md, "Memory".
+# --- LIEC-SGD's exact round averages the gradient in the caller's buffer ------------------------
+# Every bucket's exact-round buffers are in flight at once. An out-of-place allreduce of the
+# parameters would add a second copy of the model; a [gradient, parameters] buffer held a copy
+# of the gradient beside the optimizer's bucket buffer (twice the model in all, not once).
 def _exact_round_allreduces(comm):
     calls = []
     for method in ("allreduce_async", "allreduce_into_async"):
         inner = getattr(comm, method)
 
         def spy(tensor, name, op="average", _inner=inner, _method=method):
-            calls.append((_method, tensor.numel()))
+            calls.append((_method, name.rsplit(".", 1)[-1], tensor.numel(), tensor.data_ptr()))
             return _inner(tensor, name, op)
         setattr(comm, method, spy)
     exchange = Exchange(make_algorithm("liec", up="sign", period=1), comm)
-    params = [torch.randn(D, generator=torch.Generator().manual_seed(comm.rank))]
-    exchange.finish(exchange.start("b", torch.randn(D), params=params))
-    return calls
+    params = [torch.randn(D // 2, generator=torch.Generator().manual_seed(comm.rank))]
+    bucket = torch.randn(D, generator=torch.Generator().manual_seed(comm.rank))
+    update = exchange.finish(exchange.start("b", bucket, params=params, update_into=bucket))
+    return calls, bucket.data_ptr(), update.data_ptr()
 
 
-def test_the_exact_round_reduces_gradient_and_parameters_in_place():
-    for calls in simulate(2, _exact_round_allreduces):
+def test_the_exact_round_averages_the_gradient_in_place_and_allocates_only_the_parameters():
+    for calls, bucket, update in simulate(2, _exact_round_allreduces):
         # (the simulator's allreduce_into_async is the default: it calls allreduce_async in turn)
-        assert calls == [("allreduce_into_async", 2 * D), ("allreduce_async", 2 * D)]
+        first = [call[:3] for call in calls if call[0] == "allreduce_into_async"]
+        assert first == [("allreduce_into_async", "sync_grad", D),
+                         ("allreduce_into_async", "sync_params", D // 2)]
+        assert calls[0][3] == bucket                    # the gradient: the caller's buffer
+        assert update == bucket                         # and the update written there too
 
 
 def _allreduce_into_on_horovod_ranks():
@@ -211,9 +217,9 @@ def test_the_default_allreduce_into_writes_the_out_of_place_result_into_the_tens
 
 
 def test_an_exact_round_lets_go_of_the_buckets_work_buffers():
-    """An exact round compresses nothing: the bucket's C(g_i) buffer is released while its
-    joint buffer (twice the bucket) is in flight, and the next compressed round allocates it
-    again (the memory bound above still holds after it)."""
+    """An exact round compresses nothing: the bucket's C(g_i) buffer is released while the
+    exact round's allreduces are in flight, and the next compressed round allocates it again
+    (the memory bound above still holds after it)."""
     def rounds(comm):
         exchange = Exchange(make_algorithm("liec", up="sign", period=2), comm)
         held = []
