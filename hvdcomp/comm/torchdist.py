@@ -101,6 +101,21 @@ def _import_dist():
     return dist
 
 
+def _compact(gathered: torch.Tensor, longest: int, dims: Sequence[int]) -> torch.Tensor:
+    """The first ``dims[j]`` rows of each ``longest``-row piece of ``gathered``, moved to the
+    front in rank order, in place; returns the view of them."""
+    offset = 0
+    for j, d in enumerate(dims):
+        start = j * longest
+        if d and start != offset:
+            source = gathered[start:start + d]
+            if start - offset < d:                   # overlapping move: copy the rows first
+                source = source.clone()
+            gathered[offset:offset + d].copy_(source)
+        offset += d
+    return gathered[:offset]
+
+
 class TorchDistCommunicator(Communicator):
     """Collectives of :mod:`hvdcomp.comm.base` on a ``torch.distributed`` process group
     (default: WORLD); see the module docstring for the ordering contract."""
@@ -227,12 +242,15 @@ class TorchDistCommunicator(Communicator):
         padded = local.detach().contiguous()
         if local.shape[0] < longest:
             padded = torch.cat([padded, padded.new_zeros((longest - local.shape[0], *trailing))])
-        pieces = [padded.new_empty((longest, *trailing)) for _ in range(self.size)]
+        # the pieces are views of one buffer, which is the result when every rank sends the
+        # same length (no concatenated copy) and is compacted in place otherwise
+        gathered = padded.new_empty((self.size * longest, *trailing))
+        pieces = list(gathered.split(longest))
         work = self._dist.all_gather(pieces, padded, group=self._group, async_op=True)
 
         def wait():
             work.wait()
-            return back(torch.cat([piece[:d] for piece, d in zip(pieces, dims)]))
+            return back(_compact(gathered, longest, dims))
         return Handle(wait, name)
 
     def alltoall_async(self, tensor, splits, name):
