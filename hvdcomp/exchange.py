@@ -69,7 +69,8 @@ The two-phase server needs no buffer of its own: the update tensor it returns (t
 ``update_into``, which the optimizer points at its reused bucket buffer, else fresh) is its
 scratch until the downlink arrives: the mean in its own chunk, then C(v) over the mean when the
 algorithm keeps v in its own state (LIEC-SGD and DoubleSqueeze write v over their server error),
-else in a second chunk-sized region (also the decoder's addend where it needs one).
+else in a second chunk-sized region (also the decoder's addend where it needs one).  The
+replicated rounds (allgather, allreduce) decode the mean into ``update_into`` too.
 ``worker_message`` may return a tensor the algorithm owns and overwrite it in ``worker_sent``
 (MEM-SGD and DoubleSqueeze write p_i over their error), and ``server_message`` likewise in
 ``server_sent``: payloads that view the message are copied before that.  The exchange does not
@@ -256,9 +257,10 @@ class Exchange:
 
         ``update_into``: a contiguous tensor of ``grad``'s size and dtype (``grad`` itself may
         be given: the algorithm steps do not read the gradient after ``start``) that the
-        two-phase round decodes the update into, and the exact round averages the gradient in,
-        instead of a fresh tensor; the caller leaves it alone until :meth:`finish` and uses the
-        update it returns."""
+        round writes the update into instead of a fresh tensor (every kind but a method's own
+        collectives, PowerSGD's); the two-phase server also uses it as scratch and the exact
+        round averages the gradient in it.  The caller leaves it alone until :meth:`finish`
+        and uses the update it returns."""
         key = str(key)
         if key in self._in_flight or key in self._done_this_round:
             raise ValueError(f"bucket {key!r} was already exchanged in round {self.round}: call "

@@ -180,9 +180,10 @@ def finish_allgather(ex, handle: ExchangeHandle) -> torch.Tensor:
     gathered = handle.pending["uplink"].wait()
     up = ex.uplink(key)
     sizes = [payload_nbytes(up, numel, dtype)] * ex.size
-    # the mean is returned through the server steps: a fresh tensor; so is the addend (kept
-    # across rounds it would hold a whole bucket for a pattern that decodes N whole payloads)
-    mean = allocate(numel, dtype, gathered.device)
+    # the mean is returned through the server steps: decoded into the caller's update_into
+    # (else a fresh tensor); the addend is fresh (kept across rounds it would hold a whole
+    # bucket for a pattern that decodes N whole payloads)
+    mean = _update_buffer(handle, gathered.device)
     addend = allocate(numel, dtype, gathered.device) if ex.size > 1 else mean
     decode_mean_into(up, split(gathered, sizes, key), mean, addend, ex.seed_for(key, "up", 0))
     return replicated_server(ex, key, mean)
@@ -207,12 +208,20 @@ def start_allreduce(ex, key: str, flat: torch.Tensor) -> ExchangeHandle:
 
 def finish_allreduce(ex, handle: ExchangeHandle) -> torch.Tensor:
     averaged = handle.pending["allreduce"].wait()
-    # decoded into a fresh tensor: the server steps may add into the mean in place, and a
-    # linear compressor's decompress may return a view of its payload
-    mean = allocate(handle.shape.numel(), handle.dtype, averaged.device)
+    # decoded into the caller's update_into or a fresh tensor, not in the payload: the server
+    # steps may add into the mean in place, and a linear compressor's decompress may return a
+    # view of its payload
+    mean = _update_buffer(handle, averaged.device)
     decode_into(ex.algorithm.up, averaged.view(torch.uint8), mean,
                 ex.seed_for(handle.key, "up", 0))
     return replicated_server(ex, handle.key, mean)
+
+
+def _update_buffer(handle: ExchangeHandle, device) -> torch.Tensor:
+    """Where a replicated round decodes the mean (its update): the caller's ``update_into``
+    (the algorithm steps do not read the gradient after ``start``), else a fresh tensor."""
+    into = handle.context.get("update_into")
+    return into if into is not None else allocate(handle.shape.numel(), handle.dtype, device)
 
 
 def replicated_server(ex, key: str, mean: torch.Tensor) -> torch.Tensor:

@@ -62,20 +62,22 @@ def test_a_rank_keeps_its_state_plus_one_bucket(name, up, down, pattern, n):
             f"+ scratch {(held - state) / bucket:.2f} (at most 1)")
 
 
-def _rounds_into_the_callers_buffer(comm, name, up, down, into):
-    """Four two-phase rounds with the gradient in one buffer that is also ``update_into`` (what
-    the optimizer does), or without ``update_into``: the updates, and the bytes held."""
+def _rounds_into_the_callers_buffer(comm, name, up, down, into, pattern="two_phase"):
+    """Four rounds with the gradient in one buffer that is also ``update_into`` (what the
+    optimizer does), or without ``update_into``: the updates, and the bytes held."""
     algo = _algorithm(name, up, down)
-    exchange = Exchange(algo, comm)
-    flat, updates = torch.empty(D), []
+    exchange = Exchange(algo, comm, pattern=pattern)
+    flat, updates, in_buffer = torch.empty(D), [], []
     for step in range(4):
         flat.copy_(torch.randn(D, generator=torch.Generator().manual_seed(10 * comm.rank + step)))
         handle = exchange.start("b", flat, update_into=flat if into else None)
-        updates.append(exchange.finish(handle).clone())
+        update = exchange.finish(handle)
+        updates.append(update.clone())
+        in_buffer.append(update.data_ptr() == flat.data_ptr())
         exchange.end_round()
     state = sum(t.numel() * t.element_size()
                 for field in algo.state_fields for t in getattr(algo, field).values())
-    return updates, held_bytes(exchange), state
+    return updates, held_bytes(exchange), state, in_buffer
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -91,10 +93,24 @@ def test_with_the_callers_buffer_a_rank_keeps_only_what_the_algorithm_must(name,
     bucket = 4 * D
     into = simulate(n, _rounds_into_the_callers_buffer, name, up, down, True)
     fresh = simulate(n, _rounds_into_the_callers_buffer, name, up, down, False)
-    for rank, ((updates, held, state), (expected, _, _)) in enumerate(zip(into, fresh)):
+    for rank, ((updates, held, state, _), (expected, *_)) in enumerate(zip(into, fresh)):
         assert all(torch.equal(a, b) for a, b in zip(updates, expected)), rank
         scratch = bucket if name == "liec" else 0
         assert held == state + scratch, (rank, held / bucket, state / bucket)
+
+
+@pytest.mark.parametrize("name,up,down,pattern", CASES)
+def test_every_round_kind_gives_the_same_updates_into_the_callers_buffer(name, up, down, pattern):
+    """Every pattern writes the update into ``update_into``, which is also the gradient's buffer
+    (the optimizer's bucket buffer): no algorithm step may read the gradient after ``start``.
+    Bit for bit the updates of rounds into fresh tensors (an exact round among the four for
+    LIEC-SGD and CSER)."""
+    into = simulate(3, _rounds_into_the_callers_buffer, name, up, down, True, pattern)
+    fresh = simulate(3, _rounds_into_the_callers_buffer, name, up, down, False, pattern)
+    for rank, ((updates, _, _, in_buffer), (expected, *_)) in enumerate(zip(into, fresh)):
+        assert all(torch.equal(a, b) for a, b in zip(updates, expected)), rank
+        if name in ("psgd", "liec", "memsgd", "doublesqueeze"):  # worker_update returns it
+            assert all(in_buffer), (rank, in_buffer)
 
 
 @pytest.mark.parametrize("name,up,down,pattern", CASES)
