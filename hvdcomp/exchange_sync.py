@@ -12,7 +12,7 @@ starts at ``start``, while backward runs.  These are two in-place allreduces per
 launched together; Horovod fuses them into one collective.  An earlier version sent one
 allreduce of the concatenation [gradient, parameters]; that buffer held a second copy of the
 gradient, and every bucket's buffer was in flight at once: twice the model at the peak, not once
-(docs/benchmarks.md, "Memory").
+(docs/benchmarks.md, "Where the extra peak memory goes").
 
 An allreduce average is elementwise, so every value is the one of separate collectives whenever
 the library adds the ranks' values in the same order: always on two ranks and in the simulator
