@@ -7,7 +7,8 @@ the extra peak memory goes").  Run under a launcher, one thread per rank:
     mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/step_memory.py liec:2 10
 
 Rank 0 prints, for the last four steps, the peak and the final resident set of each phase
-(sampled every 0.5 ms from /proc/self/statm), then the process's ``ru_maxrss``.
+(sampled every 0.5 ms from /proc/self/statm) and its time on rank 0, then the process's
+``ru_maxrss``.
 """
 import os
 import resource
@@ -82,11 +83,13 @@ def main(method: str, steps: int) -> None:
             print(f"step {step}{' (exact round)' if exact else ''}", flush=True)
         for name, run in phases:
             sampler.reset()
+            began = time.perf_counter()
             run()
+            took = time.perf_counter() - began
             time.sleep(0.01)
             if shown:
                 print(f"  {name:17s} peak {sampler.peak / MIB:6.0f} MiB   after "
-                      f"{resident() / MIB:6.0f} MiB", flush=True)
+                      f"{resident() / MIB:6.0f} MiB   {1e3 * took:6.0f} ms", flush=True)
     if hvd.rank() == 0:
         print(f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
               flush=True)
