@@ -37,6 +37,11 @@ def start_sync(ex, key: str, flat: torch.Tensor, params: Sequence[torch.Tensor] 
     """Launch the exact round of ``key``: the gradient averaged in place in ``target`` (the
     caller's ``update_into``; a fresh copy without one), ``params`` averaged in a buffer of
     their own, the server state allgathered."""
+    params = list(params)
+    if len({(p.dtype, p.device) for p in params}) > 1:   # before any collective is launched
+        raise ValueError(f"bucket {key!r}: the parameters given to start() mix dtypes or "
+                         "devices; an exact round averages them in one buffer, so give one "
+                         "dtype and device per bucket (the optimizer's buckets are)")
     # an exact round compresses nothing: the bucket's work buffers (C(g_i), a bucket) go back to
     # the allocator, and the next compressed round allocates them again
     ex.buffers.discard(key)
@@ -46,11 +51,8 @@ def start_sync(ex, key: str, flat: torch.Tensor, params: Sequence[torch.Tensor] 
     ex.ledger.count_ring_allreduce("sync_grad", mean.numel(), mean.dtype)
     pending = {"gradient": ex.comm.allreduce_into_async(mean, ex.name(key, "sync_grad"),
                                                         "average")}
-    params = list(params)
-    if params and all(p.dtype == flat.dtype and p.device == flat.device for p in params):
+    if params:
         pending["params"] = _launch_parameters(ex, key, params)
-    else:
-        params = []      # the optimizer averages them apart (average_parameters)
     flushed = ex.algorithm.server_flush(key)
     if ex.pattern == "two_phase":
         start, stop = chunk_bounds(flat.numel(), ex.size, ex.alignment)[ex.rank]

@@ -73,3 +73,22 @@ def test_ledger_counts_a_ring_allreduce_of_the_gradient_and_one_of_the_parameter
         param_bytes = sum(ring_allreduce_bytes(p_numel, 4, N, rank))
         assert results[rank][1]["sync_grad"] == 2 * grad_bytes     # two exact rounds in four
         assert results[rank][1]["sync_params"] == 2 * param_bytes
+
+
+def test_parameters_of_another_dtype_than_the_gradient_are_averaged_too():
+    """The parameters' buffer has their own dtype: float64 parameters of a float32 gradient are
+    averaged (they were once left out without a word), and mixed dtypes are refused before any
+    collective is launched."""
+    import pytest
+
+    def ranks(comm):
+        ex = Exchange(make_algorithm("liec", up="sign", period=1), comm)
+        params = [torch.full((3,), float(comm.rank), dtype=torch.float64)]
+        ex.finish(ex.start("b", torch.ones(D), params=params))
+        ex.end_round()
+        mixed = [torch.zeros(3, dtype=torch.float64), torch.zeros(3)]
+        with pytest.raises(ValueError, match="mix dtypes"):
+            ex.start("b", torch.ones(D), params=mixed)
+        return params[0]
+    for averaged in simulate(2, ranks):
+        assert torch.equal(averaged, torch.full((3,), 0.5, dtype=torch.float64))
