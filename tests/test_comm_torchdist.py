@@ -4,6 +4,8 @@ contract (pairing by launch order, verified by name), and the exchange's float64
 bit-for-bit tests running on it for every algorithm and pattern."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -147,7 +149,6 @@ def test_allgather_compacts_uneven_pieces_in_place_as_a_concatenation_would():
 
 def _gloo_threads():
     """Names of this process's threads that belong to Gloo (Linux: /proc/self/task)."""
-    import os
     names = [open(f"/proc/self/task/{task}/comm").read().strip()
              for task in os.listdir("/proc/self/task")]
     return sorted(name for name in names if "gloo" in name)
@@ -167,7 +168,7 @@ def _stop_joins_gloo_threads():
     return running, _gloo_threads(), closed
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs Linux /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
 def test_stop_joins_gloo_threads_before_interpreter_exit():
     """engine.stop leaves no Gloo thread running although the communicator is still referenced:
     a C++ thread alive at interpreter exit aborted finished torchrun jobs with SIGABRT
