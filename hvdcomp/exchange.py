@@ -61,7 +61,12 @@ tests/test_memory_bound.py): the worker's C(p_i) is written (``Compressor.roundt
 one buffer the exchange keeps per bucket across rounds
 (:class:`hvdcomp.exchange_buffers.ReusedBuffers`) and handed to ``worker_sent``; that buffer is
 the algorithm's until ``worker_update`` of the same bucket and round: it may write over it
-(LIEC-SGD and CSER keep r_i = p_i − C(p_i) there) but must copy what it keeps longer.  An
+(LIEC-SGD and CSER without ``update_into`` keep r_i = p_i − C(p_i) there) but must copy
+what it keeps longer.  Steps that are error feedback's residual x − C(x), declared
+(``Algorithm.worker_residual``, ``server_residual``), run fused with the compressor instead:
+x − C(x) written over x in the decoder's pass, and LIEC-SGD's and CSER's r_i kept in
+``update_into`` with C(v) decoded onto it (:mod:`hvdcomp.exchange_rounds`; docs/design.md,
+"The fused residual").  An
 algorithm that reads C(p_i) only inside ``worker_sent`` declares ``keeps_worker_sent = False``
 (MEM-SGD, DoubleSqueeze), and the two-phase round then decodes C(p_i) into the caller's
 ``update_into`` instead (when p_i is not held there): such a rank keeps nothing but its errors.

@@ -21,6 +21,10 @@ from .compressors._wire import allocate
 __all__ = ["ReusedBuffers", "allocate", "held_bytes", "store_difference"]
 
 
+#: the bucket key of :meth:`ReusedBuffers.shared` buffers (no bucket is called that)
+_SHARED = "\0shared"
+
+
 class ReusedBuffers:
     """Work buffers, one per (bucket, role), kept across rounds; contents are garbage."""
 
@@ -40,6 +44,16 @@ class ReusedBuffers:
     def like(self, key: str, role: str, tensor: torch.Tensor) -> torch.Tensor:
         """An uninitialised contiguous buffer of ``tensor``'s shape, dtype and device."""
         return self.get(key, role, tensor.numel(), tensor.dtype, tensor.device).view(tensor.shape)
+
+    def shared(self, role: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised 1-D buffer of ``numel`` elements shared by every bucket: scratch for
+        work that ends before the call that uses it returns (the two-phase rounds run one
+        bucket's steps at a time).  It grows to the largest request and is never shrunk."""
+        key = (_SHARED, f"{role}.{dtype}.{torch.device(device)}")
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = allocate(numel, dtype, device)
+        return buffer[:numel]
 
     def tensors(self):
         return list(self._buffers.values())

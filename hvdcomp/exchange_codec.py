@@ -16,7 +16,7 @@ order: the same total on every rank).
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
@@ -108,6 +108,60 @@ def roundtrip_chunks_into(compressor: Compressor, x: torch.Tensor,
     for (a, b), payload in zip(bounds, payloads):
         _check_payload(compressor, x[a:b], payload)
     return payloads
+
+
+def own_payload(payload: torch.Tensor, *buffers: torch.Tensor) -> torch.Tensor:
+    """``payload``, copied when it views one of ``buffers`` (``none``'s payload is its input):
+    the steps write over the message, and a residual over its input, while the collective
+    still reads the payload."""
+    if payload.numel():
+        at = payload.untyped_storage().data_ptr()
+        if any(at == b.untyped_storage().data_ptr() for b in buffers):
+            return payload.clone()
+    return payload
+
+
+def subtracts_in_pass(compressor: Compressor) -> bool:
+    """Whether ``compressor`` writes x − C(x) in its decoder's pass (its own
+    ``decompress_sub_into``, ``sign``): a residual then costs no buffer for C(x)."""
+    return type(compressor).decompress_sub_into is not Compressor.decompress_sub_into
+
+
+def residual_into(compressor: Compressor, x: torch.Tensor, scratch: Callable[[int], torch.Tensor],
+                  seed: int, bucket=None) -> torch.Tensor:
+    """Error feedback's residual in place, ``x ← x − C(x)``; returns the payload of ``x`` (never
+    a view of ``x`` or of the scratch).  The same bits as :func:`roundtrip_into` into a buffer
+    followed by ``torch.sub(x, C(x))``: a compressor that :func:`subtracts_in_pass` encodes
+    and subtracts; the others decode into ``scratch(x.numel())`` and subtract."""
+    if x.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=x.device)
+    if not subtracts_in_pass(compressor):
+        out = scratch(x.numel())
+        payload = own_payload(roundtrip_into(compressor, x, out, seed, bucket), x, out)
+        x.sub_(out)
+        return payload
+    extra = {} if bucket is None else {"bucket": bucket}
+    payload = own_payload(compressor.compress(x, seed, **extra), x)
+    _check_payload(compressor, x, payload)
+    compressor.decompress_sub_into(payload, x, None, seed)
+    return payload
+
+
+def residual_chunks(compressor: Compressor, x: torch.Tensor, bounds: Sequence[Tuple[int, int]],
+                    scratch: Callable[[int], torch.Tensor],
+                    seeds: Sequence[int]) -> List[torch.Tensor]:
+    """The worker's uplink with its residual in place: each chunk's payload, as
+    :func:`roundtrip_chunks_into` gives them, and ``x ← x − C(x)`` over the whole bucket
+    (``scratch`` as for :func:`residual_into`)."""
+    chunks = getattr(compressor, "residual_chunks_into", None)
+    if chunks is not None and x.numel():
+        payloads = chunks(x, bounds)
+        for (a, b), payload in zip(bounds, payloads):
+            _check_payload(compressor, x[a:b], payload)
+        return payloads
+    bucket = worker_bucket_norm(compressor, x)       # of the whole bucket, before it changes
+    return [residual_into(compressor, x[a:b], scratch, seed, bucket)
+            for (a, b), seed in zip(bounds, seeds)]
 
 
 def decode_into(compressor: Compressor, payload: torch.Tensor, out: torch.Tensor,

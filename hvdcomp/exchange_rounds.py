@@ -11,7 +11,13 @@ several buckets can launch the next bucket's downlink before decoding this one's
 server steps and *launches* the downlink allgather; ``receive_two_phase`` waits for it, decodes
 it and runs ``worker_update``.  ``finish_two_phase`` is the two, back to back.  The other kinds
 have no downlink collective (allgather, allreduce: the server steps run replicated) or keep
-their own (exact rounds, PowerSGD's owned rounds) and finish in one step."""
+their own (exact rounds, PowerSGD's owned rounds) and finish in one step.
+
+The two-phase round runs the steps an algorithm declares to be error feedback's residual
+(``Algorithm.worker_residual``, ``server_residual``) fused with the compressor: x − C(x) is
+written over x (:func:`hvdcomp.exchange_codec.residual_into`), and a "compensated" r_i stays in
+``update_into`` with C(v) decoded onto it; the values are those of the steps as written, bit
+for bit (tests/test_fused_residual.py)."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -20,7 +26,8 @@ import torch
 
 from .comm.base import Handle
 from .compressors._wire import allocate
-from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into, payload_nbytes,
+from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into, own_payload,
+                             payload_nbytes, residual_chunks, residual_into, subtracts_in_pass,
                              roundtrip_chunks_into, roundtrip_into, server_bucket_norm, split,
                              summable_dtype)
 
@@ -46,33 +53,58 @@ class ExchangeHandle:
         return f"<ExchangeHandle {self.key!r} round {self.round} {self.kind} {stage}>"
 
 
-def own_payload(payload: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
-    """``payload``, copied when it views the message (``none``): worker_sent and server_sent
-    may write over the message (MEM-SGD, DoubleSqueeze, LIEC-SGD keep p_i or v in their
-    error's storage) while the collective still reads the payload."""
-    if payload.numel() and payload.untyped_storage().data_ptr() == \
-            message.untyped_storage().data_ptr():
-        return payload.clone()
-    return payload
-
-
 # --- the two-phase sharded server --------------------------------------------------------------
 def start_two_phase(ex, key: str, flat: torch.Tensor,
                     update_into: Optional[torch.Tensor] = None) -> ExchangeHandle:
     algo, up = ex.algorithm, ex.uplink(key)
     bounds = chunk_bounds(flat.numel(), ex.size, ex.alignment)
+    seeds = [ex.seed_for(key, "up", j) for j in range(len(bounds))]
     message = algo.worker_message(key, flat)
-    # C(p_i), chunk by chunk, decoded straight into one buffer (no torch.cat)
-    sent = _worker_sent_buffer(ex, key, message, update_into)
-    payloads = roundtrip_chunks_into(up, message, bounds, sent,
-                                     [ex.seed_for(key, "up", j) for j in range(len(bounds))])
+    residual = _fused_worker_residual(algo, up, message, flat, update_into)
+    if residual:
+        # p_i ← p_i − C(p_i) in the compressor's pass (Algorithm.worker_residual): the error
+        # is in place in the algorithm's storage ("kept") or in update_into ("compensated")
+        payloads = residual_chunks(up, message, bounds, _scratch(ex, message), seeds)
+    else:
+        # C(p_i), chunk by chunk, decoded straight into one buffer (no torch.cat)
+        sent = _worker_sent_buffer(ex, key, message, update_into)
+        payloads = roundtrip_chunks_into(up, message, bounds, sent, seeds)
     splits = [p.numel() for p in payloads]
     packed = torch.cat(payloads)   # before worker_sent: a payload may view the message
-    algo.worker_sent(key, message, sent)
+    if not residual:
+        algo.worker_sent(key, message, sent)
     ex.ledger.count("uplink", up=sum(s for j, s in enumerate(splits) if j != ex.rank))
     pending = {"uplink": ex.comm.alltoall_async(packed, splits, ex.name(key, "up"))}
     return ExchangeHandle(key, ex.round, "two_phase", flat.shape, flat.dtype, pending,
-                          bounds=bounds)
+                          bounds=bounds, compensated=residual == "compensated")
+
+
+def _fused_worker_residual(algo, up, message: torch.Tensor, flat: torch.Tensor,
+                           update_into: Optional[torch.Tensor]) -> Optional[str]:
+    """The algorithm's ``worker_residual`` when this round may fuse it, else None.  "kept":
+    when the error is not the caller's gradient and ``up`` subtracts in its decoder's pass
+    (otherwise the round decodes C(p_i) into ``update_into`` and costs no more).
+    "compensated": when p_i is the caller's ``update_into``, so the residual, then the update,
+    may be written there (instead of r_i in a bucket the exchange keeps)."""
+    kind = algo.worker_residual
+    if kind == "kept" and subtracts_in_pass(up) and not _same_storage(message, flat):
+        return kind
+    if (kind == "compensated" and update_into is not None
+            and message.data_ptr() == update_into.data_ptr()
+            and message.numel() == update_into.numel()):
+        return kind
+    return None
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _scratch(ex, like: torch.Tensor):
+    """``scratch(numel)``: ``numel`` elements of the exchange's scratch, one buffer shared by
+    all buckets (each use ends inside one step of one bucket; nothing in flight views it),
+    taken only when called."""
+    return lambda numel: ex.buffers.shared("scratch", numel, like.dtype, like.device)
 
 
 def _worker_sent_buffer(ex, key: str, message: torch.Tensor,
@@ -104,11 +136,16 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     # The update is decoded into the caller's update_into (the optimizer's reused bucket
     # buffer) or one fresh tensor; until the downlink arrives, two of its chunk-sized regions
     # serve the server as scratch (the mean, then the addend and C(v)), so a rank keeps no
-    # server buffers.
+    # server buffers.  A compensated round keeps r_i there: its server works in the
+    # exchange's shared scratch instead.
     update = handle.context.get("update_into")
     if update is None:
         update = allocate(bounds[-1][1], dtype, received.device)
-    mean, other = _server_regions(update, start, stop)
+    if handle.context["compensated"]:
+        scratch = _scratch(ex, update)(2 * own)
+        mean, other = scratch[:own], scratch[own:]
+    else:
+        mean, other = _server_regions(update, start, stop)
     # server: decode the N payloads of the chunk this rank owns, average in rank order
     up = ex.uplink(key)
     sizes = [payload_nbytes(up, own, dtype)] * ex.size
@@ -116,17 +153,23 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
                      ex.seed_for(key, "up", ex.rank))
     del received
     server_message = algo.server_message(key, mean)
-    # C(v) goes over the mean, which the exchange does not read again, unless v lives in the
-    # update (v is the mean, or written into it); an algorithm that keeps v in its own state
-    # (LIEC-SGD, DoubleSqueeze write v over their server error) leaves the other region alone
-    in_update = server_message.untyped_storage().data_ptr() == update.untyped_storage().data_ptr()
-    sent = other if in_update else mean
     bucket = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"), algo.down,
                                 server_message, bounds[-1][1])
-    payload = own_payload(roundtrip_into(algo.down, server_message, sent,
-                                         ex.seed_for(key, "down", ex.rank), bucket),
-                          server_message)
-    algo.server_sent(key, server_message, sent)
+    seed = ex.seed_for(key, "down", ex.rank)
+    # C(v) goes over the mean, which the exchange does not read again, unless v lives there
+    # (v is the mean, or written into it); an algorithm that keeps v in its own state
+    # (LIEC-SGD, DoubleSqueeze write v over their server error) leaves the other region alone,
+    # and when its server_sent is the residual e ← v − C(v) it is written over v in the
+    # compressor's pass (Algorithm.server_residual)
+    v_in_scratch = _same_storage(server_message, mean)
+    if algo.server_residual and not v_in_scratch and not _same_storage(server_message, update):
+        payload = residual_into(algo.down, server_message, lambda numel: other[:numel], seed,
+                                bucket)
+    else:
+        sent = other if v_in_scratch else mean
+        payload = own_payload(roundtrip_into(algo.down, server_message, sent, seed, bucket),
+                              server_message, *([mean] if handle.context["compensated"] else []))
+        algo.server_sent(key, server_message, sent)
     ex.ledger.count("downlink", down=(ex.size - 1) * payload.numel())
     # downlink: one allgather of the server payloads; nothing writes over the payload (or the
     # update holding the scratch it may view) until receive_two_phase has waited for it
@@ -136,13 +179,22 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
 
 def receive_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
     """The worker half: wait for the downlink, decode it over the server's scratch, and run
-    ``worker_update``."""
+    ``worker_update``; a compensated round decodes C(v) onto r_i instead (C(v) + r_i, the
+    same float addition as LIEC-SGD's worker_update)."""
     algo, key, dtype = ex.algorithm, handle.key, handle.dtype
     bounds = handle.context["bounds"]
     gathered = handle.pending.pop("downlink").wait()
     update = handle.context.pop("update")
     sizes = [payload_nbytes(algo.down, b - a, dtype) for a, b in bounds]
-    for j, (p, (a, b)) in enumerate(zip(split(gathered, sizes, key), bounds)):
+    payloads = split(gathered, sizes, key)
+    if handle.context["compensated"]:
+        scratch = _scratch(ex, update)(bounds[0][1] - bounds[0][0])
+        for j, (p, (a, b)) in enumerate(zip(payloads, bounds)):
+            if b > a:
+                algo.down.decompress_add_into(p, update[a:b], scratch[:b - a],
+                                              ex.seed_for(key, "down", j))
+        return update
+    for j, (p, (a, b)) in enumerate(zip(payloads, bounds)):
         decode_into(algo.down, p, update[a:b], ex.seed_for(key, "down", j))
     return algo.worker_update(key, update)
 

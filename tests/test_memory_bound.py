@@ -10,6 +10,7 @@ import torch
 from hvdcomp.algorithms import make_algorithm
 from hvdcomp.comm.simulator import simulate
 from hvdcomp.exchange import Exchange
+from hvdcomp.exchange_codec import chunk_bounds
 from hvdcomp.exchange_buffers import held_bytes
 
 D = 1 << 14          # a bucket of fp32 elements, a multiple of the chunk alignment
@@ -86,16 +87,20 @@ def _rounds_into_the_callers_buffer(comm, name, up, down, into, pattern="two_pha
                                           ("liec", "sign", "sign")])
 def test_with_the_callers_buffer_a_rank_keeps_only_what_the_algorithm_must(name, up, down, n):
     """Given ``update_into``, DoubleSqueeze and MEM-SGD (which read C(p_i) only in worker_sent)
-    have it decoded into the caller's buffer and keep nothing but their errors; LIEC-SGD keeps
-    r_i for the round in the exchange's one bucket of scratch. The server writes v over its
-    error and C(v) over the mean, so it keeps nothing of its own. The updates are those of
-    rounds without ``update_into``, bit for bit."""
+    write their residual over their error (``sign``) or have C(p_i) decoded into the caller's
+    buffer (top-k) and keep nothing but their errors; LIEC-SGD keeps r_i for the round in the
+    caller's buffer, and its server works in two chunks of the exchange's scratch, shared by
+    all buckets. The server writes v over its error and the residual over v, so it keeps
+    nothing of its own. The updates are those of rounds without ``update_into``, bit for
+    bit."""
     bucket = 4 * D
     into = simulate(n, _rounds_into_the_callers_buffer, name, up, down, True)
     fresh = simulate(n, _rounds_into_the_callers_buffer, name, up, down, False)
     for rank, ((updates, held, state, _), (expected, *_)) in enumerate(zip(into, fresh)):
         assert all(torch.equal(a, b) for a, b in zip(updates, expected)), rank
-        scratch = bucket if name == "liec" else 0
+        bounds = chunk_bounds(D, n)     # the server's mean and addend, its own chunk each
+        own = bounds[rank][1] - bounds[rank][0]
+        scratch = 4 * max(2 * own, bounds[0][1]) if name == "liec" else 0
         assert held == state + scratch, (rank, held / bucket, state / bucket)
 
 

@@ -76,6 +76,20 @@ class Algorithm(TrainingMethod):
     #: exchange decode C(p_i) into the caller's update buffer, which the server half then
     #: overwrites, instead of a bucket-sized buffer of its own.
     keeps_worker_sent: bool = True
+    #: Error steps that are error feedback's residual x − C(x), declared so that the two-phase
+    #: exchange may fuse them with the compressor: the residual written over x in the decoder's
+    #: pass (one pass for ``sign``) instead of C(x) decoded into a buffer and subtracted.  The
+    #: five steps stay the reference (the simulator, the oracle and the other patterns run
+    #: them); the fused rounds equal them bit for bit (tests/test_fused_residual.py).
+    #: ``"kept"``: ``worker_message`` returns the worker error's own storage and ``worker_sent``
+    #: is e_i ← p_i − C(p_i) there (MEM-SGD, DoubleSqueeze).  ``"compensated"``: ``worker_sent``
+    #: keeps r_i = p_i − C(p_i) for this round and ``worker_update`` returns C(v) + r_i
+    #: (LIEC-SGD, CSER); the exchange then keeps r_i in the caller's ``update_into`` and
+    #: decodes C(v) onto it.  ``None``: neither (the steps run as written).
+    worker_residual: Optional[str] = None
+    #: True when ``server_message`` returns the server error's own storage and ``server_sent``
+    #: is e ← v − C(v) there (LIEC-SGD, DoubleSqueeze).
+    server_residual: bool = False
 
     def __init__(self, up: "Compressor | str" = "none", down: "Compressor | str | None" = None):
         self.up = from_spec(up)

@@ -52,6 +52,7 @@ class CSER(Algorithm):
                     "https://arxiv.org/abs/2007.13221", "NeurIPS"),
         options=(Option("period", "int", 8, "an integer >= 1", "rounds between error resets"),))
     compresses_downlink = False  # the mean of C₁(g_j) returns dense, as in the reference code
+    worker_residual = "compensated"  # r_i = g_i − C₁(g_i), u_i = mean + r_i
 
     def __init__(self, up="none", down=None, period: int = 8):
         super().__init__(up, down)

@@ -30,6 +30,8 @@ class DoubleSqueeze(Algorithm):
     name = "doublesqueeze"
     state_fields = ("worker_error", "server_error")
     keeps_worker_sent = False     # C(p_i) is read once, by worker_sent
+    worker_residual = "kept"      # δ_i ← p_i − C(p_i), p_i in δ_i's storage
+    server_residual = True        # δ ← v − C(v), v in δ's storage
     info = MethodInfo(
         name="doublesqueeze", label="DoubleSqueeze", order=30,
         summary="error feedback on the workers and on the server; both directions compressed",

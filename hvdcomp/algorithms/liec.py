@@ -34,6 +34,8 @@ class LIEC(Algorithm):
     """LIEC-SGD with averaging period ``period`` (the paper's p; 32 and 100 in its README)."""
     name = "liec"
     state_fields = ("server_error",)      # r_i lives one round only
+    worker_residual = "compensated"       # r_i = g_i − C(g_i), d_i = C(v) + r_i
+    server_residual = True                # e ← v − C(v), v in e's storage
     info = MethodInfo(
         name="liec", label="LIEC-SGD", order=40,
         summary="local immediate error compensation, a server error, exact averaging every "

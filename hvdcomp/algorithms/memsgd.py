@@ -37,6 +37,7 @@ class MemSGD(Algorithm):
     compresses_downlink = False
     state_fields = ("worker_error",)
     keeps_worker_sent = False     # C(p_i) is read once, by worker_sent
+    worker_residual = "kept"      # e_i ← p_i − C(p_i), p_i in e_i's storage
 
     def __init__(self, up="none", down=None):
         super().__init__(up, down)

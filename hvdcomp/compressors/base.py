@@ -109,6 +109,18 @@ class Compressor(abc.ABC):
         # times the scale as hvdcomp.comm.base.scale_like_horovod does (Horovod's Average)
         return out if scale is None else out.mul_(scale)
 
+    def decompress_sub_into(self, payload: torch.Tensor, out: torch.Tensor,
+                            scratch: Optional[torch.Tensor] = None,
+                            seed: int = 0) -> torch.Tensor:
+        """``out −= decompress(payload)`` and return ``out``: the error-feedback residual
+        x − C(x) written over x when ``out`` holds x and ``payload`` is its encoding.
+        ``scratch`` is a buffer like ``out`` (not overlapping it; None: a fresh one) that this
+        default decodes into first; a compressor that subtracts in the decoder's pass overrides
+        it (``sign``).  The difference is the same float operation either way."""
+        if scratch is None:
+            scratch = torch.empty_like(out)
+        return out.sub_(self.decompress_into(payload, scratch, seed))
+
     def roundtrip_into(self, x: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Like :meth:`roundtrip`, with C(x) written into ``out`` (1-D, same numel and dtype as
         ``x``); returns the payload.  A compressor that overrides :meth:`roundtrip` keeps its

@@ -127,6 +127,19 @@ class ChunkSign(LayoutCompressor):
                 return out
         return super().decompress_add_into(payload, out, scratch, seed, scale)
 
+    def decompress_sub_into(self, payload, out, scratch=None, seed=0):
+        """``out −= C(payload)``: on CPU with the C kernels in one pass, adding the rows of the
+        ∓‖x‖₁/d table (x − s and x + (−s) are the same IEEE operation, so the same bits as
+        decoding and subtracting); otherwise decoded into ``scratch``."""
+        numel = out.numel()
+        check_payload(payload, self.payload_nbytes(numel), self.name, numel)
+        if numel:
+            layout = self._layout(numel)
+            l1_scale = layout.read(payload, "scale")[0]
+            if bitpack.add_signs(layout.read(payload, "bits"), numel, -l1_scale, out):
+                return out
+        return super().decompress_sub_into(payload, out, scratch, seed)
+
 
 @register("sign")
 class Sign(ChunkSign):
@@ -163,6 +176,25 @@ class Sign(ChunkSign):
         payloads.  The bits do not depend on the scale, so the bucket's bits and its L1 norm
         come from one pass over ``x`` (one pass less than the norm, then the bits of each chunk)
         and each payload takes its chunk's bytes; the same payloads, bit for bit."""
+        payloads = self._chunk_payloads(x, bounds)
+        for (start, stop), payload in zip(bounds, payloads):
+            if start != stop:
+                self.decompress_into(payload, out[start:stop])
+        return payloads
+
+    def residual_chunks_into(self, x: torch.Tensor, bounds):
+        """The payloads of :meth:`roundtrip_chunks_into`, with ``x − C(x)`` written over ``x``
+        instead of C(x) into a buffer (:meth:`decompress_sub_into`: one pass per chunk on the C
+        road)."""
+        payloads = self._chunk_payloads(x, bounds)
+        for (start, stop), payload in zip(bounds, payloads):
+            if start != stop:
+                self.decompress_sub_into(payload, x[start:stop])
+        return payloads
+
+    def _chunk_payloads(self, x: torch.Tensor, bounds):
+        """One payload per chunk of ``x``, all with the bucket's scale: the bits and the L1 norm
+        of the whole bucket from one pass, then each chunk's bytes copied out."""
         x = flat_input(x, self.name)
         numel = x.numel()
         bits = allocate(bitpack.packed_nbytes(numel), torch.uint8, x.device)
@@ -179,7 +211,6 @@ class Sign(ChunkSign):
             layout.view(payload, "scale").copy_(scale)
             chunk_bits = layout.view(payload, "bits")
             chunk_bits.copy_(bits[start // 8:start // 8 + chunk_bits.numel()])
-            self.decompress_into(payload, out[start:stop])
             payloads.append(payload)
         return payloads
 

@@ -1,0 +1,143 @@
+"""The fused residual: error feedback's x − C(x) written over x in the compressor's pass, and
+LIEC-SGD's C(v) decoded onto r_i (Algorithm.worker_residual / server_residual).
+
+The five steps as written are the reference: every fused value is compared bit for bit with
+them (the same algorithm with its declarations switched off), on real simulated ranks, with and
+without the C kernels.  What the fusion saves is checked as held bytes: LIEC-SGD keeps r_i in
+the caller's buffer, not in a bucket per bucket."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from hvdcomp.algorithms import make_algorithm
+from hvdcomp.comm.simulator import simulate
+from hvdcomp.compressors import _native, from_spec
+from hvdcomp.exchange import Exchange, finish_in_order
+from hvdcomp.exchange_buffers import held_bytes
+from hvdcomp.exchange_codec import (chunk_bounds, residual_chunks, residual_into,
+                                    roundtrip_chunks_into, roundtrip_into, subtracts_in_pass,
+                                    worker_bucket_norm)
+
+ROADS = ["native", "reference"] if _native.library() is not None else ["reference"]
+COMPRESSORS = ["sign", "chunksign", "blocksign:block=64", "topk:ratio=0.1", "qsgd", "none"]
+SIZES = (4096, 1000, 2500, 70)  # 1000, 2500 leave short last chunks; 70 an empty one (N = 3)
+
+
+@contextlib.contextmanager
+def road(name: str):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HVDCOMP_NATIVE", "1" if name == "native" else "0")
+        yield
+
+
+def _vector(numel: int, seed: int) -> torch.Tensor:
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    x[::17] = 0.0                      # zeros send sign +1: the residual is then −scale
+    x[1::23] = -0.0
+    return x
+
+
+def _scratch_of(numel: int):
+    buffer = torch.full((numel,), float("nan"))      # garbage, as the exchange's scratch
+    return lambda n: buffer[:n]
+
+
+@pytest.mark.parametrize("road_name", ROADS)
+@pytest.mark.parametrize("spec", COMPRESSORS)
+def test_residual_is_x_minus_the_decoded_payload_bit_for_bit(spec, road_name):
+    compressor = from_spec(spec)
+    with road(road_name):
+        for numel, seed in [(1000, 1), (4096, 2), (7, 3)]:
+            x = _vector(numel, seed)
+            bucket = worker_bucket_norm(compressor, x)
+            decoded = torch.empty(numel)
+            expected_payload = roundtrip_into(compressor, x, decoded, 5, bucket).clone()
+            expected = torch.sub(x, decoded)
+            payload = residual_into(compressor, x, _scratch_of(numel), 5, bucket)
+            assert torch.equal(payload, expected_payload)
+            assert torch.equal(x.view(torch.int32), expected.view(torch.int32)), spec
+
+
+@pytest.mark.parametrize("road_name", ROADS)
+@pytest.mark.parametrize("spec", ["sign", "chunksign", "topk:ratio=0.1"])
+def test_worker_chunks_residual_equals_roundtrip_then_subtract(spec, road_name):
+    compressor = from_spec(spec)
+    with road(road_name):
+        for numel, n in [(1000, 3), (4096, 2), (64, 4)]:
+            x = _vector(numel, numel + n)
+            bounds = chunk_bounds(numel, n)
+            seeds = list(range(n))
+            decoded = torch.empty(numel)
+            expected_payloads = [p.clone() for p in
+                                 roundtrip_chunks_into(compressor, x, bounds, decoded, seeds)]
+            expected = torch.sub(x, decoded)
+            payloads = residual_chunks(compressor, x, bounds, _scratch_of(numel), seeds)
+            assert all(torch.equal(a, b) for a, b in zip(payloads, expected_payloads))
+            assert torch.equal(x.view(torch.int32), expected.view(torch.int32))
+
+
+def test_only_sign_subtracts_in_its_decoders_pass():
+    assert subtracts_in_pass(from_spec("sign")) and subtracts_in_pass(from_spec("chunksign"))
+    assert not subtracts_in_pass(from_spec("topk:ratio=0.1"))
+
+
+def _rounds(comm, name, up, down, fused):
+    """Five rounds of three buckets, finished pipelined as the optimizer does, each gradient in
+    the buffer that is also ``update_into``: the updates, the algorithm's state, held bytes."""
+    hyper = {"period": 4} if name in ("liec", "cser") else {}   # round 3 is an exact round
+    algo = make_algorithm(name, up=up, down=down, **hyper)
+    if not fused:           # the five steps as written
+        algo.worker_residual, algo.server_residual = None, False
+    exchange = Exchange(algo, comm)
+    updates = []
+    for step in range(5):
+        flats = [_vector(d, 100 * comm.rank + 10 * step + k) for k, d in enumerate(SIZES)]
+        handles = [exchange.start(f"b{k}", f, update_into=f) for k, f in enumerate(flats)]
+        for flat, update in zip(flats, finish_in_order((exchange, h) for h in handles)):
+            # (CSER's exact round, its error reset, returns a fresh tensor)
+            assert update.data_ptr() == flat.data_ptr() or name == "cser"
+            updates.append(update.clone())
+        exchange.end_round()
+    state = {f: {k: v.clone() for k, v in getattr(algo, f).items()} for f in algo.state_fields}
+    return updates, state, held_bytes(exchange), exchange.buffers
+
+
+@pytest.mark.parametrize("road_name", ROADS)
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("name,up,down", [
+    ("liec", "sign", "sign"), ("liec", "topk:ratio=0.1", "sign"), ("liec", "chunksign", None),
+    ("doublesqueeze", "sign", "sign"), ("doublesqueeze", "sign", "topk:ratio=0.1"),
+    ("memsgd", "sign", None), ("memsgd", "topk:ratio=0.1", None), ("cser", "sign", None)])
+def test_fused_rounds_equal_the_five_steps_bit_for_bit(name, up, down, n, road_name):
+    with road(road_name):
+        fused = simulate(n, _rounds, name, up, down, True)
+        steps = simulate(n, _rounds, name, up, down, False)
+    for rank, ((updates, state, _, _), (expected, expected_state, _, _)) in enumerate(
+            zip(fused, steps)):
+        assert len(updates) == len(expected) == 5 * len(SIZES)
+        for i, (a, b) in enumerate(zip(updates, expected)):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (rank, i)
+        assert state.keys() == expected_state.keys()
+        for field, tensors in state.items():
+            assert tensors.keys() == expected_state[field].keys(), field
+            for key, tensor in tensors.items():
+                assert torch.equal(tensor, expected_state[field][key]), (rank, field, key)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_liec_keeps_r_i_in_the_callers_buffer_not_a_bucket_per_bucket(n):
+    """The five steps keep r_i in one exchange buffer per bucket (the model, across rounds);
+    fused, r_i is in the caller's buffer and the server's scratch is two of its chunks, shared
+    by every bucket."""
+    fused = simulate(n, _rounds, "liec", "sign", "sign", True)
+    steps = simulate(n, _rounds, "liec", "sign", "sign", False)
+    model = 4 * sum(SIZES)
+    for rank, ((_, state, held, _), (_, _, held_steps, _)) in enumerate(zip(fused, steps)):
+        errors = sum(t.numel() * 4 for t in state["server_error"].values())
+        own = max(b - a for d in SIZES for a, b in [chunk_bounds(d, n)[rank]])
+        largest_chunk = max(chunk_bounds(d, n)[0][1] for d in SIZES)
+        assert held == errors + 4 * max(2 * own, largest_chunk), rank
+        assert held_steps >= errors + model, rank      # the "sent" buffers: the model
