@@ -1,6 +1,7 @@
 """Profile exchange rounds of one algorithm with sign on ResNet-18's gradient size (44.7 MB):
 the round times of every rank, and rank 0's cProfile of five rounds (docs/benchmarks.md, "Where a
-round's time goes").  Run under a launcher, one thread per rank:
+round's time goes").  Each round runs as the optimizer runs it: the gradient in the bucket's
+buffer, which is also ``update_into``.  Run under a launcher, one thread per rank:
 
     mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/profile_round.py liec
 """
@@ -26,21 +27,32 @@ def main(algorithm: str) -> None:
     exchange = Exchange(make_algorithm(algorithm, up="sign", down="sign"), comm)
     exchange.prepare({"b": (NUMEL, torch.float32)})
 
+    # as hvdcomp.DistributedOptimizer runs a round: the gradient in the bucket's buffer, which
+    # is also update_into (the update is decoded over it); refilled before each round, untimed
+    bucket = torch.empty(NUMEL)
+
+    def exchange_once():
+        bucket.copy_(grad)
+        exchange.finish(exchange.start("b", bucket, update_into=bucket))
+        exchange.end_round()
+
     def one_round():
         while exchange.is_sync_step():      # LIEC's exact rounds are not what is profiled
-            exchange.exchange("b", grad)
-            exchange.end_round()
-        exchange.exchange("b", grad)
-        exchange.end_round()
+            exchange_once()
+        exchange_once()
 
     for _ in range(3):
         one_round()
     times = []
     for _ in range(5):
+        while exchange.is_sync_step():
+            exchange_once()
+        bucket.copy_(grad)
         comm.barrier("profile.round")
         began = time.perf_counter()
-        one_round()
+        exchange.finish(exchange.start("b", bucket, update_into=bucket))
         times.append(time.perf_counter() - began)
+        exchange.end_round()
     print(comm.rank, "round ms", sorted(round(1e3 * t, 1) for t in times), flush=True)
     profiler = cProfile.Profile() if comm.rank == 0 else None
     if profiler:

@@ -195,15 +195,24 @@ class _Round:
             algorithm = make_algorithm(method.algorithm, up=method.up, down=method.down)
             self.exchange = Exchange(algorithm, comm, pattern=method.pattern)
             self.exchange.prepare({key: (grad.numel(), grad.dtype)})
+            # a round runs as hvdcomp.DistributedOptimizer runs it: the gradient in the
+            # bucket's buffer, which is also update_into; refilled before each round, untimed
+            self.bucket = torch.empty_like(grad)
         else:
             self.exchange = None
 
     def prepare(self) -> None:
         # exact (uncompressed) rounds of LIEC-SGD are a dense allreduce: not what a row measures
         while self.exchange is not None and self.exchange.is_sync_step():
-            self.exchange.exchange(self.key, self.grad)
-            self.exchange.end_round()
+            self._exchange()
             self.exact_rounds_skipped += 1
+        if self.exchange is not None:
+            self.bucket.copy_(self.grad)
+
+    def _exchange(self) -> None:
+        self.bucket.copy_(self.grad)
+        self.exchange.finish(self.exchange.start(self.key, self.bucket, update_into=self.bucket))
+        self.exchange.end_round()
 
     def run(self) -> None:
         comm = self.comm
@@ -214,7 +223,8 @@ class _Round:
             comm.allreduce(self.grad.to(torch.float16), self.key, op="average").to(
                 self.grad.dtype)
         else:
-            self.exchange.exchange(self.key, self.grad)
+            self.exchange.finish(self.exchange.start(self.key, self.bucket,
+                                                     update_into=self.bucket))
             self.exchange.end_round()
 
     def bytes(self, rank: int, size: int) -> Tuple[int, int]:
