@@ -256,9 +256,9 @@ class Exchange:
         configuration check is launched too and verified by :meth:`finish`.
 
         ``params``: the parameters the bucket holds the gradients of.  Used only in an exact
-        round (LIEC-SGD): they are then averaged by an allreduce launched with the gradient's and
-        :meth:`finish` writes their averages into them in place, so the caller does not pass
-        them to :meth:`average_parameters` (they must not change between start and finish).
+        round (LIEC-SGD): :meth:`finish` then averages them in place (one allreduce each), so
+        the caller does not pass them to :meth:`average_parameters` (they must not change
+        between start and finish).
 
         ``update_into``: a contiguous tensor of ``grad``'s size and dtype (``grad`` itself may
         be given: the algorithm steps do not read the gradient after ``start``) that the

@@ -6,13 +6,14 @@ exactly (:func:`average_parameters`).
 
 Memory: nothing of the bucket's size is allocated for the gradient. It is averaged in place in
 the caller's ``update_into`` (the optimizer's bucket buffer), and the update is written there
-too. Only the parameters are copied, into one buffer per bucket: they change only when
-``finish`` writes the averages back, as in the uncompressed round, and their allreduce still
-starts at ``start``, while backward runs.  These are two in-place allreduces per bucket,
-launched together; Horovod fuses them into one collective.  An earlier version sent one
-allreduce of the concatenation [gradient, parameters]; that buffer held a second copy of the
-gradient, and every bucket's buffer was in flight at once: twice the model at the peak, not once
-(docs/benchmarks.md, "Where the extra peak memory goes").
+too. The parameters are averaged in place as well, one allreduce each, launched by ``finish``:
+they change only then, as in the uncompressed round.  Launched at ``start`` instead (until 30
+Nov 2026) their allreduce overlapped backward, but it needed a copy of every bucket's parameters,
+all in flight at once (the model), and Horovod fused them with the gradients (its fusion buffer
+touched twice the model's pages where a compressed round touches almost none): the exact round
+was the process's peak (docs/benchmarks.md, "Where the extra peak memory goes").  An earlier
+version still sent one allreduce of the concatenation [gradient, parameters], a second copy of
+the gradient.
 
 An allreduce average is elementwise, so every value is the one of separate collectives whenever
 the library adds the ranks' values in the same order: always on two ranks and in the simulator
@@ -22,7 +23,7 @@ floating-point rounding (tests/test_optimizer_ranks.py).  The server state trave
 allgather of 1/N of the bucket (it is summed into the update, not averaged)."""
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -35,13 +36,9 @@ from .exchange_rounds import ExchangeHandle
 def start_sync(ex, key: str, flat: torch.Tensor, params: Sequence[torch.Tensor] = (),
                target: Optional[torch.Tensor] = None) -> ExchangeHandle:
     """Launch the exact round of ``key``: the gradient averaged in place in ``target`` (the
-    caller's ``update_into``; a fresh copy without one), ``params`` averaged in a buffer of
-    their own, the server state allgathered."""
+    caller's ``update_into``; a fresh copy without one) and the server state allgathered;
+    ``params`` are averaged in place by :func:`finish_sync`."""
     params = list(params)
-    if len({(p.dtype, p.device) for p in params}) > 1:   # before any collective is launched
-        raise ValueError(f"bucket {key!r}: the parameters given to start() mix dtypes or "
-                         "devices; an exact round averages them in one buffer, so give one "
-                         "dtype and device per bucket (the optimizer's buckets are)")
     # an exact round compresses nothing: the bucket's work buffers (C(g_i), a bucket) go back to
     # the allocator, and the next compressed round allocates them again
     ex.buffers.discard(key)
@@ -51,8 +48,6 @@ def start_sync(ex, key: str, flat: torch.Tensor, params: Sequence[torch.Tensor] 
     ex.ledger.count_ring_allreduce("sync_grad", mean.numel(), mean.dtype)
     pending = {"gradient": ex.comm.allreduce_into_async(mean, ex.name(key, "sync_grad"),
                                                         "average")}
-    if params:
-        pending["params"] = _launch_parameters(ex, key, params)
     flushed = ex.algorithm.server_flush(key)
     if ex.pattern == "two_phase":
         start, stop = chunk_bounds(flat.numel(), ex.size, ex.alignment)[ex.rank]
@@ -70,29 +65,32 @@ def start_sync(ex, key: str, flat: torch.Tensor, params: Sequence[torch.Tensor] 
     return ExchangeHandle(key, ex.round, "sync", flat.shape, flat.dtype, pending, params=params)
 
 
-def _launch_parameters(ex, key: str, params: List[torch.Tensor]):
-    """One allreduce average of the bucket's parameters side by side, reduced in place (a fresh
-    buffer: an exact round comes once every ``period`` rounds, not worth keeping one; in place,
-    because every bucket's buffer is in flight at once)."""
-    joined = allocate(sum(p.numel() for p in params), params[0].dtype, params[0].device)
-    offset = 0
-    for p in params:
-        joined[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
-        offset += p.numel()
-    ex.ledger.count_ring_allreduce("sync_params", joined.numel(), joined.dtype)
-    return ex.comm.allreduce_into_async(joined, ex.name(key, "sync_params"), "average")
-
-
 def finish_sync(ex, handle: ExchangeHandle) -> torch.Tensor:
+    # the parameters' allreduces go first: they queue behind the gradient's, launched at start
+    averaging = [_average_in_place(ex, handle.key, i, p)
+                 for i, p in enumerate(handle.context["params"])]
     mean = handle.pending["gradient"].wait()
     flushed = handle.pending["server_error"].wait()
-    if "params" in handle.pending:
-        averaged, offset = handle.pending["params"].wait(), 0
-        with torch.no_grad():
-            for p in handle.context["params"]:
-                p.copy_(averaged[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+    for wait in averaging:
+        wait()
     return ex.algorithm.sync_update(handle.key, mean, flushed)
+
+
+def _average_in_place(ex, key: str, index: int, param: torch.Tensor):
+    """Launch the average of one parameter over ranks, in place (through a contiguous copy for
+    a tensor that is not contiguous); returns the wait, which leaves the average in ``param``."""
+    data = param.detach()
+    buffer = data if data.is_contiguous() else data.contiguous()
+    ex.ledger.count_ring_allreduce("sync_params", buffer.numel(), buffer.dtype)
+    handle = ex.comm.allreduce_into_async(buffer.view(-1), ex.name(key, f"sync_params.{index}"),
+                                          "average")
+
+    def wait() -> None:
+        handle.wait()
+        if buffer.data_ptr() != data.data_ptr():
+            with torch.no_grad():
+                data.copy_(buffer)
+    return wait
 
 
 def average_parameters(ex, tensors: Iterable[torch.Tensor]) -> None:

@@ -117,7 +117,7 @@ class BucketReducer:
         grads = [self._dense_grad(p).reshape(-1) for p in bucket.params]
         flat = grads[0] if len(grads) == 1 else _concatenate(grads, bucket)
         began = time.perf_counter()
-        # params: in an exact round (LIEC-SGD) they travel in the gradient's own allreduce;
+        # params: in an exact round (LIEC-SGD) the exchange averages them in place at finish;
         # update_into: the algorithms are done with the gradient once start returns, so the
         # update may be decoded over it (with one parameter: over its own gradient, which the
         # update replaces anyway)

@@ -162,33 +162,33 @@ def test_a_kept_extra_bucket_breaks_the_bound():
 
 
 # --- LIEC-SGD's exact round averages the gradient in the caller's buffer ------------------------
-# Every bucket's exact-round buffers are in flight at once. An out-of-place allreduce of the
-# parameters would add a second copy of the model; a [gradient, parameters] buffer held a copy
-# of the gradient beside the optimizer's bucket buffer (twice the model in all, not once).
+# Every bucket's exact-round buffers are in flight at once. A copy of the parameters to reduce
+# held the model once more; a [gradient, parameters] buffer held a copy of the gradient beside
+# the optimizer's bucket buffer (twice the model in all, not once).
 def _exact_round_allreduces(comm):
     calls = []
     for method in ("allreduce_async", "allreduce_into_async"):
         inner = getattr(comm, method)
 
         def spy(tensor, name, op="average", _inner=inner, _method=method):
-            calls.append((_method, name.rsplit(".", 1)[-1], tensor.numel(), tensor.data_ptr()))
+            calls.append((_method, name.split(".", 2)[-1], tensor.numel(), tensor.data_ptr()))
             return _inner(tensor, name, op)
         setattr(comm, method, spy)
     exchange = Exchange(make_algorithm("liec", up="sign", period=1), comm)
     params = [torch.randn(D // 2, generator=torch.Generator().manual_seed(comm.rank))]
     bucket = torch.randn(D, generator=torch.Generator().manual_seed(comm.rank))
     update = exchange.finish(exchange.start("b", bucket, params=params, update_into=bucket))
-    return calls, bucket.data_ptr(), update.data_ptr()
+    return calls, bucket.data_ptr(), update.data_ptr(), params[0].data_ptr()
 
 
-def test_the_exact_round_averages_the_gradient_in_place_and_allocates_only_the_parameters():
-    for calls, bucket, update in simulate(2, _exact_round_allreduces):
+def test_the_exact_round_averages_the_gradient_and_the_parameters_in_place():
+    for calls, bucket, update, param in simulate(2, _exact_round_allreduces):
         # (the simulator's allreduce_into_async is the default: it calls allreduce_async in turn)
-        first = [call[:3] for call in calls if call[0] == "allreduce_into_async"]
-        assert first == [("allreduce_into_async", "sync_grad", D),
-                         ("allreduce_into_async", "sync_params", D // 2)]
-        assert calls[0][3] == bucket                    # the gradient: the caller's buffer
+        first = [call for call in calls if call[0] == "allreduce_into_async"]
+        assert [call[1:3] for call in first] == [("sync_grad", D), ("sync_params.0", D // 2)]
+        assert first[0][3] == bucket                    # the gradient: the caller's buffer
         assert update == bucket                         # and the update written there too
+        assert first[1][3] == param                     # the parameter: its own storage
 
 
 def _allreduce_into_on_horovod_ranks():
