@@ -28,8 +28,8 @@ def main(job_path: str) -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(result))
         os.replace(tmp, out)
-        if dist.is_initialized():        # a test may have torn it down (engine.stop)
-            dist.destroy_process_group()
+        from hvdcomp.comm.torchdist import destroy_process_groups
+        destroy_process_groups()         # a test may have torn it down already (engine.stop)
     except BaseException:
         print(f"[rank {rank}] failed:", file=sys.stderr)
         traceback.print_exc()

@@ -179,6 +179,27 @@ def test_stop_joins_gloo_threads_before_interpreter_exit():
         assert "closed" in closed
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_an_optimizer_built_after_the_process_group_does_not_keep_it_alive():
+    """torch.optim's first optimizer imports torch.distributed.nn, whose default arguments hold
+    the default group: imported after init_process_group it kept Gloo's threads alive past
+    engine.stop, to interpreter exit, where they aborted finished torchrun jobs (SIGABRT, CI of
+    stop 20 and a rehearsal of 30 Nov). A real torchrun job in a training script's order."""
+    import subprocess
+    import sys
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip(f"{torchrun} missing: install the project (scripts/setup.sh)")
+    script = os.path.join(os.path.dirname(__file__), "_torch_exit_main.py")
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = sorted(line for line in done.stdout.splitlines()
+                   if line.startswith("gloo threads after stop"))
+    assert lines == ["gloo threads after stop 0 []", "gloo threads after stop 1 []"], \
+        done.stdout + done.stderr
+
+
 @pytest.mark.gpu
 def test_collectives_on_nccl_single_rank():
     if not torch.cuda.is_available():

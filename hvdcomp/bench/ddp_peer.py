@@ -27,6 +27,7 @@ from typing import Dict, Optional
 # failing import would abort the process instead of raising
 from .comm import ring_model_bytes
 from .train_worker import Row, comm_modules, loss_of, model_and_batch, sgd
+from ..comm.torchdist import destroy_process_groups
 
 #: the hook's own uncompressed start-up iterations (the smallest it accepts with error feedback)
 POWERSGD_START_ITER = 2
@@ -172,5 +173,5 @@ def run_ddp(spec: Dict[str, object], rank: int, size: int) -> Dict[str, object]:
     del runner
     gc.collect()
     dist.barrier()
-    dist.destroy_process_group()
+    destroy_process_groups()
     return record

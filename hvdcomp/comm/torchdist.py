@@ -350,3 +350,30 @@ class TorchDistCommunicator(Communicator):
                 f"communicator: {'; '.join(launched)}. torch.distributed pairs collectives by "
                 "launch order, not by name: every rank must launch the same named collectives "
                 "in the same order (docs/design.md, 'Engines')")
+
+
+def destroy_process_groups() -> None:
+    """``destroy_process_group()`` (when a group exists), then let go of the default group where
+    torch.distributed.nn.functional still holds it, and collect, so that Gloo's threads are
+    joined now, while the interpreter is whole.
+
+    That module's functions take ``group=group.WORLD`` as a default argument, evaluated when it
+    is imported, and a torch.optim optimizer's constructor imports it (through torch._dynamo and
+    FSDP).  Imported after init_process_group, as in every training script, it kept the group,
+    and with it Gloo's threads, alive to interpreter exit, where a C++ thread still running
+    aborted finished torchrun jobs with SIGABRT ("terminate called without an active
+    exception"; tests/test_comm_torchdist.py).  Those defaults go back to None (the current
+    default group), as before the group existed."""
+    import gc
+    import sys
+    import torch.distributed as dist
+    if dist.is_initialized():
+        world = dist.group.WORLD
+        dist.destroy_process_group()
+        functional = sys.modules.get("torch.distributed.nn.functional")
+        for function in vars(functional).values() if functional is not None else ():
+            defaults = getattr(function, "__defaults__", None)
+            if defaults and any(d is world for d in defaults):
+                function.__defaults__ = tuple(None if d is world else d for d in defaults)
+        del world
+    gc.collect()

@@ -28,7 +28,6 @@ exit 2).
 """
 from __future__ import annotations
 
-import gc
 import os
 import zlib
 from dataclasses import dataclass
@@ -213,11 +212,9 @@ def _start_torch(where: Rendezvous, device: str):
 def stop(comm) -> None:
     """Tear down what :func:`start` started (torch.distributed's process groups), now rather
     than at interpreter exit: the communicator lets go of its groups, the groups are destroyed,
-    and the collection that follows joins Gloo's threads (see
+    and Gloo's threads are joined (:func:`~hvdcomp.comm.torchdist.destroy_process_groups`; see
     :meth:`~hvdcomp.comm.torchdist.TorchDistCommunicator.close` for the abort this prevents)."""
     if type(comm).__name__ == "TorchDistCommunicator":
-        import torch.distributed as dist
+        from hvdcomp.comm.torchdist import destroy_process_groups
         comm.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        gc.collect()
+        destroy_process_groups()
