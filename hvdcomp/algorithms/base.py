@@ -79,8 +79,8 @@ class Algorithm(TrainingMethod):
     #: Error steps that are error feedback's residual x − C(x), declared so that the two-phase
     #: exchange may fuse them with the compressor: the residual written over x in the decoder's
     #: pass (one pass for ``sign``) instead of C(x) decoded into a buffer and subtracted.  The
-    #: five steps stay the reference (the simulator, the oracle and the other patterns run
-    #: them); the fused rounds equal them bit for bit (tests/test_fused_residual.py).
+    #: five steps stay the reference (the other patterns run them); the fused rounds equal them
+    #: bit for bit (tests/test_fused_residual.py).
     #: ``"kept"``: ``worker_message`` returns the worker error's own storage and ``worker_sent``
     #: is e_i ← p_i − C(p_i) there (MEM-SGD, DoubleSqueeze).  ``"compensated"``: ``worker_sent``
     #: keeps r_i = p_i − C(p_i) for this round and ``worker_update`` returns C(v) + r_i
