@@ -71,7 +71,11 @@ def launch_command(np: int, controller: str, argv: List[str]) -> List[str]:
         return ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none", *argv]
     if controller == "gloo":
         horovodrun = Path(sys.executable).with_name("horovodrun")
-        return [str(horovodrun), "--gloo", "-np", str(np), "-H", f"localhost:{np}", *argv]
+        # Gloo's own timeout (30 s by default) ended a 3-rank parity run on this 2-core machine
+        # once ("Application timeout caused pair closure", 30 Nov 2026; it passed when rerun);
+        # a real hang is still ended by run_ranks' timeout and hvdcomp's stall guard
+        return [str(horovodrun), "--gloo", "--gloo-timeout-seconds", "120", "-np", str(np),
+                "-H", f"localhost:{np}", *argv]
     raise ValueError(f"controller must be 'mpi' or 'gloo', not {controller!r}")
 
 
