@@ -23,11 +23,11 @@ Three patterns (``pattern=``), all driving the five steps of :mod:`hvdcomp.algor
 
 Rounds in which ``algorithm.is_sync_step()`` holds (LIEC-SGD every ``period`` rounds) are exact
 (:mod:`hvdcomp.exchange_sync`): ``start`` launches a dense allreduce average of the gradient (in
-place in ``update_into`` when given) and, when given (``start(key, grad, params=...)``, as the
-optimizer does), one of the bucket's parameters, plus an allgather of the server state
-(``algorithm.server_flush``, each chunk from its owner); ``finish`` writes the averaged
-parameters back and returns ``algorithm.sync_update(key, mean, flushed)``. Parameters not passed
-to ``start`` are averaged by :meth:`Exchange.average_parameters`.
+place in ``update_into`` when given) and an allgather of the server state
+(``algorithm.server_flush``, each chunk from its owner); ``finish`` averages the bucket's
+parameters in place when they were given (``start(key, grad, params=...)``, as the optimizer
+does; one allreduce each) and returns ``algorithm.sync_update(key, mean, flushed)``. Parameters
+not passed to ``start`` are averaged by :meth:`Exchange.average_parameters`.
 
 The parts, one module each: the round kinds (:mod:`hvdcomp.exchange_rounds`, exact rounds in
 :mod:`hvdcomp.exchange_sync`); what the exchange asks of compressors, chunking included
@@ -74,8 +74,10 @@ The two-phase server needs no buffer of its own: the update tensor it returns (t
 ``update_into``, which the optimizer points at its reused bucket buffer, else fresh) is its
 scratch until the downlink arrives: the mean in its own chunk, then C(v) over the mean when the
 algorithm keeps v in its own state (LIEC-SGD and DoubleSqueeze write v over their server error),
-else in a second chunk-sized region (also the decoder's addend where it needs one).  The
-replicated rounds (allgather, allreduce) decode the mean into ``update_into`` too.
+else in a second chunk-sized region (also the decoder's addend where it needs one); in a
+"compensated" round, where r_i occupies the update, those two regions are the exchange's
+scratch shared by all buckets instead.  The replicated rounds (allgather, allreduce) decode
+the mean into ``update_into`` too.
 ``worker_message`` may return a tensor the algorithm owns and overwrite it in ``worker_sent``
 (MEM-SGD and DoubleSqueeze write p_i over their error), and ``server_message`` likewise in
 ``server_sent``: payloads that view the message are copied before that.  The exchange does not

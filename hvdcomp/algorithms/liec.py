@@ -11,9 +11,9 @@ Round t, unless (t+1) mod p = 0:
 
 Synchronisation round, (t+1) mod p = 0 (``is_sync_step()``): the optimizer first averages the
 parameters exactly, then the exchange returns d = (1/n) Σ_j g_j + e for every bucket and sets
-e ← 0; nothing is compressed.  A bucket's gradient (in place in its buffer) and parameters are
-averaged by two allreduces launched together (:mod:`hvdcomp.exchange_sync`), the server errors
-gathered by one allgather of 1/n each.
+e ← 0; nothing is compressed.  A bucket's gradient is averaged in place in its buffer by an
+allreduce launched at ``start``, its parameters in place by one allreduce each at ``finish``
+(:mod:`hvdcomp.exchange_sync`), the server errors gathered by one allgather of 1/n each.
 
 Averaging over workers gives the "virtual average" view x̄⁺ = x̄ − η(ḡ + eᵗ − eᵗ⁺¹): error
 feedback with the error kept only on the server. Weight decay stays out of g (the optimizer adds

@@ -211,6 +211,9 @@ class _Round:
 
     def _exchange(self) -> None:
         self.bucket.copy_(self.grad)
+        self._exchange_bucket()
+
+    def _exchange_bucket(self) -> None:
         self.exchange.finish(self.exchange.start(self.key, self.bucket, update_into=self.bucket))
         self.exchange.end_round()
 
@@ -223,9 +226,7 @@ class _Round:
             comm.allreduce(self.grad.to(torch.float16), self.key, op="average").to(
                 self.grad.dtype)
         else:
-            self.exchange.finish(self.exchange.start(self.key, self.bucket,
-                                                     update_into=self.bucket))
-            self.exchange.end_round()
+            self._exchange_bucket()          # the bucket was refilled by prepare(), untimed
 
     def bytes(self, rank: int, size: int) -> Tuple[int, int]:
         if self.exchange is not None:
