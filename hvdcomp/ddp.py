@@ -59,7 +59,10 @@ NOT_ATTACHED = ("this HvdcompState was unpickled and is not attached to a model:
 
 class _DDPReducer(BucketReducer):
     """The optimizer's bucket reducer, reading gradients from (and writing updates into) the
-    views of DDP's bucket buffers instead of ``p.grad``."""
+    views of DDP's bucket buffers instead of ``p.grad`` (which DDP owns: its own
+    ``gradient_as_bucket_view`` decides what ``p.grad`` is)."""
+
+    grads_as_bucket_views = False
 
     def __init__(self, *args, **kwargs):
         self.grads: Dict[int, torch.Tensor] = {}   # id(p) -> this step's gradient in DDP's buffer

@@ -12,6 +12,11 @@ own algorithms (``Compression.liec(...)``, ``.memsgd``, ``Compression.algorithm(
   and writes the update into ``p.grad``, pipelined (:func:`hvdcomp.exchange.finish_in_order`):
   bucket k+1's server steps run and its downlink is launched before bucket k's downlink is
   waited for and decoded, so each bucket's downlink travels while the next is served;
+* a bucket of several tensors keeps its gradients in one buffer, and each ``p.grad`` becomes a
+  view into it (DDP's ``gradient_as_bucket_view``): the update is decoded over that buffer, so
+  ``p.grad`` holds it with no copy back, and a rank keeps one model of gradients, not two.  As
+  with Horovod's in-place allreduce, ``p.grad`` holds no meaningful value between backward and
+  ``synchronize``;
 * tensors smaller than ``small_tensor_bytes`` (biases, norms) go uncompressed through an
   allreduce: compressing them saves nothing and costs accuracy;
 * LIEC-SGD's exact rounds: the exchange sends exact gradients, and :meth:`before_step` averages
@@ -20,7 +25,7 @@ own algorithms (``Compression.liec(...)``, ``.memsgd``, ``Compression.algorithm(
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -40,6 +45,8 @@ class Bucket:
     #: decodes the update into it (``Exchange.start(update_into=)``), so a round allocates no
     #: bucket-sized tensor (fresh ones cost page faults and fragment the heap: peak RSS)
     flat: Optional[torch.Tensor] = None
+    #: each parameter's slice of ``flat``, shaped like it: what ``p.grad`` is set to
+    slots: List[torch.Tensor] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -64,6 +71,10 @@ class BucketReducer:
     #: downlink is launched before bucket k's is decoded); False finishes them one by one.
     #: The same values either way (tests/test_overlap.py compares them bit for bit).
     overlap_downlink = True
+    #: a several-tensor bucket's ``p.grad`` become views into its buffer (DDP's
+    #: ``gradient_as_bucket_view``); False copies the gradients in and the update back out.
+    #: The same values either way (tests/test_grad_views.py compares them bit for bit).
+    grads_as_bucket_views = True
 
     def __init__(self, algorithm, comm, trainable, *, bucket_bytes: int, small_tensor_bytes: int,
                  pattern: Optional[str], groups: Optional[List[Sequence[torch.Tensor]]],
@@ -114,8 +125,7 @@ class BucketReducer:
         return any(b.handle is not None for b in self.buckets)
 
     def _start(self, bucket: Bucket) -> None:
-        grads = [self._dense_grad(p).reshape(-1) for p in bucket.params]
-        flat = grads[0] if len(grads) == 1 else _concatenate(grads, bucket)
+        flat = self._gather(bucket)
         began = time.perf_counter()
         # params: in an exact round (LIEC-SGD) the exchange averages them in place at finish;
         # update_into: the algorithms are done with the gradient once start returns, so the
@@ -124,6 +134,24 @@ class BucketReducer:
         bucket.handle = bucket.exchange.start(bucket.key, flat, params=bucket.params,
                                               update_into=flat)
         self.stats.time_compress += time.perf_counter() - began
+
+    def _gather(self, bucket: Bucket) -> torch.Tensor:
+        """The bucket's gradients as one flat tensor: its buffer, each gradient copied into its
+        slot unless it already is that slot (then nothing moves), and ``p.grad`` made the slot;
+        a one-tensor bucket is its own gradient; mixed dtypes or devices, a fresh ``cat``."""
+        params = bucket.params
+        if len(params) == 1:
+            return self._dense_grad(params[0]).reshape(-1)
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in params):
+            return torch.cat([self._dense_grad(p).reshape(-1) for p in params])
+        for p, slot in zip(params, _slots(bucket)):
+            grad = self._dense_grad(p)
+            if grad.data_ptr() != slot.data_ptr():   # else accumulated into the slot: in place
+                slot.copy_(grad)
+            if self.grads_as_bucket_views and p.grad is grad and p.is_contiguous():
+                p.grad = slot                  # later backward passes accumulate into it
+        return bucket.flat
 
     def _dense_grad(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad is None:
@@ -167,13 +195,15 @@ class BucketReducer:
         self.stats.rounds += 1
         self._begin_step()
 
-    @staticmethod
-    def _write_grads(bucket: Bucket, update: torch.Tensor) -> None:
+    def _write_grads(self, bucket: Bucket, update: torch.Tensor) -> None:
         offset = 0
-        for p in bucket.params:
+        for i, p in enumerate(bucket.params):
             n = p.numel()
             piece = update[offset:offset + n].view_as(p)
             offset += n
+            if p.grad is None and self.grads_as_bucket_views and bucket.slots \
+                    and p.is_contiguous():
+                p.grad = bucket.slots[i]       # no gradient this step: its slot takes the update
             if p.grad is None:
                 p.grad = piece.clone()
             elif p.grad.is_sparse:  # sparse_as_dense: sparse again for the optimizer (Horovod)
@@ -249,16 +279,18 @@ class BucketReducer:
             algorithm.reset_state()
 
 
-def _concatenate(grads: List[torch.Tensor], bucket: Bucket) -> torch.Tensor:
-    """The gradients side by side in the bucket's reused buffer (a fresh one when their dtypes
-    or devices differ from it)."""
-    first = grads[0]
-    if any(g.dtype != first.dtype or g.device != first.device for g in grads):
-        return torch.cat(grads)
+def _slots(bucket: Bucket) -> List[torch.Tensor]:
+    """The bucket's buffer, cut into one slot per parameter, shaped like it (made on first use,
+    and again if the parameters moved to another dtype or device)."""
+    first = bucket.params[0]
     if bucket.flat is None or bucket.flat.dtype != first.dtype or \
             bucket.flat.device != first.device:
         bucket.flat = allocate(bucket.numel, first.dtype, first.device)
-    return torch.cat(grads, out=bucket.flat)
+        bucket.slots, offset = [], 0
+        for p in bucket.params:
+            bucket.slots.append(bucket.flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return bucket.slots
 
 
 def _default_pattern(algorithm) -> str:
