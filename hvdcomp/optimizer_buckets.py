@@ -94,6 +94,7 @@ class BucketReducer:
         self.buckets = _make_buckets(trainable, groups, bucket_bytes, small_tensor_bytes,
                                      self.exchange, self.dense_exchange, first_bucket_bytes)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._slot_index = {id(p): i for b in self.buckets for i, p in enumerate(b.params)}
         if hasattr(algorithm, "set_layout"):  # per-layer selection (DGC) needs the tensors
             for bucket in self.buckets:
                 if bucket.exchange is self.exchange:
@@ -115,6 +116,13 @@ class BucketReducer:
         """``p``'s gradient is complete for this step: start its bucket if it was the last, and
         every bucket after it that was only waiting for it (buckets start in index order)."""
         bucket = self._bucket_of[id(p)]
+        grad = p.grad
+        if (self.grads_as_bucket_views and bucket.slots and grad is not None
+                and not grad.is_sparse and grad.dtype == bucket.flat.dtype
+                and grad.device == bucket.flat.device):
+            # into its slot now, not when the bucket starts: autograd's fresh gradient (after
+            # zero_grad to None) is let go at once, so at most one is alive, not a bucket's
+            self._into_slot(p, bucket.slots[self._slot_index[id(p)]])
         bucket.pending -= 1
         while (self._next_start < len(self.buckets)
                and self.buckets[self._next_start].pending == 0):
@@ -146,12 +154,17 @@ class BucketReducer:
         if any(p.dtype != first.dtype or p.device != first.device for p in params):
             return torch.cat([self._dense_grad(p).reshape(-1) for p in params])
         for p, slot in zip(params, _slots(bucket)):
-            grad = self._dense_grad(p)
-            if grad.data_ptr() != slot.data_ptr():   # else accumulated into the slot: in place
-                slot.copy_(grad)
-            if self.grads_as_bucket_views and p.grad is grad and p.is_contiguous():
-                p.grad = slot                  # later backward passes accumulate into it
+            self._into_slot(p, slot)
         return bucket.flat
+
+    def _into_slot(self, p: torch.Tensor, slot: torch.Tensor) -> None:
+        """``p``'s gradient into its slot of the bucket's buffer, unless it is there already
+        (then nothing moves), and ``p.grad`` made the slot."""
+        grad = self._dense_grad(p)
+        if grad.data_ptr() != slot.data_ptr():
+            slot.copy_(grad)
+        if self.grads_as_bucket_views and p.grad is grad and p.is_contiguous():
+            p.grad = slot                      # later backward passes accumulate into it
 
     def _dense_grad(self, p: torch.Tensor) -> torch.Tensor:
         if p.grad is None:

@@ -130,3 +130,35 @@ def test_a_rank_keeps_one_model_of_gradients(set_to_none):
     assert held == model_bytes + conv_weight        # the copying path holds 2 models here
     if not set_to_none:                             # zeroed in place: backward fills the slots
         assert in_place == {name: name != "conv.weight" for name in in_place}
+
+
+def _slot_at_hook_time(comm):
+    """For step 2 after zero_grad to None: whether each gradient was already its bucket slot
+    when a hook registered after the optimizer's saw it (the optimizer's hook ran first)."""
+    model = Net()
+    optimizer = hvdcomp.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+        compression=COMPRESSIONS["doublesqueeze"](), comm=comm, bucket_bytes=1 << 20,
+        small_tensor_bytes=0)
+    reducer = optimizer._reducer
+    seen = {}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p, name=name: seen.__setitem__(name, p.grad.data_ptr()))
+    for step in range(2):
+        seen.clear()
+        optimizer.zero_grad()
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        optimizer.step()
+    slot_of = {id(p): slot for b in reducer.buckets for p, slot in zip(b.params, b.slots)}
+    return {name: seen[name] == slot_of[id(p)].data_ptr()
+            for name, p in model.named_parameters() if id(p) in slot_of and name in seen}
+
+
+def test_each_gradient_goes_into_its_slot_as_soon_as_it_is_ready():
+    """Not when its bucket starts: autograd's fresh gradient is let go at once, so a rank holds
+    at most one of them beside the buckets, not a bucket's worth."""
+    at_hook = simulate(2, _slot_at_hook_time)[0]
+    assert len(at_hook) >= 4
+    assert at_hook == {name: name != "conv.weight" for name in at_hook}
