@@ -164,6 +164,21 @@ def residual_chunks(compressor: Compressor, x: torch.Tensor, bounds: Sequence[Tu
             for (a, b), seed in zip(bounds, seeds)]
 
 
+def deferred_residual_chunks(up: Compressor, down: Compressor, x: torch.Tensor,
+                             bounds: Sequence[Tuple[int, int]]):
+    """For a compensated r_i = x − C(x) (LIEC-SGD, CSER): the worker's chunk payloads, ``x``
+    left as it is, when the subtraction can wait for the downlink and share C(v)'s pass
+    (``down.decompress_sub_add_into``: ``up`` and ``down`` of one kind, ``sign``); else None."""
+    if (type(up) is not type(down) or not x.numel()
+            or not hasattr(up, "chunk_payloads")
+            or not hasattr(down, "decompress_sub_add_into")):
+        return None
+    payloads = up.chunk_payloads(x, bounds)
+    for (a, b), payload in zip(bounds, payloads):
+        _check_payload(up, x[a:b], payload)
+    return payloads
+
+
 def decode_into(compressor: Compressor, payload: torch.Tensor, out: torch.Tensor,
                 seed: int) -> torch.Tensor:
     if out.numel():

@@ -26,7 +26,8 @@ import torch
 
 from .comm.base import Handle
 from .compressors._wire import allocate
-from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into, own_payload,
+from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into,
+                             deferred_residual_chunks, own_payload,
                              payload_nbytes, residual_chunks, residual_into, subtracts_in_pass,
                              roundtrip_chunks_into, roundtrip_into, server_bucket_norm, split,
                              summable_dtype)
@@ -61,7 +62,13 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     seeds = [ex.seed_for(key, "up", j) for j in range(len(bounds))]
     message = algo.worker_message(key, flat)
     residual = _fused_worker_residual(algo, up, message, flat, update_into)
-    if residual:
+    deferred = (deferred_residual_chunks(up, algo.down, message, bounds)
+                if residual == "compensated" else None)
+    if deferred is not None:
+        # r_i = p_i − C(p_i) waits for the downlink: receive_two_phase writes
+        # (p_i − C(p_i)) + C(v) over p_i in one pass, where two would write r_i, then add
+        payloads = deferred
+    elif residual:
         # p_i ← p_i − C(p_i) in the compressor's pass (Algorithm.worker_residual): the error
         # is in place in the algorithm's storage ("kept") or in update_into ("compensated")
         payloads = residual_chunks(up, message, bounds, _scratch(ex, message), seeds)
@@ -76,7 +83,8 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     ex.ledger.count("uplink", up=sum(s for j, s in enumerate(splits) if j != ex.rank))
     pending = {"uplink": ex.comm.alltoall_async(packed, splits, ex.name(key, "up"))}
     return ExchangeHandle(key, ex.round, "two_phase", flat.shape, flat.dtype, pending,
-                          bounds=bounds, compensated=residual == "compensated")
+                          bounds=bounds, compensated=residual == "compensated",
+                          own_payloads=deferred)
 
 
 def _fused_worker_residual(algo, up, message: torch.Tensor, flat: torch.Tensor,
@@ -189,10 +197,17 @@ def receive_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
     payloads = split(gathered, sizes, key)
     if handle.context["compensated"]:
         scratch = _scratch(ex, update)(bounds[0][1] - bounds[0][0])
+        own = handle.context.pop("own_payloads")     # not None: r_i not formed yet
         for j, (p, (a, b)) in enumerate(zip(payloads, bounds)):
-            if b > a:
+            if b == a:
+                continue
+            if own is None:
                 algo.down.decompress_add_into(p, update[a:b], scratch[:b - a],
                                               ex.seed_for(key, "down", j))
+            else:
+                algo.down.decompress_sub_add_into(own[j], p, update[a:b], scratch[:b - a],
+                                                  ex.seed_for(key, "up", j),
+                                                  ex.seed_for(key, "down", j))
         return update
     for j, (p, (a, b)) in enumerate(zip(payloads, bounds)):
         decode_into(algo.down, p, update[a:b], ex.seed_for(key, "down", j))

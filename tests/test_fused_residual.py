@@ -79,6 +79,26 @@ def test_worker_chunks_residual_equals_roundtrip_then_subtract(spec, road_name):
             assert torch.equal(x.view(torch.int32), expected.view(torch.int32))
 
 
+@pytest.mark.parametrize("road_name", ROADS)
+@pytest.mark.parametrize("spec", ["sign", "chunksign"])
+def test_the_compensated_update_in_one_pass_is_subtract_then_add_bit_for_bit(spec, road_name):
+    """(x − C(x)) + C(v) from both payloads at once (the deferred r_i of LIEC-SGD and CSER)
+    equals x − C(x) written first and C(v) added after, as the round did in two passes."""
+    compressor = from_spec(spec)
+    with road(road_name):
+        for numel, seed in [(1000, 1), (4096, 2), (7, 3), (0, 4)]:
+            x, v = _vector(numel, seed), 3.0 * _vector(numel, seed + 50)
+            own = compressor.compress(x.clone(), 5)
+            payload = compressor.compress(v, 6)
+            expected = x.clone()
+            compressor.decompress_sub_into(own, expected, torch.empty(numel), 5)
+            compressor.decompress_add_into(payload, expected, torch.empty(numel), 6)
+            out = x.clone()
+            compressor.decompress_sub_add_into(own, payload, out, _scratch_of(numel)(numel),
+                                               5, 6)
+            assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), numel
+
+
 def test_only_sign_subtracts_in_its_decoders_pass():
     assert subtracts_in_pass(from_spec("sign")) and subtracts_in_pass(from_spec("chunksign"))
     assert not subtracts_in_pass(from_spec("topk:ratio=0.1"))

@@ -58,6 +58,7 @@ _SIGNATURES = {
     "hv_l1_bins_f32": (None, [_ptr, _i64, _ptr, _int]),
     "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
     "hv_sign_decode_add_f32": (None, [_ptr, _i64, _ptr, _ptr, _int, ctypes.c_float, _int]),
+    "hv_sign_decode_add2_f32": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _int]),
     "hv_count_nonfinite": (_i64, [_ptr, _i64, _int, _int]),
     "hv_qsgd_encode_f32": (None, [_ptr, _i64, ctypes.c_float, _int, _int, ctypes.c_uint32,
                                   ctypes.c_uint32, _ptr, _int]),
@@ -225,6 +226,15 @@ def sign_decode_add(lib: ctypes.CDLL, bits: torch.Tensor, numel: int, table: tor
     lib.hv_sign_decode_add_f32(bits.data_ptr(), numel, table.data_ptr(), out.data_ptr(),
                                scale is not None, 1.0 if scale is None else scale,
                                threads(numel))
+
+
+def sign_decode_add2(lib: ctypes.CDLL, bits_a: torch.Tensor, table_a: torch.Tensor,
+                     bits_b: torch.Tensor, table_b: torch.Tensor, numel: int,
+                     out: torch.Tensor) -> None:
+    """``out[8q + i] = (out[8q + i] + table_a[bits_a[q], i]) + table_b[bits_b[q], i]``, both
+    additions in float32, in that order, in one pass."""
+    lib.hv_sign_decode_add2_f32(bits_a.data_ptr(), table_a.data_ptr(), bits_b.data_ptr(),
+                                table_b.data_ptr(), numel, out.data_ptr(), threads(numel))
 
 
 _NONFINITE_MASKS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}

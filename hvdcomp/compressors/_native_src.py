@@ -227,6 +227,20 @@ static void sign_decode_add(const uint8_t *bits, int64_t n, const float *table, 
     }
 }
 
+/* out[8q + i] = (out[8q + i] + ta[bits_a[q]][i]) + tb[bits_b[q]][i]: two table decodes added in
+   one pass, in that order (the compensated update (x - C(x)) + C(v), with ta the -scale table). */
+static void sign_decode_add2(const uint8_t *bits_a, const float *ta, const uint8_t *bits_b,
+                             const float *tb, int64_t n, float *out) {
+    int64_t whole = n / 8;
+    for (int64_t q = 0; q < whole; q++) {
+        const float *ra = ta + 8 * (int)bits_a[q], *rb = tb + 8 * (int)bits_b[q];
+        for (int i = 0; i < 8; i++) out[8 * q + i] = (out[8 * q + i] + ra[i]) + rb[i];
+    }
+    for (int i = 0; i < (int)(n % 8); i++)
+        out[8 * whole + i] = (out[8 * whole + i] + ta[8 * (int)bits_a[whole] + i])
+                             + tb[8 * (int)bits_b[whole] + i];
+}
+
 /* Count of non-finite fp32 elements (exponent all ones). */
 static int64_t count_nonfinite_f32(const uint32_t *x, int64_t n) {
     int64_t count = 0;
@@ -422,6 +436,17 @@ void hv_sign_decode_add_f32(const uint8_t *bits, int64_t n, const float *table, 
         int64_t start, stop;
         piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
         sign_decode_add(bits + start / 8, stop - start, table, out + start, scaled, scale);
+    }
+}
+
+void hv_sign_decode_add2_f32(const uint8_t *bits_a, const float *ta, const uint8_t *bits_b,
+                             const float *tb, int64_t n, float *out, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop;
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        sign_decode_add2(bits_a + start / 8, ta, bits_b + start / 8, tb, stop - start,
+                         out + start);
     }
 }
 

@@ -182,6 +182,22 @@ def add_signs(packed: torch.Tensor, numel: int, scale: torch.Tensor, out: torch.
     return True
 
 
+def add_two_signs(packed_a: torch.Tensor, scale_a: torch.Tensor, packed_b: torch.Tensor,
+                  scale_b: torch.Tensor, numel: int, out: torch.Tensor) -> bool:
+    """``out = (out + ±scale_a) + ±scale_b`` from two sets of packed bits, in one pass, when the
+    C kernels can (float32, contiguous CPU ``out``); returns False, touching nothing, when they
+    cannot.  The same two float additions, in the same order, as two :func:`add_signs`."""
+    if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel:
+        return False
+    table_a = _scaled_sign_table(packed_a.device, torch.float32, scale_a)
+    table_b = _scaled_sign_table(packed_b.device, torch.float32, scale_b)
+    lib = _native.usable(packed_a, packed_b, out, table_a, table_b)
+    if lib is None:
+        return False
+    _native.sign_decode_add2(lib, packed_a, table_a, packed_b, table_b, numel, out)
+    return True
+
+
 def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Pack integer codes in [0, 2^bits) (any integer dtype, 1-D) into ``out`` (uint8 of
     ``packed_nbytes(len(codes), bits)`` bytes), ``bits`` ≤ 8, LSB first."""

@@ -140,6 +140,24 @@ class ChunkSign(LayoutCompressor):
                 return out
         return super().decompress_sub_into(payload, out, scratch, seed)
 
+    def decompress_sub_add_into(self, own, payload, out, scratch, own_seed=0, seed=0):
+        """``out ← (out − C(own)) + C(payload)``: the compensated update r_i + C(v) with
+        r_i = x − C(x) formed here, ``out`` holding x and ``own`` its payload.  On CPU with the
+        C kernels in one pass (the ∓ rows of ``own``'s table, then the ± rows of
+        ``payload``'s, added in that order), otherwise as :meth:`decompress_sub_into` then
+        :meth:`decompress_add_into`: the same two float additions either way."""
+        numel = out.numel()
+        check_payload(own, self.payload_nbytes(numel), self.name, numel)
+        check_payload(payload, self.payload_nbytes(numel), self.name, numel)
+        if numel:
+            layout = self._layout(numel)
+            if bitpack.add_two_signs(layout.read(own, "bits"), -layout.read(own, "scale")[0],
+                                     layout.read(payload, "bits"),
+                                     layout.read(payload, "scale")[0], numel, out):
+                return out
+        self.decompress_sub_into(own, out, scratch, own_seed)
+        return self.decompress_add_into(payload, out, scratch, seed)
+
 
 @register("sign")
 class Sign(ChunkSign):
@@ -176,7 +194,7 @@ class Sign(ChunkSign):
         payloads.  The bits do not depend on the scale, so the bucket's bits and its L1 norm
         come from one pass over ``x`` (one pass less than the norm, then the bits of each chunk)
         and each payload takes its chunk's bytes; the same payloads, bit for bit."""
-        payloads = self._chunk_payloads(x, bounds)
+        payloads = self.chunk_payloads(x, bounds)
         for (start, stop), payload in zip(bounds, payloads):
             if start != stop:
                 self.decompress_into(payload, out[start:stop])
@@ -186,13 +204,13 @@ class Sign(ChunkSign):
         """The payloads of :meth:`roundtrip_chunks_into`, with ``x − C(x)`` written over ``x``
         instead of C(x) into a buffer (:meth:`decompress_sub_into`: one pass per chunk on the C
         road)."""
-        payloads = self._chunk_payloads(x, bounds)
+        payloads = self.chunk_payloads(x, bounds)
         for (start, stop), payload in zip(bounds, payloads):
             if start != stop:
                 self.decompress_sub_into(payload, x[start:stop])
         return payloads
 
-    def _chunk_payloads(self, x: torch.Tensor, bounds):
+    def chunk_payloads(self, x: torch.Tensor, bounds):
         """One payload per chunk of ``x``, all with the bucket's scale: the bits and the L1 norm
         of the whole bucket from one pass, then each chunk's bytes copied out."""
         x = flat_input(x, self.name)
