@@ -16,8 +16,9 @@ their own (exact rounds, PowerSGD's owned rounds) and finish in one step.
 The two-phase round runs the steps an algorithm declares to be error feedback's residual
 (``Algorithm.worker_residual``, ``server_residual``) fused with the compressor: x − C(x) is
 written over x (:func:`hvdcomp.exchange_codec.residual_into`), and a "compensated" r_i stays in
-``update_into`` with C(v) decoded onto it; the values are those of the steps as written, bit
-for bit (tests/test_fused_residual.py)."""
+``update_into`` with C(v) decoded onto it (with ``sign`` both ways, r_i is formed only then, in
+C(v)'s pass: :func:`hvdcomp.exchange_codec.deferred_residual_chunks`); the values are those of
+the steps as written, bit for bit (tests/test_fused_residual.py)."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
