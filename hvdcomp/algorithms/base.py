@@ -147,8 +147,12 @@ class Algorithm(TrainingMethod):
     def sync_update(self, key: str, mean_grad: torch.Tensor,
                     flushed: torch.Tensor) -> torch.Tensor:
         """At a sync step: the update from the exact gradient average and the flushed server
-        state of the whole bucket (zeros where :meth:`server_flush` returned ``None``)."""
-        return mean_grad + flushed
+        state of the whole bucket (zeros where :meth:`server_flush` returned ``None``).
+        ``mean_grad`` is the exact round's own allreduce result (the caller's ``update_into``):
+        the sum is written there, no fresh bucket (the same float addition)."""
+        if flushed.dtype != mean_grad.dtype:
+            return mean_grad + flushed                   # type promotion, as before
+        return mean_grad.add_(flushed)
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def end_round(self) -> None:
