@@ -41,12 +41,18 @@ class Net(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(self.conv(x).flatten(1))))
 
 
+def _wrap(model, comm, name, momentum=0.0, **options):
+    """SGD under hvdcomp.DistributedOptimizer with ``name``'s compression, every tensor in
+    1 MiB buckets (the whole Net is one several-tensor bucket)."""
+    return hvdcomp.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
+        model.named_parameters(), compression=COMPRESSIONS[name](), comm=comm,
+        bucket_bytes=1 << 20, small_tensor_bytes=0, **options)
+
+
 def _train(comm, name, as_views, set_to_none, passes=1):
     model = Net()
-    optimizer = hvdcomp.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model.named_parameters(),
-        compression=COMPRESSIONS[name](), comm=comm, backward_passes_per_step=passes,
-        bucket_bytes=1 << 20, small_tensor_bytes=0)
+    optimizer = _wrap(model, comm, name, momentum=0.9, backward_passes_per_step=passes)
     optimizer._reducer.grads_as_bucket_views = as_views
     seen = []
     for step in range(STEPS):
@@ -94,10 +100,7 @@ def _storages(comm, set_to_none):
     the buckets' buffers together, whether each gradient is its bucket slot, and whether the
     second backward pass accumulated straight into the slots (no copy at the bucket's start)."""
     model = Net()
-    optimizer = hvdcomp.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
-        compression=COMPRESSIONS["liec"](), comm=comm, bucket_bytes=1 << 20,
-        small_tensor_bytes=0)
+    optimizer = _wrap(model, comm, "liec")
     reducer = optimizer._reducer
     slot_of = {id(p): slot for b in reducer.buckets for p, slot in zip(b.params, b.slots or [])}
     in_place_after_backward = None
@@ -136,10 +139,7 @@ def _slot_at_hook_time(comm):
     """For step 2 after zero_grad to None: whether each gradient was already its bucket slot
     when a hook registered after the optimizer's saw it (the optimizer's hook ran first)."""
     model = Net()
-    optimizer = hvdcomp.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
-        compression=COMPRESSIONS["doublesqueeze"](), comm=comm, bucket_bytes=1 << 20,
-        small_tensor_bytes=0)
+    optimizer = _wrap(model, comm, "doublesqueeze")
     reducer = optimizer._reducer
     seen = {}
     for name, p in model.named_parameters():
