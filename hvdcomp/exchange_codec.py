@@ -166,9 +166,10 @@ def residual_chunks(compressor: Compressor, x: torch.Tensor, bounds: Sequence[Tu
 
 def deferred_residual_chunks(up: Compressor, down: Compressor, x: torch.Tensor,
                              bounds: Sequence[Tuple[int, int]]):
-    """For a compensated r_i = x − C(x) (LIEC-SGD, CSER): the worker's chunk payloads, ``x``
-    left as it is, when the subtraction can wait for the downlink and share C(v)'s pass
-    (``down.decompress_sub_add_into``: ``up`` and ``down`` of one kind, ``sign``); else None."""
+    """For a compensated r_i = x − C(x): the worker's chunk payloads, ``x`` left as it is, when
+    the subtraction can wait for the downlink and share C(v)'s pass
+    (``down.decompress_sub_add_into``: ``up`` and ``down`` of one kind, ``sign``, as LIEC-SGD's
+    sign/sign; CSER's dense downlink does not qualify); else None."""
     if (type(up) is not type(down) or not x.numel()
             or not hasattr(up, "chunk_payloads")
             or not hasattr(down, "decompress_sub_add_into")):
