@@ -94,13 +94,7 @@ def _average_in_place(ex, key: str, index: int, param: torch.Tensor):
 
 
 def average_parameters(ex, tensors: Iterable[torch.Tensor]) -> None:
-    """Replace every tensor, in place, by its exact average over ranks (dense allreduce)."""
-    tensors = list(tensors)
-    handles = [ex.comm.allreduce_async(t.detach(), ex.name(f"params{i}", "sync_params"),
-                                       "average")
-               for i, t in enumerate(tensors)]
-    for tensor, handle in zip(tensors, handles):
-        averaged = handle.wait()
-        with torch.no_grad():
-            tensor.copy_(averaged.reshape(tensor.shape))
-        ex.ledger.count_ring_allreduce("sync_params", tensor.numel(), tensor.dtype)
+    """Replace every tensor, in place, by its exact average over ranks (one dense allreduce
+    each, all launched before the first is waited for)."""
+    for wait in [_average_in_place(ex, "params", i, t) for i, t in enumerate(tensors)]:
+        wait()

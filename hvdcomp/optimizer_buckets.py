@@ -161,8 +161,9 @@ class BucketReducer:
         """``p``'s gradient into its slot of the bucket's buffer, unless it is there already
         (then nothing moves), and ``p.grad`` made the slot."""
         grad = self._dense_grad(p)
-        if grad.data_ptr() != slot.data_ptr():
-            slot.copy_(grad)
+        if grad.data_ptr() == slot.data_ptr():
+            return                             # accumulated into the slot, or moved in its hook
+        slot.copy_(grad)
         if self.grads_as_bucket_views and p.grad is grad and p.is_contiguous():
             p.grad = slot                      # later backward passes accumulate into it
 
