@@ -19,8 +19,10 @@ An allreduce average is elementwise, so every value is the one of separate colle
 the library adds the ranks' values in the same order: always on two ranks and in the simulator
 (tests/test_exchange_sync.py checks it bit for bit). On three or more ranks, MPI may add an
 element's values in an order set by where it sits in the buffer, so results agree to
-floating-point rounding (tests/test_optimizer_ranks.py).  The server state travels by its own
-allgather of 1/N of the bucket (it is summed into the update, not averaged)."""
+floating-point rounding (tests/test_optimizer_ranks.py).  The server state is summed into the
+update, not averaged: each rank adds its chunk into its chunk of the averaged gradient, then
+broadcasts that chunk in place (:func:`fold_server_chunks`).  Until 30 Nov 2026 the chunks were
+allgathered into a bucket-sized tensor first, which was the exact round's peak."""
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
@@ -56,9 +58,9 @@ def start_sync(ex, key: str, flat: torch.Tensor, params: Sequence[torch.Tensor] 
         if flushed.numel() != stop - start:
             raise ValueError(f"bucket {key!r}: server_flush returned {flushed.numel()} "
                              f"elements for a chunk of {stop - start}")
+        # sent at finish, from its owner, as its chunk of the update (fold_server_chunks)
         ex.ledger.count_allgather("sync_server_error", flushed.numel(), flushed.dtype)
-        pending["server_error"] = ex.comm.allgather_async(flushed.to(flat.dtype),
-                                                          ex.name(key, "sync_error"))
+        pending["server_error"] = Handle.done(flushed.to(flat.dtype))
     else:  # replicated server state: every rank holds the whole bucket's
         local = flat.new_zeros(flat.numel()) if flushed is None else flushed
         pending["server_error"] = Handle.done(local)
@@ -71,9 +73,34 @@ def finish_sync(ex, handle: ExchangeHandle) -> torch.Tensor:
                  for i, p in enumerate(handle.context["params"])]
     mean = handle.pending["gradient"].wait()
     flushed = handle.pending["server_error"].wait()
+    if ex.pattern == "two_phase":
+        update = fold_server_chunks(ex, handle.key, mean, flushed)
+    else:
+        update = ex.algorithm.sync_update(handle.key, mean, flushed)
     for wait in averaging:
         wait()
-    return ex.algorithm.sync_update(handle.key, mean, flushed)
+    return update
+
+
+def fold_server_chunks(ex, key: str, mean: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The update ``sync_update(mean, e)`` over the whole bucket, where each rank holds only its
+    own chunk of the server state ``e``: each rank computes its chunk of the update in ``mean``
+    itself, then broadcasts it in place to the others, one broadcast per chunk.
+
+    The allreduce left ``mean`` the same on every rank, and ``sync_update`` is elementwise, so
+    every element is the one the whole-bucket call gives. The same bytes as an allgather of the
+    server state, but no buffer of the bucket's size to gather it into."""
+    bounds = chunk_bounds(mean.numel(), ex.size, ex.alignment)
+    start, stop = bounds[ex.rank]
+    chunk = mean[start:stop]
+    folded = ex.algorithm.sync_update(key, chunk, own)
+    if folded.data_ptr() != chunk.data_ptr():
+        chunk.copy_(folded)
+    sending = [ex.comm.broadcast_into_async(mean[a:b], owner, ex.name(key, f"sync_error.{owner}"))
+               for owner, (a, b) in enumerate(bounds) if b > a]
+    for handle in sending:
+        handle.wait()
+    return mean
 
 
 def _average_in_place(ex, key: str, index: int, param: torch.Tensor):

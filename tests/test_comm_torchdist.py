@@ -128,6 +128,40 @@ def test_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buffer():
             assert all(checks), (rank, name, checks)
 
 
+def _broadcast_into():
+    import torch.distributed as dist
+    comm = _comm()
+    sent = []                    # the data pointers torch.distributed broadcast
+    original = dist.broadcast
+
+    def spy(tensor, *args, **kwargs):
+        sent.append(tensor.data_ptr())
+        return original(tensor, *args, **kwargs)
+    dist.broadcast = spy
+    out = {}
+    for root in range(comm.size):
+        x = torch.randn(1001, generator=torch.Generator().manual_seed(comm.rank))
+        outside = comm.broadcast_async(x, root, f"out/{root}").wait()
+        inside = x.clone()
+        sent.clear()
+        result = comm.broadcast_into_async(inside, root, f"in/{root}").wait()
+        in_place = sent == [inside.data_ptr()]              # no copy was broadcast instead
+        strided = x.clone().view(7, 143).t()                # not contiguous: the copy-back road
+        result_strided = comm.broadcast_into_async(strided, root, f"st/{root}").wait()
+        out[root] = (in_place, result.data_ptr() == inside.data_ptr(),
+                     torch.equal(inside, outside),
+                     result_strided is strided, torch.equal(strided.t().reshape(-1), outside))
+    return out
+
+
+def test_in_place_broadcast_gives_the_out_of_place_bits_in_the_same_buffer():
+    """The exact round broadcasts each server chunk into the update (hvdcomp.exchange_sync):
+    into the tensor itself on Gloo ranks, with the root's bits, from either root."""
+    for rank, cases in enumerate(run_torch_ranks(_broadcast_into, np=2, timeout=120)):
+        for root, checks in cases.items():
+            assert all(checks), (rank, root, checks)
+
+
 def test_allgather_compacts_uneven_pieces_in_place_as_a_concatenation_would():
     """allgather gathers into one buffer of equal pieces (Gloo's all_gather needs them) and moves
     each rank's rows to the front in place; every layout of up to 4 ranks and pieces of up to 5

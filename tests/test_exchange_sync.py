@@ -4,6 +4,7 @@ values bit for bit as averaging the parameters apart (Exchange.average_parameter
 against a float64 oracle of the formulas; the ledger counts a ring allreduce of each tensor."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hvdcomp.algorithms import make_algorithm
@@ -89,3 +90,27 @@ def test_parameters_of_any_dtype_and_layout_are_averaged_in_place():
         assert torch.equal(averaged[0], torch.full((3,), 0.5, dtype=torch.float64))
         assert torch.equal(averaged[1], torch.full((2,), 1.0))
         assert torch.equal(averaged[2], torch.full((3, 4), 2.0))
+
+
+# --- the server error: each owner's chunk folded in and broadcast, not allgathered --------------
+def _exact_round_and_gathered_reference(comm, d: int):
+    ex = Exchange(make_algorithm("liec", up="sign", period=2), comm)
+    first = torch.randn(d, generator=torch.Generator().manual_seed(comm.rank))
+    ex.finish(ex.start("b", first))                     # a compressed round sets e
+    ex.end_round()
+    own = ex.algorithm.server_error["b"].clone()        # this rank's chunk of e
+    grad = torch.randn(d, generator=torch.Generator().manual_seed(100 + comm.rank))
+    # the reference: the whole bucket's ḡ + e, with e allgathered (as before 30 Nov 2026)
+    expected = comm.allreduce(grad, "ref.mean") + comm.allgather(own, "ref.error")
+    assert ex.is_sync_step()
+    update = ex.finish(ex.start("b", grad, update_into=grad.clone()))
+    return update, expected, ex.algorithm.server_error.get("b")
+
+
+@pytest.mark.parametrize("d", [300, 100])    # N = 3: uneven chunks (128, 128, 44); one empty
+def test_the_exact_round_adds_the_gathered_server_error_bit_for_bit(d):
+    results = simulate(N, _exact_round_and_gathered_reference, d)
+    for update, expected, error_after in results:
+        assert torch.equal(update, expected)
+        assert torch.equal(update, results[0][0])       # every rank the same update
+        assert error_after is None                      # e ← 0

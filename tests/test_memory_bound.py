@@ -191,6 +191,34 @@ def test_the_exact_round_averages_the_gradient_and_the_parameters_in_place():
         assert first[1][3] == param                     # the parameter: its own storage
 
 
+def _exact_round_collectives(comm):
+    calls = []
+    for method in ("allgather_async", "broadcast_async", "broadcast_into_async"):
+        inner = getattr(comm, method)
+
+        def spy(tensor, *args, _inner=inner, _method=method):
+            calls.append((_method, tensor.numel(), tensor.data_ptr()))
+            return _inner(tensor, *args)
+        setattr(comm, method, spy)
+    exchange = Exchange(make_algorithm("liec", up="sign", period=2), comm)
+    exchange.finish(exchange.start("b", torch.randn(D)))        # a server error to fold in
+    exchange.end_round()
+    calls.clear()
+    bucket = torch.randn(D, generator=torch.Generator().manual_seed(comm.rank))
+    exchange.finish(exchange.start("b", bucket, update_into=bucket))
+    return calls, bucket.data_ptr()
+
+
+def test_the_exact_round_broadcasts_each_server_chunk_into_the_update():
+    """No bucket-sized tensor gathers the server error (an allgather allocated one, the exact
+    round's peak): each owner's chunk of the update is broadcast in place, into the bucket."""
+    for calls, bucket in simulate(2, _exact_round_collectives):
+        into = [call for call in calls if call[0] == "broadcast_into_async"]
+        assert [numel for _, numel, _ in into] == [D // 2, D // 2]
+        assert [ptr for _, _, ptr in into] == [bucket, bucket + 4 * D // 2]
+        assert not [call for call in calls if call[0] == "allgather_async"]
+
+
 def _allreduce_into_on_horovod_ranks():
     from hvdcomp.comm import HorovodCommunicator
     comm = HorovodCommunicator()
@@ -225,6 +253,38 @@ def test_horovods_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buf
     for rank, cases in enumerate(run_ranks(_allreduce_into_on_horovod_ranks, np=2)):
         for name, (in_place, same_buffer, same_bits, unchanged) in cases.items():
             assert in_place and same_buffer and same_bits and not unchanged, (rank, name)
+
+
+def _broadcast_into_on_horovod_ranks():
+    from hvdcomp.comm import HorovodCommunicator
+    comm = HorovodCommunicator()
+    sent = []                    # the data pointers Horovod's in-place broadcast was given
+    original = comm._hvd.broadcast_async_
+
+    def spy(tensor, *args, **kwargs):
+        sent.append(tensor.data_ptr())
+        return original(tensor, *args, **kwargs)
+    comm._hvd.broadcast_async_ = spy
+    out = {}
+    for root in range(comm.size):
+        x = torch.randn(3 * D + 1, generator=torch.Generator().manual_seed(comm.rank))
+        outside = comm.broadcast_async(x, root, f"out/{root}").wait()
+        inside = x.clone()
+        sent.clear()
+        result = comm.broadcast_into_async(inside[1:], root, f"in/{root}").wait()
+        out[root] = (sent == [inside.data_ptr() + 4], result.data_ptr() == inside.data_ptr() + 4,
+                     torch.equal(inside[1:], outside[1:]), torch.equal(inside[0], x[0]))
+    return out
+
+
+@pytest.mark.mpi
+def test_horovods_in_place_broadcast_writes_the_roots_bits_into_a_view():
+    """The exact round broadcasts each server chunk into its slice of the update: Horovod's
+    in-place broadcast on 2 real ranks writes the root's bits there and nowhere else."""
+    from multirank import run_ranks
+    for rank, cases in enumerate(run_ranks(_broadcast_into_on_horovod_ranks, np=2)):
+        for root, checks in cases.items():
+            assert all(checks), (rank, root, checks)
 
 
 def test_the_default_allreduce_into_writes_the_out_of_place_result_into_the_tensor():

@@ -147,7 +147,9 @@ class Algorithm(TrainingMethod):
     def sync_update(self, key: str, mean_grad: torch.Tensor,
                     flushed: torch.Tensor) -> torch.Tensor:
         """At a sync step: the update from the exact gradient average and the flushed server
-        state of the whole bucket (zeros where :meth:`server_flush` returned ``None``).
+        state (zeros where :meth:`server_flush` returned ``None``). It must be elementwise: with
+        the server state sharded (the two-phase pattern) each rank calls it on its own chunk of
+        both and broadcasts the result (:func:`hvdcomp.exchange_sync.fold_server_chunks`).
         ``mean_grad`` is the exact round's own allreduce result (the caller's ``update_into``):
         the sum is written there, no fresh bucket (the same float addition)."""
         if flushed.dtype != mean_grad.dtype:

@@ -13,7 +13,8 @@ Synchronisation round, (t+1) mod p = 0 (``is_sync_step()``): the optimizer first
 parameters exactly, then the exchange returns d = (1/n) Σ_j g_j + e for every bucket and sets
 e ← 0; nothing is compressed.  A bucket's gradient is averaged in place in its buffer by an
 allreduce launched at ``start``, its parameters in place by one allreduce each at ``finish``
-(:mod:`hvdcomp.exchange_sync`), the server errors gathered by one allgather of 1/n each.
+(:mod:`hvdcomp.exchange_sync`); each rank adds its chunk of e to its chunk of the average and
+broadcasts that chunk of d in place.
 
 Averaging over workers gives the "virtual average" view x̄⁺ = x̄ − η(ḡ + eᵗ − eᵗ⁺¹): error
 feedback with the error kept only on the server. Weight decay stays out of g (the optimizer adds

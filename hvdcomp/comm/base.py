@@ -124,6 +124,14 @@ class Communicator(abc.ABC):
         handle = self.allreduce_async(tensor, name, op)
         return Handle(lambda: tensor.copy_(handle.wait()), name)
 
+    def broadcast_into_async(self, tensor: torch.Tensor, root: int, name: str) -> Handle:
+        """As :meth:`broadcast_async`, with rank ``root``'s values written into ``tensor`` itself
+        on every rank (``wait()`` returns ``tensor``), which the caller leaves alone until then.
+        An engine that broadcasts in place (Horovod, Gloo) needs no second buffer; this default
+        broadcasts a copy and copies back."""
+        handle = self.broadcast_async(tensor, root, name)
+        return Handle(lambda: tensor.copy_(handle.wait()), name)
+
     # --- blocking conveniences -----------------------------------------------------------------
     def allreduce(self, tensor: torch.Tensor, name: str, op: str = "average") -> torch.Tensor:
         return self.allreduce_async(tensor, name, op).wait()

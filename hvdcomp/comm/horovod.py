@@ -118,3 +118,14 @@ class HorovodCommunicator(Communicator):
         handle = self._hvd.broadcast_async(tensor.contiguous(), root_rank=root, name=name,
                                            process_set=self._process_set)
         return Handle(lambda: self._hvd.synchronize(handle), name)
+
+    def broadcast_into_async(self, tensor, root, name):
+        """Horovod's in-place broadcast (the same C++ operation as the out-of-place one, with
+        the output being the input)."""
+        if not tensor.is_contiguous():
+            return super().broadcast_into_async(tensor, root, name)
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} outside a world of {self.size}")
+        handle = self._hvd.broadcast_async_(tensor, root_rank=root, name=name,
+                                            process_set=self._process_set)
+        return Handle(lambda: self._hvd.synchronize(handle), name)

@@ -213,11 +213,22 @@ class TorchDistCommunicator(Communicator):
         return Handle(wait, name)
 
     def broadcast_async(self, tensor, root, name):
+        return self._broadcast(tensor, root, name, in_place=False)
+
+    def broadcast_into_async(self, tensor, root, name):
+        """Broadcast into ``tensor`` itself when it is contiguous and on the group's device;
+        otherwise the default (a copy, copied back)."""
+        if tensor.device != self._device or not tensor.is_contiguous():
+            return super().broadcast_into_async(tensor, root, name)
+        return self._broadcast(tensor, root, name, in_place=True)
+
+    def _broadcast(self, tensor, root, name, in_place):
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast root {root} outside a world of {self.size}")
         local, back = self._on_device(tensor)
         header = self._post_header("broadcast", name, local, extra=int(root))
-        result = local.detach().clone(memory_format=torch.contiguous_format)
+        result = (local.detach() if in_place
+                  else local.detach().clone(memory_format=torch.contiguous_format))
         work = (self._dist.broadcast(result, src=self._ranks[root], group=self._group,
                                      async_op=True) if result.numel() else None)
 
