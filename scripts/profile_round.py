@@ -4,6 +4,10 @@ round's time goes").  Each round runs as the optimizer runs it: the gradient in 
 buffer, which is also ``update_into``.  Run under a launcher, one thread per rank:
 
     mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/profile_round.py liec
+    mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/profile_round.py liec:exact
+
+``liec:exact`` profiles LIEC-SGD's exact rounds instead (period 1), with the bucket's parameters
+averaged as the optimizer does.
 """
 import cProfile
 import pstats
@@ -20,11 +24,15 @@ from hvdcomp.exchange import Exchange
 NUMEL = int(42.61 * 2 ** 20) // 4
 
 
-def main(algorithm: str) -> None:
+def main(spec: str) -> None:
+    algorithm, _, mode = spec.partition(":")
+    exact = mode == "exact"                     # every round an exact one, nothing else
     hvd.init()
     comm = HorovodCommunicator()
     grad = torch.randn(NUMEL, generator=torch.Generator().manual_seed(comm.rank))
-    exchange = Exchange(make_algorithm(algorithm, up="sign", down="sign"), comm)
+    options = {"period": 1} if exact else {}
+    exchange = Exchange(make_algorithm(algorithm, up="sign", down="sign", **options), comm)
+    params = [grad.clone()] if exact else []    # the bucket's parameters, averaged in place
     exchange.prepare({"b": (NUMEL, torch.float32)})
 
     # as hvdcomp.DistributedOptimizer runs a round: the gradient in the bucket's buffer, which
@@ -33,24 +41,26 @@ def main(algorithm: str) -> None:
 
     def exchange_once():
         bucket.copy_(grad)
-        exchange.finish(exchange.start("b", bucket, update_into=bucket))
+        exchange.finish(exchange.start("b", bucket, params=params, update_into=bucket))
         exchange.end_round()
 
-    def one_round():
-        while exchange.is_sync_step():      # LIEC's exact rounds are not what is profiled
+    def skip_other_rounds():
+        while exchange.is_sync_step() != exact:    # LIEC's exact rounds, unless profiled
             exchange_once()
+
+    def one_round():
+        skip_other_rounds()
         exchange_once()
 
     for _ in range(3):
         one_round()
     times = []
     for _ in range(5):
-        while exchange.is_sync_step():
-            exchange_once()
+        skip_other_rounds()
         bucket.copy_(grad)
         comm.barrier("profile.round")
         began = time.perf_counter()
-        exchange.finish(exchange.start("b", bucket, update_into=bucket))
+        exchange.finish(exchange.start("b", bucket, params=params, update_into=bucket))
         times.append(time.perf_counter() - began)
         exchange.end_round()
     print(comm.rank, "round ms", sorted(round(1e3 * t, 1) for t in times), flush=True)

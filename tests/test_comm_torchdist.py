@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from pointer_spy import record_data_pointers
 from torchranks import run_torch_ranks
 
 
@@ -94,13 +95,7 @@ def test_native_alltoall_on_gloo():
 def _allreduce_into():
     import torch.distributed as dist
     comm = _comm()
-    reduced = []                 # the data pointers torch.distributed reduced
-    original = dist.all_reduce
-
-    def spy(tensor, *args, **kwargs):
-        reduced.append(tensor.data_ptr())
-        return original(tensor, *args, **kwargs)
-    dist.all_reduce = spy
+    reduced = record_data_pointers(dist, "all_reduce")     # what torch.distributed reduced
     out = {}
     for dtype in (torch.float32, torch.float64):
         for op in ("average", "sum"):
@@ -131,13 +126,7 @@ def test_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buffer():
 def _broadcast_into():
     import torch.distributed as dist
     comm = _comm()
-    sent = []                    # the data pointers torch.distributed broadcast
-    original = dist.broadcast
-
-    def spy(tensor, *args, **kwargs):
-        sent.append(tensor.data_ptr())
-        return original(tensor, *args, **kwargs)
-    dist.broadcast = spy
+    sent = record_data_pointers(dist, "broadcast")         # what torch.distributed broadcast
     out = {}
     for root in range(comm.size):
         x = torch.randn(1001, generator=torch.Generator().manual_seed(comm.rank))

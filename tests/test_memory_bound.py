@@ -12,6 +12,7 @@ from hvdcomp.comm.simulator import simulate
 from hvdcomp.exchange import Exchange
 from hvdcomp.exchange_codec import chunk_bounds
 from hvdcomp.exchange_buffers import held_bytes
+from pointer_spy import record_data_pointers
 
 D = 1 << 14          # a bucket of fp32 elements, a multiple of the chunk alignment
 
@@ -222,13 +223,7 @@ def test_the_exact_round_broadcasts_each_server_chunk_into_the_update():
 def _allreduce_into_on_horovod_ranks():
     from hvdcomp.comm import HorovodCommunicator
     comm = HorovodCommunicator()
-    reduced = []                 # the data pointers Horovod's in-place allreduce was given
-    original = comm._hvd.allreduce_async_
-
-    def spy(tensor, *args, **kwargs):
-        reduced.append(tensor.data_ptr())
-        return original(tensor, *args, **kwargs)
-    comm._hvd.allreduce_async_ = spy
+    reduced = record_data_pointers(comm._hvd, "allreduce_async_")   # what Horovod reduced
     out = {}
     for dtype in (torch.float32, torch.float64):
         for op in ("average", "sum"):
@@ -258,13 +253,7 @@ def test_horovods_in_place_allreduce_gives_the_out_of_place_bits_in_the_same_buf
 def _broadcast_into_on_horovod_ranks():
     from hvdcomp.comm import HorovodCommunicator
     comm = HorovodCommunicator()
-    sent = []                    # the data pointers Horovod's in-place broadcast was given
-    original = comm._hvd.broadcast_async_
-
-    def spy(tensor, *args, **kwargs):
-        sent.append(tensor.data_ptr())
-        return original(tensor, *args, **kwargs)
-    comm._hvd.broadcast_async_ = spy
+    sent = record_data_pointers(comm._hvd, "broadcast_async_")      # what Horovod broadcast
     out = {}
     for root in range(comm.size):
         x = torch.randn(3 * D + 1, generator=torch.Generator().manual_seed(comm.rank))
