@@ -81,13 +81,13 @@ def roundtrip(compressor: Compressor, x: torch.Tensor, seed: int):
 
 
 def roundtrip_into(compressor: Compressor, x: torch.Tensor, out: torch.Tensor, seed: int,
-                   bucket=None) -> torch.Tensor:
+                   bucket=None, unscaled=None) -> torch.Tensor:
     """:func:`roundtrip` with C(x) written into ``out``; returns the payload.  ``bucket``: the
-    bucket's norm for a compressor that ``needs_bucket_norm`` (``sign``)."""
+    bucket's norm for a compressor that ``needs_bucket_norm`` (``sign``); ``unscaled``: x's
+    payload without its scale (:func:`server_bucket_norm`)."""
     if x.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=x.device)
-    extra = {} if bucket is None else {"bucket": bucket}
-    payload = compressor.roundtrip_into(x.contiguous(), out, seed, **extra)
+    payload = compressor.roundtrip_into(x.contiguous(), out, seed, **_norm_args(bucket, unscaled))
     _check_payload(compressor, x, payload)
     return payload
 
@@ -127,8 +127,14 @@ def subtracts_in_pass(compressor: Compressor) -> bool:
     return type(compressor).decompress_sub_into is not Compressor.decompress_sub_into
 
 
+def _norm_args(bucket, unscaled) -> dict:
+    """The keyword arguments a ``needs_bucket_norm`` compressor takes, those that are given."""
+    given = {"bucket": bucket, "unscaled": unscaled}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def residual_into(compressor: Compressor, x: torch.Tensor, scratch: Callable[[int], torch.Tensor],
-                  seed: int, bucket=None) -> torch.Tensor:
+                  seed: int, bucket=None, unscaled=None) -> torch.Tensor:
     """Error feedback's residual in place, ``x ← x − C(x)``; returns the payload of ``x`` (never
     a view of ``x`` or of the scratch).  The same bits as :func:`roundtrip_into` into a buffer
     followed by ``torch.sub(x, C(x))``: a compressor that :func:`subtracts_in_pass` encodes
@@ -137,11 +143,10 @@ def residual_into(compressor: Compressor, x: torch.Tensor, scratch: Callable[[in
         return torch.empty(0, dtype=torch.uint8, device=x.device)
     if not subtracts_in_pass(compressor):
         out = scratch(x.numel())
-        payload = own_payload(roundtrip_into(compressor, x, out, seed, bucket), x, out)
+        payload = own_payload(roundtrip_into(compressor, x, out, seed, bucket, unscaled), x, out)
         x.sub_(out)
         return payload
-    extra = {} if bucket is None else {"bucket": bucket}
-    payload = own_payload(compressor.compress(x, seed, **extra), x)
+    payload = own_payload(compressor.compress(x, seed, **_norm_args(bucket, unscaled)), x)
     _check_payload(compressor, x, payload)
     compressor.decompress_sub_into(payload, x, None, seed)
     return payload
@@ -224,14 +229,21 @@ def worker_bucket_norm(compressor: Compressor, message: torch.Tensor):
 
 def server_bucket_norm(comm: Communicator, ledger: ByteLedger, name: str,
                        compressor: Compressor, chunk: torch.Tensor, numel: int):
-    """``bucket=`` for a server's chunk: its norm added to the other servers' (one allgather of
-    N float64 numbers, counted as downlink); None when not needed."""
+    """``(bucket, unscaled)`` for a server's chunk.  ``bucket=``: its norm added to the other
+    servers' (one allgather of N float64 numbers, counted as downlink); None when not needed.
+    ``unscaled=``: for a compressor that encodes before it knows the scale
+    (``encode_unscaled``: ``sign``), the chunk's payload from the pass that took its norm,
+    to hand back to ``compress``; otherwise None."""
     if not compressor.needs_bucket_norm:
-        return None
-    mine = compressor.partial_norm(chunk).to(torch.float64).reshape(1)
-    norms = comm.allgather(mine, name)
+        return None, None
+    encode = getattr(compressor, "encode_unscaled", None)
+    if encode is None:
+        unscaled, mine = None, compressor.partial_norm(chunk)
+    else:
+        unscaled, mine = encode(chunk)
+    norms = comm.allgather(mine.to(torch.float64).reshape(1), name)
     ledger.count_allgather("downlink_norm", 1, torch.float64)
     total = norms[0].clone()
     for norm in norms[1:]:
         total += norm
-    return total, numel
+    return (total, numel), unscaled

@@ -162,8 +162,9 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
                      ex.seed_for(key, "up", ex.rank))
     del received
     server_message = algo.server_message(key, mean)
-    bucket = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"), algo.down,
-                                server_message, bounds[-1][1])
+    # the norm's pass over v also packs its bits (unscaled), for the compressors that can
+    bucket, unscaled = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"),
+                                          algo.down, server_message, bounds[-1][1])
     seed = ex.seed_for(key, "down", ex.rank)
     # C(v) goes over the mean, which the exchange does not read again, unless v lives there
     # (v is the mean, or written into it); an algorithm that keeps v in its own state
@@ -173,10 +174,11 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     v_in_scratch = _same_storage(server_message, mean)
     if algo.server_residual and not v_in_scratch and not _same_storage(server_message, update):
         payload = residual_into(algo.down, server_message, lambda numel: other[:numel], seed,
-                                bucket)
+                                bucket, unscaled)
     else:
         sent = other if v_in_scratch else mean
-        payload = own_payload(roundtrip_into(algo.down, server_message, sent, seed, bucket),
+        payload = own_payload(roundtrip_into(algo.down, server_message, sent, seed, bucket,
+                                             unscaled),
                               server_message, *([mean] if handle.context["compensated"] else []))
         algo.server_sent(key, server_message, sent)
     ex.ledger.count("downlink", down=(ex.size - 1) * payload.numel())

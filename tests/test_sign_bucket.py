@@ -130,6 +130,66 @@ def test_a_buckets_chunks_at_once_give_each_chunks_payload(numel, n, dtype, road
         assert torch.equal(out[a:b], alone), (a, b)
 
 
+@pytest.mark.parametrize("road", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("numel", [0, 1, 63, 64, 1000, 4099])
+def test_a_servers_unscaled_payload_gives_the_norm_and_payload_of_two_passes(numel, dtype, road,
+                                                                              monkeypatch):
+    """A server takes its chunk's norm and bits in one pass (encode_unscaled), then writes the
+    bucket's scale: the norm is partial_norm's and the payload compress's, bit for bit."""
+    monkeypatch.setenv("HVDCOMP_NATIVE", "1" if road == "native" else "0")
+    if road == "native":
+        from hvdcomp.compressors import _native
+        if _native.library() is None:
+            pytest.skip(f"C kernels unavailable: {_native.status()}")
+    sign = from_spec("sign")
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).to(dtype)
+    x[::7] = 0.0
+    x[1::11] = -0.0
+    unscaled, norm = sign.encode_unscaled(x)
+    assert torch.equal(norm, sign.partial_norm(x)) and norm.dtype == sign.partial_norm(x).dtype
+    bucket = (norm.double() * 3, 3 * numel + 1)       # the chunk of a larger bucket
+    expected = sign.compress(x, bucket=bucket)
+    assert torch.equal(sign.compress(x, bucket=bucket, unscaled=unscaled), expected)
+    if numel:
+        out, alone = torch.empty_like(x), torch.empty_like(x)
+        payload = sign.roundtrip_into(x, out, bucket=bucket, unscaled=sign.encode_unscaled(x)[0])
+        assert torch.equal(payload, sign.roundtrip_into(x, alone, bucket=bucket))
+        assert torch.equal(out, alone)
+
+
+@pytest.mark.parametrize("algorithm", ["liec", "doublesqueeze"])
+def test_a_server_reads_its_chunk_once_for_norm_and_bits(algorithm, monkeypatch):
+    """No separate norm pass in a round: the server's norm comes with its bits."""
+    from hvdcomp.algorithms import make_algorithm
+    from hvdcomp.compressors.sign import Sign
+    from hvdcomp.exchange import Exchange
+    separate = []
+    original = Sign.partial_norm
+    monkeypatch.setattr(Sign, "partial_norm",
+                        staticmethod(lambda x: separate.append(x.numel()) or original(x)))
+
+    def rounds(comm):
+        exchange = Exchange(make_algorithm(algorithm, up="sign", down="sign"), comm)
+        for step in range(2):
+            grad = torch.randn(1000, generator=torch.Generator().manual_seed(step + comm.rank))
+            exchange.finish(exchange.start("b", grad, update_into=grad))
+            exchange.end_round()
+    simulate(2, rounds)
+    assert separate == []
+
+
+def test_a_servers_chunk_holding_nan_is_refused_with_the_unscaled_payload():
+    from hvdcomp.compressors.base import CompressionError
+    sign = from_spec("sign")
+    x = torch.randn(1000)
+    x[900] = float("nan")
+    unscaled, norm = sign.encode_unscaled(x)
+    assert not torch.isfinite(norm)
+    with pytest.raises(CompressionError, match="1 of 1000 elements"):
+        sign.compress(x, bucket=(norm.double(), 2000), unscaled=unscaled)
+
+
 def test_a_bucket_holding_nan_is_refused_once_with_its_count():
     from hvdcomp.compressors.base import CompressionError
     x = torch.randn(1000)

@@ -83,17 +83,21 @@ class ChunkSign(LayoutCompressor):
     def compress(self, x, seed=0):
         return self._encode(x, None)
 
-    def _encode(self, x, bucket: Optional[BucketNorm]):
+    def _encode(self, x, bucket: Optional[BucketNorm], unscaled: Optional[torch.Tensor] = None):
         """The payload of ``x`` with the scale ‖·‖₁/d of ``bucket`` (``(l1, numel)``), or of
-        ``x`` itself when ``bucket`` is None."""
+        ``x`` itself when ``bucket`` is None.  ``unscaled``: ``x``'s payload from
+        :meth:`Sign.encode_unscaled`, whose bits are kept (only the scale is written)."""
         x = flat_input(x, self.name)
         numel = x.numel()
         if not numel:
             return torch.empty(0, dtype=torch.uint8, device=x.device)
         layout = self._layout(numel)
-        payload = layout.allocate(x.device)
-        # one pass on the fast road: sign bits and (without a bucket norm) the L1 bins together
-        l1 = signs_and_norm(x, layout.view(payload, "bits"), want_norm=bucket is None)
+        if unscaled is None:
+            payload = layout.allocate(x.device)
+            # one pass on the fast road: sign bits and (without a bucket norm) the L1 bins
+            l1 = signs_and_norm(x, layout.view(payload, "bits"), want_norm=bucket is None)
+        else:
+            payload, l1 = unscaled, None
         l1, count = (l1, numel) if bucket is None else bucket
         # the bucket's norm is non-finite whenever this chunk holds a NaN/Inf (it is a sum over it)
         check_finite(x, summary=l1)
@@ -180,11 +184,26 @@ class Sign(ChunkSign):
         norm is the sum over its chunks."""
         return l1_norm(x.detach().reshape(-1))
 
-    def compress(self, x, seed=0, bucket: Optional[BucketNorm] = None):
-        return self._encode(x, bucket)
+    def encode_unscaled(self, x: torch.Tensor):
+        """``(payload, partial_norm(x))`` from one pass over the chunk ``x``, the payload's
+        scale not yet written: the bits do not depend on the scale.  A server passes the payload
+        back as ``unscaled=`` once the bucket's norm is known, and ``x`` is read once, not twice
+        (norm, then bits).  The same norm as :meth:`partial_norm` (both are
+        :func:`.l1norm.l1_norm`'s value) and the same payload as :meth:`compress`."""
+        x = flat_input(x, self.name)
+        if not x.numel():
+            return torch.empty(0, dtype=torch.uint8, device=x.device), self.partial_norm(x)
+        layout = self._layout(x.numel())
+        payload = layout.allocate(x.device)
+        return payload, signs_and_norm(x, layout.view(payload, "bits"), want_norm=True)
 
-    def roundtrip_into(self, x, out, seed=0, bucket: Optional[BucketNorm] = None):
-        payload = self._encode(x, bucket)
+    def compress(self, x, seed=0, bucket: Optional[BucketNorm] = None,
+                 unscaled: Optional[torch.Tensor] = None):
+        return self._encode(x, bucket, unscaled)
+
+    def roundtrip_into(self, x, out, seed=0, bucket: Optional[BucketNorm] = None,
+                       unscaled: Optional[torch.Tensor] = None):
+        payload = self._encode(x, bucket, unscaled)
         self.decompress_into(payload, out, seed)
         return payload
 
