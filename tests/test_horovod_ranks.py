@@ -81,3 +81,51 @@ def _hang():
 def test_hang_is_killed_and_reported():
     with pytest.raises(pytest.fail.Exception, match="ranks hung: killed after 15 s"):
         run_ranks(_hang, np=2, controller="mpi", timeout=15)
+
+
+# --- broadcasts within a process set --------------------------------------------------------------
+def _broadcasts_in_a_process_set():
+    """The communicator of the set {1, 2} of 3 ranks: its root 0 is global rank 1, its root 1
+    global rank 2 (Horovod names a broadcast's root by its global rank)."""
+    import horovod.torch as hvd
+
+    from hvdcomp.algorithms import make_algorithm
+    from hvdcomp.comm import HorovodCommunicator
+    from hvdcomp.exchange import Exchange
+    late = hvd.add_process_set([1, 2])
+    out = {}
+    if late.included():
+        comm = HorovodCommunicator(late)
+        mine = torch.full((3,), float(hvd.rank()))
+        for root in (0, 1):
+            out[f"copy from {root}"] = comm.broadcast(mine, root, f"b{root}")
+            inside = mine.clone()
+            out[f"into from {root}"] = comm.broadcast_into_async(inside, root, f"i{root}").wait()
+            out[f"object from {root}"] = comm.broadcast_object({"rank": hvd.rank()}, root,
+                                                               f"o{root}")
+        # LIEC-SGD's exact round broadcasts each server-error chunk from its owner in the set
+        exchange = Exchange(make_algorithm("liec", up="sign", period=2), comm)
+        exchange.finish(exchange.start("b", torch.randn(256)))
+        exchange.end_round()
+        own = exchange.algorithm.server_error["b"].clone()
+        grad = torch.randn(256, generator=torch.Generator().manual_seed(hvd.rank()))
+        expected = comm.allreduce(grad, "ref.mean") + comm.allgather(own, "ref.error")
+        out["exact round"] = (exchange.finish(exchange.start("b", grad, update_into=grad)),
+                              expected)
+    hvd.remove_process_set(late)
+    return out
+
+
+@pytest.mark.mpi
+def test_broadcast_roots_count_within_the_process_set(monkeypatch):
+    monkeypatch.setenv("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
+    results = run_ranks(_broadcasts_in_a_process_set, np=3)
+    assert results[0] == {}
+    for out in results[1:]:
+        for root, source in ((0, 1), (1, 2)):
+            assert torch.equal(out[f"copy from {root}"], torch.full((3,), float(source)))
+            assert torch.equal(out[f"into from {root}"], torch.full((3,), float(source)))
+            assert out[f"object from {root}"] == {"rank": source}
+        update, expected = out["exact round"]
+        assert torch.equal(update, expected)
+    assert torch.equal(results[1]["exact round"][0], results[2]["exact round"][0])

@@ -113,10 +113,8 @@ class HorovodCommunicator(Communicator):
         return Handle(wait, name)
 
     def broadcast_async(self, tensor, root, name):
-        if not 0 <= root < self.size:
-            raise ValueError(f"broadcast root {root} outside a world of {self.size}")
-        handle = self._hvd.broadcast_async(tensor.contiguous(), root_rank=root, name=name,
-                                           process_set=self._process_set)
+        handle = self._hvd.broadcast_async(tensor.contiguous(), root_rank=self._global(root),
+                                           name=name, process_set=self._process_set)
         return Handle(lambda: self._hvd.synchronize(handle), name)
 
     def broadcast_into_async(self, tensor, root, name):
@@ -124,8 +122,16 @@ class HorovodCommunicator(Communicator):
         the output being the input)."""
         if not tensor.is_contiguous():
             return super().broadcast_into_async(tensor, root, name)
-        if not 0 <= root < self.size:
-            raise ValueError(f"broadcast root {root} outside a world of {self.size}")
-        handle = self._hvd.broadcast_async_(tensor, root_rank=root, name=name,
+        handle = self._hvd.broadcast_async_(tensor, root_rank=self._global(root), name=name,
                                             process_set=self._process_set)
         return Handle(lambda: self._hvd.synchronize(handle), name)
+
+    def _global(self, root: int) -> int:
+        """Horovod's ``root_rank`` for this communicator's rank ``root``: Horovod names a
+        broadcast's root by its global rank even within a process set (ProcessSet.rank's
+        docstring), while ranks here count within the set, as ``self.rank`` does.  Passing the
+        set's rank through named the wrong process, or one outside the set, on any set but the
+        global one."""
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} outside a world of {self.size}")
+        return self._process_set.ranks[root]
