@@ -160,7 +160,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         root = optimizer_state.broadcast_root()
         restored = False
         if root is not None:  # inside hvd.broadcast_optimizer_state, on every rank
-            loaded = optimizer_state.broadcast(self._comm, self._loaded_entry, root,
+            loaded = optimizer_state.broadcast(self._comm, self._loaded_entry,
+                                               optimizer_state.root_in(self._comm, root),
                                                f"{self._prefix}.state.broadcast")
             self._loaded_entry = None
             if loaded is not None:

@@ -109,6 +109,20 @@ def broadcast(comm, loaded: Optional[Dict[str, Any]], root: int, name: str):
     return _from_bytes(data.numpy().tobytes())
 
 
+def root_in(comm, root: int) -> int:
+    """``comm``'s rank of the root Horovod named by its global rank (the same rank on the global
+    process set); an error naming both when the root is outside ``comm``'s process set."""
+    rank_of = getattr(comm, "rank_of", None)
+    if rank_of is None:
+        return root
+    rank = rank_of(root)
+    if rank is None:
+        raise ValueError(f"hvd.broadcast_optimizer_state(root_rank={root}): rank {root} is not in "
+                         f"the optimizer's process set (ranks {list(comm.process_set.ranks)}), "
+                         "which holds its error-feedback state; broadcast from one of its ranks")
+    return rank
+
+
 def broadcast_root() -> Optional[int]:
     """``root_rank`` when the caller of ``state_dict()`` is ``hvd.broadcast_optimizer_state``
     (which every rank calls), else None."""

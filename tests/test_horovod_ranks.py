@@ -112,15 +112,57 @@ def _broadcasts_in_a_process_set():
         expected = comm.allreduce(grad, "ref.mean") + comm.allgather(own, "ref.error")
         out["exact round"] = (exchange.finish(exchange.start("b", grad, update_into=grad)),
                               expected)
+    out["optimizer state"] = _broadcast_optimizer_state_in(late)
     hvd.remove_process_set(late)
     return out
+
+
+def _broadcast_optimizer_state_in(process_set):
+    """hvd.broadcast_optimizer_state on every rank, from global roots 1 and 2, of an optimizer
+    whose error feedback runs on ``process_set``: every rank of the set gets back the byte
+    counters of the checkpoint the root loaded (a wrong root restores nothing)."""
+    import horovod.torch as hvd
+
+    import hvdcomp
+    model = torch.nn.Linear(8, 8)
+    opt = hvdcomp.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters(),
+        compression=hvdcomp.Compression.liec("sign", period=4), process_set=process_set)
+
+    def step():
+        opt.zero_grad()
+        model(torch.ones(2, 8)).sum().backward()
+        opt.step()
+
+    def bytes_up():
+        if not process_set.included():
+            return None
+        return opt._reducer.exchange.bytes_up + opt._reducer.dense_exchange.bytes_up
+    step()
+    seen = {}
+    for root in (1, 2):
+        if process_set.included():                    # the set's rank of global rank root
+            opt.consolidate_state_dict(to=process_set.ranks.index(root))
+        saved, at_save = (opt.state_dict() if hvd.rank() == root else None), bytes_up()
+        step()                                        # the counters move on
+        if hvd.rank() == root:
+            opt.load_state_dict(saved)
+        hvd.broadcast_optimizer_state(opt, root_rank=root)
+        seen[root] = bytes_up() == at_save
+    if process_set.included():                        # a root outside the set: refused
+        from hvdcomp import optimizer_state
+        try:
+            optimizer_state.root_in(opt._comm, 0)
+        except ValueError as exc:
+            seen[0] = str(exc)
+    return seen
 
 
 @pytest.mark.mpi
 def test_broadcast_roots_count_within_the_process_set(monkeypatch):
     monkeypatch.setenv("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
     results = run_ranks(_broadcasts_in_a_process_set, np=3)
-    assert results[0] == {}
+    assert results[0] == {"optimizer state": {1: True, 2: True}}    # outside the set
     for out in results[1:]:
         for root, source in ((0, 1), (1, 2)):
             assert torch.equal(out[f"copy from {root}"], torch.full((3,), float(source)))
@@ -128,4 +170,7 @@ def test_broadcast_roots_count_within_the_process_set(monkeypatch):
             assert out[f"object from {root}"] == {"rank": source}
         update, expected = out["exact round"]
         assert torch.equal(update, expected)
+        assert out["optimizer state"][1] is out["optimizer state"][2] is True
+        assert "root_rank=0): rank 0 is not in the optimizer's process set (ranks [1, 2])" in \
+            out["optimizer state"][0]
     assert torch.equal(results[1]["exact round"][0], results[2]["exact round"][0])

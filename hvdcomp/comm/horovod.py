@@ -126,6 +126,12 @@ class HorovodCommunicator(Communicator):
                                             process_set=self._process_set)
         return Handle(lambda: self._hvd.synchronize(handle), name)
 
+    def rank_of(self, global_rank: int) -> Optional[int]:
+        """This communicator's rank of Horovod's global rank ``global_rank`` (None outside the
+        set): for a root that Horovod named, as ``hvd.broadcast_optimizer_state`` does."""
+        ranks = list(self._process_set.ranks)
+        return ranks.index(global_rank) if global_rank in ranks else None
+
     def _global(self, root: int) -> int:
         """Horovod's ``root_rank`` for this communicator's rank ``root``: Horovod names a
         broadcast's root by its global rank even within a process set (ProcessSet.rank's
