@@ -23,11 +23,12 @@ Three patterns (``pattern=``), all driving the five steps of :mod:`hvdcomp.algor
 
 Rounds in which ``algorithm.is_sync_step()`` holds (LIEC-SGD every ``period`` rounds) are exact
 (:mod:`hvdcomp.exchange_sync`): ``start`` launches a dense allreduce average of the gradient (in
-place in ``update_into`` when given) and an allgather of the server state
-(``algorithm.server_flush``, each chunk from its owner); ``finish`` averages the bucket's
-parameters in place when they were given (``start(key, grad, params=...)``, as the optimizer
-does; one allreduce each) and returns ``algorithm.sync_update(key, mean, flushed)``. Parameters
-not passed to ``start`` are averaged by :meth:`Exchange.average_parameters`.
+place in ``update_into`` when given) and takes this rank's server state
+(``algorithm.server_flush``, its chunk); ``finish`` averages the bucket's parameters in place
+when they were given (``start(key, grad, params=...)``, as the optimizer does; one allreduce
+each) and returns ``algorithm.sync_update(key, mean, flushed)``, each chunk computed by its
+owner and broadcast in place. Parameters not passed to ``start`` are averaged by
+:meth:`Exchange.average_parameters`.
 
 The parts, one module each: the round kinds (:mod:`hvdcomp.exchange_rounds`, exact rounds in
 :mod:`hvdcomp.exchange_sync`); what the exchange asks of compressors, chunking included
@@ -44,8 +45,9 @@ one-time configuration check. Two-phase uplink: Σ_{j≠rank} |payload of chunk 
 Allreduces (``"allreduce"`` pattern, sync rounds: phases ``sync_grad`` and ``sync_params``) are
 counted as a ring
 allreduce sends (:mod:`hvdcomp.exchange_ledger`); the real bytes depend on the MPI or NCCL
-algorithm. The allgather of the server state in a sync round is counted as downlink, and
-so is the allgather of the chunks' L1 norms that ``sign`` needs on the downlink ((N−1)·8 bytes).
+algorithm. The server state's broadcasts in a sync round (each owner sends its chunk to the
+N−1 others, an allgather's bytes) are counted as downlink, and so is the allgather of the
+chunks' L1 norms that ``sign`` needs on the downlink ((N−1)·8 bytes).
 
 Chunking (:func:`chunk_bounds`): a bucket of d elements is cut into N chunks of
 ``ceil(d/N)`` elements rounded up to a multiple of ``alignment``; the last chunks may be shorter
