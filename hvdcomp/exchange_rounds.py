@@ -140,28 +140,35 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     algo, key, dtype = ex.algorithm, handle.key, handle.dtype
     bounds = handle.context["bounds"]
     start, stop = bounds[ex.rank]
-    own = stop - start
     received, _ = handle.pending.pop("uplink").wait()
     # The update is decoded into the caller's update_into (the optimizer's reused bucket
     # buffer) or one fresh tensor; until the downlink arrives, two of its chunk-sized regions
     # serve the server as scratch (the mean, then the addend and C(v)), so a rank keeps no
     # server buffers.  A compensated round keeps r_i there: its server works in the
-    # exchange's shared scratch instead.
+    # exchange's shared scratch instead.  Either is taken only when a step needs it.
     update = handle.context.get("update_into")
     if update is None:
         update = allocate(bounds[-1][1], dtype, received.device)
-    if handle.context["compensated"]:
-        scratch = _scratch(ex, update)(2 * own)
-        mean, other = scratch[:own], scratch[own:]
-    else:
-        mean, other = _server_regions(update, start, stop)
-    # server: decode the N payloads of the chunk this rank owns, average in rank order
+    taken = []
+
+    def scratch():
+        """(mean, other): the server's two chunk-sized scratch regions."""
+        if not taken:
+            taken.extend(_server_scratch(ex, handle, update, start, stop))
+        return taken
     up = ex.uplink(key)
-    sizes = [payload_nbytes(up, own, dtype)] * ex.size
-    decode_mean_into(up, split(received, sizes, key), mean, other,
-                     ex.seed_for(key, "up", ex.rank))
+    payloads = split(received, [payload_nbytes(up, stop - start, dtype)] * ex.size, key)
     del received
-    server_message = algo.server_message(key, mean)
+    # server: v = m + e, m the N payloads of the chunk this rank owns averaged in rank order:
+    # in one pass over e where the algorithm and the compressor allow
+    # (Algorithm.server_adds_mean_to), else m decoded into scratch for server_message to add
+    server_message = _mean_added_in_pass(algo, up, key, payloads, ex.seed_for(key, "up", ex.rank),
+                                         stop - start, update)
+    if server_message is None:
+        mean, other = scratch()
+        decode_mean_into(up, payloads, mean, other, ex.seed_for(key, "up", ex.rank))
+        server_message = algo.server_message(key, mean)
+    del payloads
     # the norm's pass over v also packs its bits (unscaled), for the compressors that can
     bucket, unscaled = server_bucket_norm(ex.comm, ex.ledger, ex.name(key, "down_norm"),
                                           algo.down, server_message, bounds[-1][1])
@@ -171,11 +178,12 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     # (LIEC-SGD, DoubleSqueeze write v over their server error) leaves the other region alone,
     # and when its server_sent is the residual e ← v − C(v) it is written over v in the
     # compressor's pass (Algorithm.server_residual)
-    v_in_scratch = _same_storage(server_message, mean)
+    v_in_scratch = bool(taken) and _same_storage(server_message, taken[0])
     if algo.server_residual and not v_in_scratch and not _same_storage(server_message, update):
-        payload = residual_into(algo.down, server_message, lambda numel: other[:numel], seed,
-                                bucket, unscaled)
+        payload = residual_into(algo.down, server_message, lambda numel: scratch()[1][:numel],
+                                seed, bucket, unscaled)
     else:
+        mean, other = scratch()
         sent = other if v_in_scratch else mean
         payload = own_payload(roundtrip_into(algo.down, server_message, sent, seed, bucket,
                                              unscaled),
@@ -186,6 +194,38 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     # update holding the scratch it may view) until receive_two_phase has waited for it
     handle.pending["downlink"] = ex.comm.allgather_async(payload, ex.name(key, "down"))
     handle.context["update"] = update
+
+
+def _mean_added_in_pass(algo, up, key: str, payloads, seed: int, numel: int,
+                        like: torch.Tensor) -> Optional[torch.Tensor]:
+    """v = m + e written over the algorithm's e (``server_adds_mean_to``) in the decoder's pass
+    (``up.decompress_mean_add_into``), bit for bit ``server_message(key, m)`` with m decoded by
+    :func:`decode_mean_into`; None, touching nothing, where the algorithm declares no such
+    step or the compressor cannot.  In the first round e is created as −0.0, the additive
+    identity (−0.0 + m is m, +0.0 included), so that no round writes m into a buffer."""
+    field = algo.server_adds_mean_to
+    if field is None or not numel:
+        return None
+    errors = getattr(algo, field)
+    error = errors.get(key)
+    fresh = error is None
+    if fresh:
+        error = torch.full((numel,), -0.0, dtype=like.dtype, device=like.device)
+    if up.decompress_mean_add_into(payloads, error, seed) is None:
+        return None
+    if fresh:
+        errors[key] = error
+    return error
+
+
+def _server_scratch(ex, handle: ExchangeHandle, update: torch.Tensor, start: int, stop: int):
+    """The server's (mean, other) scratch: two chunk-sized regions of the update
+    (:func:`_server_regions`), or of the exchange's shared scratch in a compensated round,
+    whose update holds r_i."""
+    if handle.context["compensated"]:
+        both = _scratch(ex, update)(2 * (stop - start))
+        return both[:stop - start], both[stop - start:]
+    return _server_regions(update, start, stop)
 
 
 def receive_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:

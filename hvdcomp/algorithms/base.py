@@ -90,6 +90,12 @@ class Algorithm(TrainingMethod):
     #: True when ``server_message`` returns the server error's own storage and ``server_sent``
     #: is e ← v − C(v) there (LIEC-SGD, DoubleSqueeze).
     server_residual: bool = False
+    #: The state field (a dict of tensors keyed by bucket) into which ``server_message`` adds
+    #: the mean in place once the bucket's entry exists, returning it: v = m + e written over e
+    #: (LIEC-SGD, DoubleSqueeze).  Declared so that the two-phase exchange may decode the N
+    #: payloads onto e in one pass (``Compressor.decompress_mean_add_into``: ``sign``) instead of
+    #: decoding m into a buffer for ``server_message`` to add.  None: the step runs as written.
+    server_adds_mean_to: Optional[str] = None
 
     def __init__(self, up: "Compressor | str" = "none", down: "Compressor | str | None" = None):
         self.up = from_spec(up)

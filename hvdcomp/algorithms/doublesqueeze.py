@@ -32,6 +32,7 @@ class DoubleSqueeze(Algorithm):
     keeps_worker_sent = False     # C(p_i) is read once, by worker_sent
     worker_residual = "kept"      # δ_i ← p_i − C(p_i), p_i in δ_i's storage
     server_residual = True        # δ ← v − C(v), v in δ's storage
+    server_adds_mean_to = "server_error"  # v = m + δ, written over δ
     info = MethodInfo(
         name="doublesqueeze", label="DoubleSqueeze", order=30,
         summary="error feedback on the workers and on the server; both directions compressed",

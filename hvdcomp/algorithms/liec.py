@@ -37,6 +37,7 @@ class LIEC(Algorithm):
     state_fields = ("server_error",)      # r_i lives one round only
     worker_residual = "compensated"       # r_i = g_i − C(g_i), d_i = C(v) + r_i
     server_residual = True                # e ← v − C(v), v in e's storage
+    server_adds_mean_to = "server_error"  # v = m + e, written over e
     info = MethodInfo(
         name="liec", label="LIEC-SGD", order=40,
         summary="local immediate error compensation, a server error, exact averaging every "

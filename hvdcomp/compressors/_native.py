@@ -59,6 +59,7 @@ _SIGNATURES = {
     "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
     "hv_sign_decode_add_f32": (None, [_ptr, _i64, _ptr, _ptr, _int, ctypes.c_float, _int]),
     "hv_sign_decode_add2_f32": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _int]),
+    "hv_sign_mean_add_f32": (None, [_ptr, _ptr, _int, _i64, ctypes.c_float, _ptr, _int]),
     "hv_count_nonfinite": (_i64, [_ptr, _i64, _int, _int]),
     "hv_qsgd_encode_f32": (None, [_ptr, _i64, ctypes.c_float, _int, _int, ctypes.c_uint32,
                                   ctypes.c_uint32, _ptr, _int]),
@@ -235,6 +236,17 @@ def sign_decode_add2(lib: ctypes.CDLL, bits_a: torch.Tensor, table_a: torch.Tens
     additions in float32, in that order, in one pass."""
     lib.hv_sign_decode_add2_f32(bits_a.data_ptr(), table_a.data_ptr(), bits_b.data_ptr(),
                                 table_b.data_ptr(), numel, out.data_ptr(), threads(numel))
+
+
+def sign_mean_add(lib: ctypes.CDLL, bits: "list[torch.Tensor]", tables: "list[torch.Tensor]",
+                  numel: int, scale: float, out: torch.Tensor) -> None:
+    """``out += ((t_0 + t_1) + ... + t_{k−1}) · scale`` (the product only when k > 1), t_j being
+    ``tables[j][bits[j][q], i]`` for element 8q + i: the server's v = m + e, with m the mean of
+    k decoded payloads, in one pass (float32 tables and out)."""
+    pointers = ctypes.c_void_p * len(bits)
+    lib.hv_sign_mean_add_f32(pointers(*(b.data_ptr() for b in bits)),
+                             pointers(*(t.data_ptr() for t in tables)), len(bits), numel,
+                             scale, out.data_ptr(), threads(numel))
 
 
 _NONFINITE_MASKS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}

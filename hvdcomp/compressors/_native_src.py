@@ -241,6 +241,31 @@ static void sign_decode_add2(const uint8_t *bits_a, const float *ta, const uint8
                              + tb[8 * (int)bits_b[whole] + i];
 }
 
+/* out[i] = out[i] + ((t_0 + t_1) + ... + t_{k-1}) * scale, where t_j is element i of payload
+   j's table row (the product only when k > 1): the server's v = m + e with m the mean of k
+   decoded payloads, in one pass over e.  The same float operations, in the same order, as
+   decoding payload 0, adding the others (the last with the product) and adding the result to
+   e; the bits start at byte `first` of every payload. */
+static void sign_mean_add(const uint8_t *const *bits, const float *const *tables, int k,
+                          int64_t first, int64_t n, float scale, float *out) {
+    float acc[8];
+    for (int64_t q = 0; q < (n + 7) / 8; q++) {
+        int width = n - 8 * q < 8 ? (int)(n - 8 * q) : 8;
+        const float *row = tables[0] + 8 * (int)bits[0][first + q];
+        for (int i = 0; i < 8; i++) acc[i] = row[i];
+        for (int j = 1; j < k; j++) {
+            row = tables[j] + 8 * (int)bits[j][first + q];
+            for (int i = 0; i < 8; i++) acc[i] += row[i];
+        }
+        if (k > 1)
+            for (int i = 0; i < 8; i++) acc[i] *= scale;
+        if (width == 8)
+            for (int i = 0; i < 8; i++) out[8 * q + i] += acc[i];
+        else
+            for (int i = 0; i < width; i++) out[8 * q + i] += acc[i];
+    }
+}
+
 /* Count of non-finite fp32 elements (exponent all ones). */
 static int64_t count_nonfinite_f32(const uint32_t *x, int64_t n) {
     int64_t count = 0;
@@ -447,6 +472,16 @@ void hv_sign_decode_add2_f32(const uint8_t *bits_a, const float *ta, const uint8
         piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
         sign_decode_add2(bits_a + start / 8, ta, bits_b + start / 8, tb, stop - start,
                          out + start);
+    }
+}
+
+void hv_sign_mean_add_f32(const uint8_t *const *bits, const float *const *tables, int k,
+                          int64_t n, float scale, float *out, int threads) {
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t start, stop;
+        piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
+        sign_mean_add(bits, tables, k, start / 8, stop - start, scale, out + start);
     }
 }
 

@@ -121,6 +121,15 @@ class Compressor(abc.ABC):
             scratch = torch.empty_like(out)
         return out.sub_(self.decompress_into(payload, scratch, seed))
 
+    def decompress_mean_add_into(self, payloads: Sequence[torch.Tensor], out: torch.Tensor,
+                                 seed: int = 0) -> Optional[torch.Tensor]:
+        """``out += (C(p_0) + ... + C(p_{N−1})) · (1/N)`` in the decoder's pass, summed and scaled
+        as :func:`hvdcomp.exchange_codec.decode_mean_into` does, and return ``out``: the
+        server's v = m + e written over e without a buffer for the mean m.  None, touching
+        nothing, when the compressor cannot (this default; ``sign`` on CPU with the C kernels
+        can): the exchange then decodes m into a buffer and the algorithm adds it."""
+        return None
+
     def roundtrip_into(self, x: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Like :meth:`roundtrip`, with C(x) written into ``out`` (1-D, same numel and dtype as
         ``x``); returns the payload.  A compressor that overrides :meth:`roundtrip` keeps its

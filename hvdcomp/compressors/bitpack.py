@@ -198,6 +198,23 @@ def add_two_signs(packed_a: torch.Tensor, scale_a: torch.Tensor, packed_b: torch
     return True
 
 
+def add_mean_signs(packed: "list[torch.Tensor]", scales: "list[torch.Tensor]", numel: int,
+                   out: torch.Tensor) -> bool:
+    """``out += (C_0 + C_1 + ... + C_{k−1}) · (1/k)`` from k sets of packed bits with their
+    scales, in one pass, when the C kernels can (float32, contiguous CPU ``out``); returns False,
+    touching nothing, when they cannot.  The same float operations in the same order as
+    decoding the first, :func:`add_signs` of the others (the product with the last) and adding
+    the sum to ``out``."""
+    if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel or not packed:
+        return False
+    tables = [_scaled_sign_table(p.device, torch.float32, s) for p, s in zip(packed, scales)]
+    lib = _native.usable(out, *packed, *tables)
+    if lib is None:
+        return False
+    _native.sign_mean_add(lib, list(packed), tables, numel, 1.0 / len(packed), out)
+    return True
+
+
 def pack_codes(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """Pack integer codes in [0, 2^bits) (any integer dtype, 1-D) into ``out`` (uint8 of
     ``packed_nbytes(len(codes), bits)`` bytes), ``bits`` ≤ 8, LSB first."""

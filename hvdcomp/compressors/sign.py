@@ -144,6 +144,19 @@ class ChunkSign(LayoutCompressor):
                 return out
         return super().decompress_sub_into(payload, out, scratch, seed)
 
+    def decompress_mean_add_into(self, payloads, out, seed=0):
+        """``out += (C(p_0) + ... + C(p_{N−1})) · (1/N)`` on CPU with the C kernels, in one pass
+        reading the N bit arrays (None, touching nothing, elsewhere)."""
+        numel = out.numel()
+        for payload in payloads:
+            check_payload(payload, self.payload_nbytes(numel), self.name, numel)
+        if not numel:
+            return None
+        layout = self._layout(numel)
+        bits = [layout.read(p, "bits") for p in payloads]
+        scales = [layout.read(p, "scale")[0] for p in payloads]
+        return out if bitpack.add_mean_signs(bits, scales, numel, out) else None
+
     def decompress_sub_add_into(self, own, payload, out, scratch, own_seed=0, seed=0):
         """``out ← (out − C(own)) + C(payload)``: the compensated update r_i + C(v) with
         r_i = x − C(x) formed here, ``out`` holding x and ``own`` its payload.  On CPU with the
