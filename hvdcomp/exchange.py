@@ -67,14 +67,16 @@ the algorithm's until ``worker_update`` of the same bucket and round: it may wri
 what it keeps longer.  Steps that are error feedback's residual x − C(x), declared
 (``Algorithm.worker_residual``, ``server_residual``), run fused with the compressor instead:
 x − C(x) written over x in the decoder's pass, and LIEC-SGD's and CSER's r_i kept in
-``update_into`` with C(v) decoded onto it (:mod:`hvdcomp.exchange_rounds`; docs/design.md,
-"The fused residual").  An
+``update_into`` with C(v) decoded onto it; the server's v = m + e, declared
+(``Algorithm.server_adds_mean_to``), is decoded onto e in one pass where the compressor can
+(:mod:`hvdcomp.exchange_rounds`; docs/design.md, "The fused residual").  An
 algorithm that reads C(p_i) only inside ``worker_sent`` declares ``keeps_worker_sent = False``
 (MEM-SGD, DoubleSqueeze), and the two-phase round then decodes C(p_i) into the caller's
 ``update_into`` instead (when p_i is not held there): such a rank keeps nothing but its errors.
 The two-phase server needs no buffer of its own: the update tensor it returns (the caller's
 ``update_into``, which the optimizer points at its reused bucket buffer, else fresh) is its
-scratch until the downlink arrives: the mean in its own chunk, then C(v) over the mean when the
+scratch until the downlink arrives (when it decodes the mean into a buffer): the mean in its
+own chunk, then C(v) over the mean when the
 algorithm keeps v in its own state (LIEC-SGD and DoubleSqueeze write v over their server error),
 else in a second chunk-sized region (also the decoder's addend where it needs one); in a
 "compensated" round, where r_i occupies the update, those two regions are the exchange's
