@@ -9,8 +9,9 @@ A spec has four tables (see docs/slurm.md for the full reference)::
     [cluster]    Slurm and launch settings; ``[cluster.env]`` holds exported variables
 
 This module only reads, validates and expands specs; :mod:`hvdcomp.slurmjobs` turns points into
-sbatch scripts. Every problem is a :class:`SpecError` that names the file, the line and the key,
-because a typo in a 64-point sweep should fail before anything reaches the queue.
+sbatch scripts. Every problem is a :class:`SpecError` that names the file, the line and the key
+(:mod:`hvdcomp.sweep_problems` locates them), because a typo in a 64-point sweep should fail
+before anything reaches the queue.
 
 Train options are checked against the real ``hvdcomp train`` Click command when it imports
 (:mod:`hvdcomp.sweep_options`), and their values the way train will check them in the job
@@ -19,7 +20,6 @@ found is reported at once, one ``file:line: key: problem`` line each.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -27,11 +27,11 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import UserError
 from .sweep_cluster import (_CLUSTER_KEYS, _ENV_NAME, _NAME, LAUNCHERS,  # noqa: F401
                             ClusterSettings, time_seconds)
+from .sweep_problems import SpecContext, SpecError, unknown_key_message
 from .sweep_options import (FALLBACK_TRAIN_OPTIONS, RANKS_KEY, RESERVED_TRAIN_OPTIONS,  # noqa: F401
                             TrainOption, TrainOptions, train_options)
 
@@ -39,57 +39,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python < 3.11 uses the backport (a dependency there)
     import tomli as tomllib
-
-
-class SpecError(UserError, ValueError):
-    """A sweep spec is malformed; the message names file, line and key, and the fix: one
-    ``file:line: key: problem`` line per problem found (``problems`` holds them)."""
-
-    def __init__(self, message: str, problems: Sequence[str] = ()):
-        super().__init__(message)
-        self.problems = list(problems) or [message]
-
-
-# ----------------------------------------------------------------------------------------------
-# Locating keys in the TOML text (tomllib keeps no positions)
-# ----------------------------------------------------------------------------------------------
-
-_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-
-
-def _normalise_header(text: str) -> Tuple[str, ...]:
-    return tuple(part.strip().strip('"').strip("'") for part in text.split("."))
-
-
-def find_line(text: str, table: Sequence[str], key: Optional[str] = None) -> int:
-    """1-based line of ``key`` inside ``[table]`` (or of the table header when ``key`` is None).
-
-    Scans the text: headers set the current table; ``key =`` (bare or quoted) inside it is the hit;
-    a dotted key ``table.key =`` written at the top level counts too. Returns the header's line, or
-    1, when the key cannot be found (e.g. inside an inline table)."""
-    table = tuple(table)
-    current: Tuple[str, ...] = ()
-    header_line = 1 if not table else 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header and "=" not in line.split("#", 1)[0].split("]")[0]:
-            current = _normalise_header(header.group(1))
-            if current == table and not header_line:
-                header_line = lineno
-            if key is not None and current[:len(table) + 1] == table + (key,):
-                return lineno  # the key is itself a table: [cluster] or [cluster.env]
-            continue
-        if key is None:
-            continue
-        # a dotted key (bare or quoted parts) followed by '='
-        m = re.match(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
-                     r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""", line)
-        if not m:
-            continue
-        dotted = current + _normalise_header(m.group(1))
-        if dotted == table + (key,):
-            return lineno
-    return header_line or 1
 
 
 _SWEEP_KEYS = {"name", "output", "description"}
@@ -130,57 +79,6 @@ class SweepSpec:
         raise KeyError(name)
 
 
-class _Context:
-    """File text and name, to turn a problem into ``file:line: key: message``; collects every
-    problem so that one run of render reports them all."""
-
-    def __init__(self, path: Path, text: str):
-        self.path, self.text = path, text
-        self.problems: List[str] = []
-
-    def error(self, table: Sequence[str], key: Optional[str], message: str) -> SpecError:
-        line = find_line(self.text, table, key)
-        where = ".".join(list(table) + ([key] if key else [])) or "(top level)"
-        return SpecError(f"{self.path}:{line}: {where}: {message}")
-
-    def report(self, table: Sequence[str], key: Optional[str], message: str) -> None:
-        self.add(self.error(table, key, message))
-
-    def add(self, error: SpecError) -> None:
-        for problem in error.problems:
-            if problem not in self.problems:
-                self.problems.append(problem)
-
-    def _line_of(self, problem: str) -> int:
-        line = problem[len(str(self.path)) + 1:].split(":", 1)[0]
-        return int(line) if line.isdigit() else 0
-
-    def attempt(self, check: Callable[..., Any], *args, **kwargs) -> Any:
-        """``check(*args)``, or None after recording the SpecError it raised."""
-        try:
-            return check(*args, **kwargs)
-        except SpecError as exc:
-            self.add(exc)
-            return None
-
-    def raise_problems(self) -> None:
-        if not self.problems:
-            return
-        self.problems.sort(key=self._line_of)  # in the order of the file
-        if len(self.problems) == 1:
-            raise SpecError(self.problems[0])
-        count = len(self.problems)
-        raise SpecError("\n".join(self.problems) + f"\n({count} problems in {self.path}; "
-                        "nothing was written or submitted)", self.problems)
-
-
-def _unknown_key_message(key: str, known: Iterable[str]) -> str:
-    known = sorted(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key {key!r}; {hint}known keys: {', '.join(known)}"
-
-
 def _value_name(value: Any) -> str:
     """A point-name fragment for one value: safe in file names and job names."""
     text = json.dumps(value) if not isinstance(value, str) else value
@@ -198,7 +96,7 @@ def point_name(varied: Mapping[str, Any], key_order: Sequence[str]) -> str:
     return "_".join(f"{key}-{_value_name(varied[key])}" for key in keys) or "default"
 
 
-def _check_train_value(ctx: _Context, table, key, value, options: TrainOptions,
+def _check_train_value(ctx: SpecContext, table, key, value, options: TrainOptions,
                        locate: Optional[str] = None):
     """Check one train option (or ``ranks``) and return (canonical name, value).
 
@@ -217,7 +115,7 @@ def _check_train_value(ctx: _Context, table, key, value, options: TrainOptions,
     option = options.lookup(key)
     if option is None:
         known = sorted(set(o.name for o in options.options.values()) - set(RESERVED_TRAIN_OPTIONS))
-        raise error(_unknown_key_message(key, known + [RANKS_KEY])
+        raise error(unknown_key_message(key, known + [RANKS_KEY])
                         + f" (train options from {options.source})")
     if isinstance(value, (dict, list)) and not (option.multiple and isinstance(value, list)):
         raise error(f"expected a single value, got {value!r}")
@@ -269,12 +167,12 @@ def parse_spec(data: Mapping[str, Any], path: Path, text: str,
                workdir: "str | Path | None" = None) -> SweepSpec:
     """Check every table, expand the points, then check the values the way train will
     (:mod:`hvdcomp.sweep_check`); every problem found is reported at once."""
-    ctx = _Context(Path(path), text)
+    ctx = SpecContext(Path(path), text)
     options = options or train_options()
 
     for key, value in data.items():
         if key not in _TOP_TABLES:
-            ctx.report((), key, _unknown_key_message(key, _TOP_TABLES))
+            ctx.report((), key, unknown_key_message(key, _TOP_TABLES))
         elif not isinstance(value, dict):
             ctx.report((), key, f"expected a table [{key}], got {type(value).__name__}")
     tables = {key: value for key, value in data.items()
@@ -313,10 +211,10 @@ class _ValueSite:
     prefix: str = ""
 
 
-def _parse_sweep_table(ctx: _Context, sweep: Mapping[str, Any]) -> Tuple[str, str, str]:
+def _parse_sweep_table(ctx: SpecContext, sweep: Mapping[str, Any]) -> Tuple[str, str, str]:
     for key in sweep:
         if key not in _SWEEP_KEYS:
-            ctx.report(("sweep",), key, _unknown_key_message(key, _SWEEP_KEYS))
+            ctx.report(("sweep",), key, unknown_key_message(key, _SWEEP_KEYS))
     for key in _SWEEP_KEYS & set(sweep):
         if not isinstance(sweep[key], str):
             ctx.report(("sweep",), key, f"expected a string, got {sweep[key]!r}")
@@ -330,7 +228,7 @@ def _parse_sweep_table(ctx: _Context, sweep: Mapping[str, Any]) -> Tuple[str, st
     return name, output if isinstance(output, str) else "", str(sweep.get("description", ""))
 
 
-def _parse_train_table(ctx: _Context, table: Mapping[str, Any], options: TrainOptions,
+def _parse_train_table(ctx: SpecContext, table: Mapping[str, Any], options: TrainOptions,
                        sites: List[_ValueSite]) -> Dict[str, Any]:
     train: Dict[str, Any] = {}
     for key, value in table.items():
@@ -341,7 +239,7 @@ def _parse_train_table(ctx: _Context, table: Mapping[str, Any], options: TrainOp
     return train
 
 
-def _parse_matrix(ctx: _Context, table: Mapping[str, Any], options: TrainOptions,
+def _parse_matrix(ctx: SpecContext, table: Mapping[str, Any], options: TrainOptions,
                   train: Mapping[str, Any], sites: List[_ValueSite]):
     """(axes, excludes, includes) of the [matrix] table."""
     axes: Dict[str, List[Any]] = {}
@@ -374,7 +272,7 @@ def _parse_matrix(ctx: _Context, table: Mapping[str, Any], options: TrainOptions
     return axes, excludes, includes
 
 
-def _matrix_entries(ctx: _Context, table: Mapping[str, Any], kind: str, options: TrainOptions,
+def _matrix_entries(ctx: SpecContext, table: Mapping[str, Any], kind: str, options: TrainOptions,
                     axes: Mapping[str, Any], sites: List[_ValueSite]) -> List[Dict[str, Any]]:
     entries = table.get(kind, [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -386,7 +284,7 @@ def _matrix_entries(ctx: _Context, table: Mapping[str, Any], kind: str, options:
         converted = {}
         for key, value in entry.items():
             if key != RANKS_KEY and options.lookup(key) is None:
-                ctx.report(("matrix",), kind, f"in {kind}: " + _unknown_key_message(
+                ctx.report(("matrix",), kind, f"in {kind}: " + unknown_key_message(
                     key, sorted(set(axes) | {RANKS_KEY})))
                 continue
             checked = ctx.attempt(_check_train_value, ctx, ("matrix",), key, value, options,
@@ -403,11 +301,11 @@ def _matrix_entries(ctx: _Context, table: Mapping[str, Any], kind: str, options:
     return result
 
 
-def _parse_cluster(ctx: _Context, table: Mapping[str, Any]) -> ClusterSettings:
+def _parse_cluster(ctx: SpecContext, table: Mapping[str, Any]) -> ClusterSettings:
     kwargs: Dict[str, Any] = {}
     for key, value in table.items():
         if key not in _CLUSTER_KEYS:
-            ctx.report(("cluster",), key, _unknown_key_message(key, _CLUSTER_KEYS))
+            ctx.report(("cluster",), key, unknown_key_message(key, _CLUSTER_KEYS))
             continue
         attr, check = _CLUSTER_KEYS[key]
         if key == "env":
@@ -431,7 +329,7 @@ def _parse_cluster(ctx: _Context, table: Mapping[str, Any]) -> ClusterSettings:
     return cluster
 
 
-def _parse_env(ctx: _Context, value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
+def _parse_env(ctx: SpecContext, value: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
     if not isinstance(value, dict):
         ctx.report(("cluster",), "env", "expected a table [cluster.env] of NAME = value")
         return None
@@ -446,7 +344,7 @@ def _parse_env(ctx: _Context, value: Any) -> Optional[Tuple[Tuple[str, str], ...
     return tuple(sorted(env.items()))
 
 
-def _expand(ctx: _Context, train, axes, excludes, includes, cluster: ClusterSettings):
+def _expand(ctx: SpecContext, train, axes, excludes, includes, cluster: ClusterSettings):
     """The points: product of the axes, minus excludes, plus includes; and where each came
     from (None: the product; i: include entry i)."""
     keys = list(axes)

@@ -31,7 +31,8 @@ from .sweep import SweepPoint, train_arguments
 from .sweep_options import RANKS_KEY, TrainOptions
 
 if TYPE_CHECKING:
-    from .sweep import _Context, _ValueSite
+    from .sweep import _ValueSite
+    from .sweep_problems import SpecContext
 
 #: Datasets read from files under --data-dir (the others are built in memory).
 FILE_DATASETS = ("cifar10", "cifar100", "tinyimagenet")
@@ -131,7 +132,7 @@ def option_arguments(options_table: TrainOptions, values: Mapping[str, Any]) -> 
     return train_arguments(point, options_table)
 
 
-def check_values(ctx: _Context, validator, sites: Sequence[_ValueSite],
+def check_values(ctx: SpecContext, validator, sites: Sequence[_ValueSite],
                   points: Sequence[SweepPoint], origins: Sequence[Optional[int]],
                   options: TrainOptions, keys: Sequence[str]) -> None:
     """Each value on its own, at its own line; then, when all are fine, each point as a whole

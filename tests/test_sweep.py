@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from hvdcomp import slurmjobs
 from hvdcomp.cli.main import cli
-from hvdcomp.sweep import (FALLBACK_TRAIN_OPTIONS, SpecError, find_line, load_spec, point_name,
+from hvdcomp.sweep import (FALLBACK_TRAIN_OPTIONS, SpecError, load_spec, point_name,
                            train_arguments, train_options)
+from hvdcomp.sweep_problems import find_line
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_SPECS = sorted((REPO / "jobs").glob("*.toml"))
