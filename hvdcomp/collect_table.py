@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .collect import NOT_OPTION_COLUMNS, Run, Skipped, _canonical, _is_number
+from .collect import NOT_OPTION_COLUMNS, _canonical
+from .run_dirs import Run, Skipped, is_number
 from .plots import IN_METHOD_NAME
 
 #: Metric columns of the readable formats (the machine formats keep every column).
@@ -110,16 +111,16 @@ def preamble(lay: Layout) -> List[str]:
 def display(column: str, value: Any) -> str:
     if value is None:
         return "-"
-    if column in ("final_accuracy", "best_accuracy") and _is_number(value):
+    if column in ("final_accuracy", "best_accuracy") and is_number(value):
         return f"{100 * value:.2f}%"
-    if column in ("bytes_up", "bytes_down") and _is_number(value):
+    if column in ("bytes_up", "bytes_down") and is_number(value):
         from .train.results import human_bytes
         return human_bytes(value)
-    if column in ("compression_ratio", "ratio_up", "ratio_down") and _is_number(value):
+    if column in ("compression_ratio", "ratio_up", "ratio_down") and is_number(value):
         return f"{value:.1f}x"
-    if column in ("wall_time", "time_to_target") and _is_number(value):
+    if column in ("wall_time", "time_to_target") and is_number(value):
         return f"{value:.1f} s"
-    if column == "samples_per_s" and _is_number(value):
+    if column == "samples_per_s" and is_number(value):
         return f"{value:.0f}"
     if isinstance(value, float):
         return f"{value:g}"
