@@ -127,6 +127,14 @@ def subtracts_in_pass(compressor: Compressor) -> bool:
     return type(compressor).decompress_sub_into is not Compressor.decompress_sub_into
 
 
+def adds_mean_in_pass(compressor: Compressor) -> bool:
+    """Whether ``compressor`` may add the mean of N payloads onto a tensor in its decoder's pass
+    (its own ``decompress_mean_add_into``, ``sign``; which still returns None where it cannot,
+    e.g. off the C kernels)."""
+    return (type(compressor).decompress_mean_add_into
+            is not Compressor.decompress_mean_add_into)
+
+
 def _norm_args(bucket, unscaled) -> dict:
     """The keyword arguments a ``needs_bucket_norm`` compressor takes, those that are given."""
     given = {"bucket": bucket, "unscaled": unscaled}

@@ -27,7 +27,7 @@ import torch
 
 from .comm.base import Handle
 from .compressors._wire import allocate
-from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into,
+from .exchange_codec import (adds_mean_in_pass, chunk_bounds, decode_into, decode_mean_into,
                              deferred_residual_chunks, own_payload,
                              payload_nbytes, residual_chunks, residual_into, subtracts_in_pass,
                              roundtrip_chunks_into, roundtrip_into, server_bucket_norm, split,
@@ -204,7 +204,7 @@ def _mean_added_in_pass(algo, up, key: str, payloads, seed: int, numel: int,
     step or the compressor cannot.  In the first round e is created as −0.0, the additive
     identity (−0.0 + m is m, +0.0 included), so that no round writes m into a buffer."""
     field = algo.server_adds_mean_to
-    if field is None or not numel:
+    if field is None or not numel or not adds_mean_in_pass(up):
         return None
     errors = getattr(algo, field)
     error = errors.get(key)

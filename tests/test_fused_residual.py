@@ -17,9 +17,9 @@ from hvdcomp.comm.simulator import simulate
 from hvdcomp.compressors import _native, from_spec
 from hvdcomp.exchange import Exchange, finish_in_order
 from hvdcomp.exchange_buffers import held_bytes
-from hvdcomp.exchange_codec import (chunk_bounds, decode_mean_into, residual_chunks, residual_into,
-                                    roundtrip_chunks_into, roundtrip_into, subtracts_in_pass,
-                                    worker_bucket_norm)
+from hvdcomp.exchange_codec import (adds_mean_in_pass, chunk_bounds, decode_mean_into,
+                                    residual_chunks, residual_into, roundtrip_chunks_into,
+                                    roundtrip_into, subtracts_in_pass, worker_bucket_norm)
 
 ROADS = ["native", "reference"] if _native.library() is not None else ["reference"]
 COMPRESSORS = ["sign", "chunksign", "blocksign:block=64", "topk:ratio=0.1", "qsgd", "none"]
@@ -130,6 +130,12 @@ def test_the_servers_v_in_one_pass_is_the_decoded_mean_then_added_bit_for_bit(sp
 def test_only_sign_subtracts_in_its_decoders_pass():
     assert subtracts_in_pass(from_spec("sign")) and subtracts_in_pass(from_spec("chunksign"))
     assert not subtracts_in_pass(from_spec("topk:ratio=0.1"))
+
+
+def test_only_sign_adds_the_mean_in_its_decoders_pass():
+    assert adds_mean_in_pass(from_spec("sign")) and adds_mean_in_pass(from_spec("chunksign"))
+    assert not any(adds_mean_in_pass(from_spec(spec))
+                   for spec in ("topk:ratio=0.1", "qsgd", "none", "blocksign"))
 
 
 def _rounds(comm, name, up, down, fused):
