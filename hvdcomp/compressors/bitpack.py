@@ -207,10 +207,10 @@ def add_mean_signs(packed: "list[torch.Tensor]", scales: "list[torch.Tensor]", n
     the sum to ``out``."""
     if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel or not packed:
         return False
-    tables = [_scaled_sign_table(p.device, torch.float32, s) for p, s in zip(packed, scales)]
-    lib = _native.usable(out, *packed, *tables)
+    lib = _native.usable(out, *packed)       # before the tables: none is built in vain on a GPU
     if lib is None:
         return False
+    tables = [_scaled_sign_table(p.device, torch.float32, s) for p, s in zip(packed, scales)]
     _native.sign_mean_add(lib, list(packed), tables, numel, 1.0 / len(packed), out)
     return True
 
