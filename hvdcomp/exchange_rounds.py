@@ -162,11 +162,11 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     # server: v = m + e, m the N payloads of the chunk this rank owns averaged in rank order:
     # in one pass over e where the algorithm and the compressor allow
     # (Algorithm.server_adds_mean_to), else m decoded into scratch for server_message to add
-    server_message = _mean_added_in_pass(algo, up, key, payloads, ex.seed_for(key, "up", ex.rank),
-                                         stop - start, update)
+    up_seed, mean = ex.seed_for(key, "up", ex.rank), None
+    server_message = _mean_added_in_pass(algo, up, key, payloads, up_seed, stop - start, update)
     if server_message is None:
         mean, other = scratch()
-        decode_mean_into(up, payloads, mean, other, ex.seed_for(key, "up", ex.rank))
+        decode_mean_into(up, payloads, mean, other, up_seed)
         server_message = algo.server_message(key, mean)
     del payloads
     # the norm's pass over v also packs its bits (unscaled), for the compressors that can
@@ -178,7 +178,7 @@ def serve_two_phase(ex, handle: ExchangeHandle) -> None:
     # (LIEC-SGD, DoubleSqueeze write v over their server error) leaves the other region alone,
     # and when its server_sent is the residual e ← v − C(v) it is written over v in the
     # compressor's pass (Algorithm.server_residual)
-    v_in_scratch = bool(taken) and _same_storage(server_message, taken[0])
+    v_in_scratch = mean is not None and _same_storage(server_message, mean)
     if algo.server_residual and not v_in_scratch and not _same_storage(server_message, update):
         payload = residual_into(algo.down, server_message, lambda numel: scratch()[1][:numel],
                                 seed, bucket, unscaled)
