@@ -1,5 +1,6 @@
-"""The compressors' CPU fast path: a few C kernels (:mod:`._native_src`) built with the system C
-compiler on first use and loaded with ``ctypes``.
+"""The compressors' CPU fast path: a few C kernels (:mod:`._native_src`,
+:mod:`._native_src_codes`) built with the system C compiler on first use and loaded with
+``ctypes``.
 
 Why C and not ``torch.compile``: the kernels must give the pure-torch reference's bytes exactly,
 and a reduction compiled by Inductor sums in its own order (the L1 norm's last bit would differ);
