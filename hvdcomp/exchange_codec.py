@@ -16,7 +16,7 @@ order: the same total on every rank).
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -161,17 +161,21 @@ def residual_into(compressor: Compressor, x: torch.Tensor, scratch: Callable[[in
 
 
 def residual_chunks(compressor: Compressor, x: torch.Tensor, bounds: Sequence[Tuple[int, int]],
-                    scratch: Callable[[int], torch.Tensor],
-                    seeds: Sequence[int]) -> List[torch.Tensor]:
+                    scratch: Callable[[int], torch.Tensor], seeds: Sequence[int],
+                    addend: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """The worker's uplink with its residual in place: each chunk's payload, as
     :func:`roundtrip_chunks_into` gives them, and ``x ← x − C(x)`` over the whole bucket
-    (``scratch`` as for :func:`residual_into`)."""
+    (``scratch`` as for :func:`residual_into`).  With ``addend``, ``x`` is first
+    ``torch.add(addend, x, out=x)`` (p = g + e): in the encoder's pass where the compressor
+    has one over the whole bucket (``residual_chunks_into``, ``sign``)."""
     chunks = getattr(compressor, "residual_chunks_into", None)
     if chunks is not None and x.numel():
-        payloads = chunks(x, bounds)
+        payloads = chunks(x, bounds) if addend is None else chunks(x, bounds, addend)
         for (a, b), payload in zip(bounds, payloads):
             _check_payload(compressor, x[a:b], payload)
         return payloads
+    if addend is not None:
+        torch.add(addend, x, out=x)
     bucket = worker_bucket_norm(compressor, x)       # of the whole bucket, before it changes
     return [residual_into(compressor, x[a:b], scratch, seed, bucket)
             for (a, b), seed in zip(bounds, seeds)]

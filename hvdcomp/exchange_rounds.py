@@ -61,7 +61,10 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     algo, up = ex.algorithm, ex.uplink(key)
     bounds = chunk_bounds(flat.numel(), ex.size, ex.alignment)
     seeds = [ex.seed_for(key, "up", j) for j in range(len(bounds))]
-    message = algo.worker_message(key, flat)
+    # p_i = g_i + e_i, added in the encoder's pass over e_i where the algorithm and the
+    # compressor allow (Algorithm.worker_adds_gradient_to), else by worker_message
+    error = _error_to_add_gradient_to(algo, up, key, flat)
+    message = error if error is not None else algo.worker_message(key, flat)
     residual = _fused_worker_residual(algo, up, message, flat, update_into)
     deferred = (deferred_residual_chunks(up, algo.down, message, bounds)
                 if residual == "compensated" else None)
@@ -72,7 +75,8 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     elif residual:
         # p_i ← p_i − C(p_i) in the compressor's pass (Algorithm.worker_residual): the error
         # is in place in the algorithm's storage ("kept") or in update_into ("compensated")
-        payloads = residual_chunks(up, message, bounds, _scratch(ex, message), seeds)
+        payloads = residual_chunks(up, message, bounds, _scratch(ex, message), seeds,
+                                   addend=None if error is None else flat)
     else:
         # C(p_i), chunk by chunk, decoded straight into one buffer (no torch.cat)
         sent = _worker_sent_buffer(ex, key, message, update_into)
@@ -86,6 +90,22 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     return ExchangeHandle(key, ex.round, "two_phase", flat.shape, flat.dtype, pending,
                           bounds=bounds, compensated=residual == "compensated",
                           own_payloads=deferred)
+
+
+def _error_to_add_gradient_to(algo, up, key: str, flat: torch.Tensor) -> Optional[torch.Tensor]:
+    """The algorithm's e_i (``worker_adds_gradient_to``), p_i not yet written over it, when
+    this round adds g_i in the encoder's pass: the residual is "kept" and fused
+    (:func:`_fused_worker_residual`), which is where the addition happens
+    (:func:`hvdcomp.exchange_codec.residual_chunks`).  None where the algorithm declares no
+    such step, ``up`` cannot fuse the residual, or e_i does not exist yet (the first round:
+    ``worker_message`` creates it as g_i's copy)."""
+    field = algo.worker_adds_gradient_to
+    if field is None or algo.worker_residual != "kept" or not subtracts_in_pass(up):
+        return None
+    error = getattr(algo, field).get(key)
+    if error is None or _same_storage(error, flat):
+        return None
+    return error
 
 
 def _fused_worker_residual(algo, up, message: torch.Tensor, flat: torch.Tensor,

@@ -5,6 +5,7 @@ buffer, which is also ``update_into``.  Run under a launcher, one thread per ran
 
     mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/profile_round.py liec
     mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/profile_round.py liec:exact
+    mpirun -np 2 -x OMP_NUM_THREADS=1 python scripts/profile_round.py memsgd
 
 ``liec:exact`` profiles LIEC-SGD's exact rounds instead (period 1), with the bucket's parameters
 averaged as the optimizer does.
@@ -17,7 +18,7 @@ import time
 import horovod.torch as hvd
 import torch
 
-from hvdcomp.algorithms import make_algorithm
+from hvdcomp.algorithms import ALGORITHMS, make_algorithm
 from hvdcomp.comm.horovod import HorovodCommunicator
 from hvdcomp.exchange import Exchange
 
@@ -31,7 +32,8 @@ def main(spec: str) -> None:
     comm = HorovodCommunicator()
     grad = torch.randn(NUMEL, generator=torch.Generator().manual_seed(comm.rank))
     options = {"period": 1} if exact else {}
-    exchange = Exchange(make_algorithm(algorithm, up="sign", down="sign", **options), comm)
+    down = "sign" if ALGORITHMS[algorithm].compresses_downlink else None   # MEM-SGD: dense
+    exchange = Exchange(make_algorithm(algorithm, up="sign", down=down, **options), comm)
     params = [grad.clone()] if exact else []    # the bucket's parameters, averaged in place
     exchange.prepare({"b": (NUMEL, torch.float32)})
 

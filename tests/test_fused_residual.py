@@ -80,6 +80,31 @@ def test_worker_chunks_residual_equals_roundtrip_then_subtract(spec, road_name):
 
 
 @pytest.mark.parametrize("road_name", ROADS)
+@pytest.mark.parametrize("spec", ["sign", "chunksign", "topk:ratio=0.1"])
+def test_the_gradient_added_in_the_encoders_pass_is_add_then_residual_bit_for_bit(spec,
+                                                                                  road_name):
+    """p = g + e written over e in the encoder's pass (``residual_chunks(..., addend=g)``, the
+    worker step of MEM-SGD and DoubleSqueeze) equals ``torch.add(g, e, out=e)`` followed by the
+    residual: the same payloads, and the same e − C(e) left in e, signed zeros included."""
+    compressor = from_spec(spec)
+    with road(road_name):
+        for numel, n in [(1000, 3), (4096, 2), (7, 2), (600_003, 2), (0, 2)]:
+            gradient, error = _vector(numel, numel + n), _vector(numel, 7 * n) / 3
+            error[2::29] = -error[2::29].abs() - 1.0
+            gradient[2::29] = -error[2::29]          # sums of exactly +0.0
+            error[3::31], gradient[3::31] = -0.0, -0.0   # and of −0.0
+            bounds, seeds = chunk_bounds(numel, n), list(range(n))
+            expected = torch.add(gradient, error)
+            expected_payloads = [p.clone() for p in residual_chunks(
+                compressor, expected, bounds, _scratch_of(numel), seeds)]
+            out = error.clone()
+            payloads = residual_chunks(compressor, out, bounds, _scratch_of(numel), seeds,
+                                       addend=gradient)
+            assert all(torch.equal(a, b) for a, b in zip(payloads, expected_payloads)), numel
+            assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), numel
+
+
+@pytest.mark.parametrize("road_name", ROADS)
 @pytest.mark.parametrize("spec", ["sign", "chunksign"])
 def test_the_compensated_update_in_one_pass_is_subtract_then_add_bit_for_bit(spec, road_name):
     """(x − C(x)) + C(v) from both payloads at once (the deferred r_i of LIEC-SGD and CSER)
@@ -145,7 +170,7 @@ def _rounds(comm, name, up, down, fused):
     algo = make_algorithm(name, up=up, down=down, **hyper)
     if not fused:           # the five steps as written
         algo.worker_residual, algo.server_residual = None, False
-        algo.server_adds_mean_to = None
+        algo.server_adds_mean_to = algo.worker_adds_gradient_to = None
     exchange = Exchange(algo, comm)
     updates = []
     for step in range(5):
@@ -179,6 +204,29 @@ def test_fused_rounds_equal_the_five_steps_bit_for_bit(name, up, down, n, road_n
             assert tensors.keys() == expected_state[field].keys(), field
             for key, tensor in tensors.items():
                 assert torch.equal(tensor, expected_state[field][key]), (rank, field, key)
+
+
+@pytest.mark.parametrize("name", ["memsgd", "doublesqueeze"])
+def test_the_worker_adds_the_gradient_in_the_encoders_pass_after_the_first_round(name):
+    """With ``sign`` on the C road, ``worker_message`` runs in the first round only (it creates
+    e_i as g_i's copy); every later round adds g_i in the encoder's pass, so the bit-for-bit
+    comparison above compares the fused step, not the five steps with themselves."""
+    if _native.library() is None:
+        pytest.skip("the C kernels are not built here")
+
+    def count_messages(comm):
+        algo = make_algorithm(name, up="sign", down="sign" if name == "doublesqueeze" else None)
+        calls = []
+        written = algo.worker_message
+        algo.worker_message = lambda key, grad: calls.append(key) or written(key, grad)
+        exchange = Exchange(algo, comm)
+        for step in range(3):
+            flat = _vector(4096, 10 * comm.rank + step)
+            exchange.finish(exchange.start("b", flat, update_into=flat))
+            exchange.end_round()
+        return calls
+    with road("native"):
+        assert simulate(2, count_messages) == [["b"], ["b"]]
 
 
 @pytest.mark.parametrize("n", [2, 3])

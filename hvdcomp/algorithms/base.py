@@ -96,6 +96,13 @@ class Algorithm(TrainingMethod):
     #: payloads onto e in one pass (``Compressor.decompress_mean_add_into``: ``sign``) instead of
     #: decoding m into a buffer for ``server_message`` to add.  None: the step runs as written.
     server_adds_mean_to: Optional[str] = None
+    #: The state field (a dict of tensors keyed by bucket) onto which ``worker_message`` adds
+    #: the gradient once the bucket's entry exists, ``torch.add(g, e, out=e)``, returning it:
+    #: p_i = g_i + e_i written over e_i (MEM-SGD, DoubleSqueeze; with ``worker_residual``
+    #: "kept").  Declared so that the two-phase exchange may add g_i in the encoder's pass
+    #: (``sign``'s ``residual_chunks_into``) instead of a pass of its own.  None: the step runs
+    #: as written.
+    worker_adds_gradient_to: Optional[str] = None
 
     def __init__(self, up: "Compressor | str" = "none", down: "Compressor | str | None" = None):
         self.up = from_spec(up)

@@ -31,6 +31,7 @@ class DoubleSqueeze(Algorithm):
     state_fields = ("worker_error", "server_error")
     keeps_worker_sent = False     # C(p_i) is read once, by worker_sent
     worker_residual = "kept"      # δ_i ← p_i − C(p_i), p_i in δ_i's storage
+    worker_adds_gradient_to = "worker_error"  # p_i = g_i + δ_i, written over δ_i
     server_residual = True        # δ ← v − C(v), v in δ's storage
     server_adds_mean_to = "server_error"  # v = m + δ, written over δ
     info = MethodInfo(

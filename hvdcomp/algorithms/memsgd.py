@@ -38,6 +38,7 @@ class MemSGD(Algorithm):
     state_fields = ("worker_error",)
     keeps_worker_sent = False     # C(p_i) is read once, by worker_sent
     worker_residual = "kept"      # e_i ← p_i − C(p_i), p_i in e_i's storage
+    worker_adds_gradient_to = "worker_error"  # p_i = g_i + e_i, written over e_i
 
     def __init__(self, up="none", down=None):
         super().__init__(up, down)

@@ -55,7 +55,7 @@ _tried = False
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "hv_init": (None, []),
-    "hv_sign_encode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
+    "hv_sign_encode_f32": (None, [_ptr, _ptr, _i64, _ptr, _ptr, _int]),
     "hv_l1_bins_f32": (None, [_ptr, _i64, _ptr, _int]),
     "hv_sign_decode_f32": (None, [_ptr, _i64, _ptr, _ptr, _int]),
     "hv_sign_decode_add_f32": (None, [_ptr, _i64, _ptr, _ptr, _int, ctypes.c_float, _int]),
@@ -200,10 +200,13 @@ def threads(numel: int) -> int:
 
 
 def sign_encode(lib: ctypes.CDLL, x: torch.Tensor, bits: torch.Tensor,
-                bins: "torch.Tensor | None") -> None:
+                bins: "torch.Tensor | None", addend: "torch.Tensor | None" = None) -> None:
     """Sign bits of float32 ``x`` into ``bits``; with ``bins`` (256 int64, zeroed), also its L1
-    exponent bins (integer sums: the threads' pieces add up to the same bins in any order)."""
-    lib.hv_sign_encode_f32(x.data_ptr(), x.numel(), bins.data_ptr() if bins is not None else None,
+    exponent bins (integer sums: the threads' pieces add up to the same bins in any order).
+    With ``addend`` (float32, ``x``'s size), ``x`` is first written as ``addend + x``, in the
+    same pass, and the sums are encoded (as ``torch.add(addend, x, out=x)`` before)."""
+    lib.hv_sign_encode_f32(addend.data_ptr() if addend is not None else None, x.data_ptr(),
+                           x.numel(), bins.data_ptr() if bins is not None else None,
                            bits.data_ptr(), threads(x.numel()))
 
 

@@ -140,10 +140,17 @@ static inline void bin64(const float *x, bins_t bins, int table) {
     bin_elements((const uint32_t *)x, 64, bins);
 }
 
-/* Sign bytes of n elements (n a multiple of 64) and, with bins, their L1 bins. */
-static void encode_blocks(const float *x, int64_t n, bins_t bins, uint8_t *bits) {
+/* x[i] = g[i] + x[i] for n elements (one float addition each, as torch.add(g, x, out=x)). */
+static inline void add_into(const float *g, float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = g[i] + x[i];
+}
+
+/* Sign bytes of n elements (n a multiple of 64) and, with bins, their L1 bins; with g, each
+   block of 64 is first written as g + x, so the sum is encoded while it is in cache. */
+static void encode_blocks(const float *g, float *x, int64_t n, bins_t bins, uint8_t *bits) {
     for (int64_t b = 0; b < n / 64; b++) {
-        const float *block = x + 64 * b;
+        float *block = x + 64 * b;
+        if (g) add_into(g + 64 * b, block, 64);
         for (int k = 0; k < 8; k++) bits[8 * b + k] = encode8(block + 8 * k, NULL);
         if (bins) bin64(block, bins, (int)(b & (TABLES - 1)));
     }
@@ -175,14 +182,16 @@ static void add_tables(bins_t local, int64_t *bins) {
 }
 
 /* Sign bits of x[0..n) into bits[0..ceil(n/8)); when bins is not NULL, also ADD the L1 bins of
-   x into bins[256]. */
-static void sign_encode(const float *x, int64_t n, int64_t *bins, uint8_t *bits) {
+   x into bins[256].  When g is not NULL, x is first written as g + x (x is read-only
+   otherwise): the worker's p = g + e written over e in the encoder's pass. */
+static void sign_encode(const float *g, float *x, int64_t n, int64_t *bins, uint8_t *bits) {
     int64_t whole = n / 8;
     int tail = (int)(n % 8);
     int64_t blocks = n / 64 * 64;
     bins_t local;
     memset(local, 0, sizeof local);
-    encode_blocks(x, blocks, bins ? local : NULL, bits);
+    encode_blocks(g, x, blocks, bins ? local : NULL, bits);
+    if (g) add_into(g + blocks, x + blocks, n - blocks);
     for (int64_t q = blocks / 8; q < whole; q++)
         bits[q] = encode8(x + 8 * q, bins ? local : NULL);
     if (tail) {
@@ -271,14 +280,17 @@ static void sign_mean_add(const uint8_t *const *bits, const float *const *tables
 }
 
 /* --- exported kernels: one OpenMP region each, a piece per thread ------------------------ */
-/* Sign bits of x[0..n) into bits; with bins (256 int64), also ADD the L1 bins of x to them. */
-void hv_sign_encode_f32(const float *x, int64_t n, int64_t *bins, uint8_t *bits, int threads) {
+/* Sign bits of x[0..n) into bits; with bins (256 int64), also ADD the L1 bins of x to them;
+   with g, x is first written as g + x and the sums are encoded (x is not written otherwise). */
+void hv_sign_encode_f32(const float *g, float *x, int64_t n, int64_t *bins, uint8_t *bits,
+                        int threads) {
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         int64_t start, stop, mine[256];
         memset(mine, 0, sizeof mine);
         piece(n, THREAD_ID, THREAD_COUNT, &start, &stop);
-        sign_encode(x + start, stop - start, bins ? mine : NULL, bits + start / 8);
+        sign_encode(g ? g + start : NULL, x + start, stop - start, bins ? mine : NULL,
+                    bits + start / 8);
         if (bins) {
             #pragma omp critical
             for (int e = 0; e < 256; e++) bins[e] += mine[e];

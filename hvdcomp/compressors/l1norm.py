@@ -123,16 +123,23 @@ def l1_norm(x: torch.Tensor) -> torch.Tensor:
     return norm_from_bins(_native.l1_bins(lib, x32))
 
 
-def signs_and_norm(x: torch.Tensor, bits: torch.Tensor, want_norm: bool):
+def signs_and_norm(x: torch.Tensor, bits: torch.Tensor, want_norm: bool,
+                   addend: "torch.Tensor | None" = None):
     """Pack the sign bits of the 1-D tensor ``x`` into ``bits`` (as :func:`.bitpack.pack_signs`)
     and return ‖x‖₁ (as :func:`l1_norm`) when ``want_norm``, else None: one pass over float32
-    CPU input on the fast road."""
+    CPU input on the fast road.  With ``addend`` (``x``'s size and dtype), ``x`` is first
+    written as ``torch.add(addend, x, out=x)``, in the same pass on the fast road, and the sum
+    is what is encoded."""
     from . import bitpack
-    lib = _native.usable(x, bits) if x.dtype == torch.float32 else None
+    tensors = (x, bits) if addend is None else (x, bits, addend)
+    fp32 = all(t.dtype == torch.float32 for t in tensors if t is not bits)
+    lib = _native.usable(*tensors) if fp32 else None
     if lib is None:
+        if addend is not None:
+            torch.add(addend, x, out=x)
         norm = l1_norm(x) if want_norm else None
         bitpack.pack_signs(x, bits)
         return norm
     bins = torch.zeros(256, dtype=torch.int64) if want_norm else None
-    _native.sign_encode(lib, x, bits, bins)
+    _native.sign_encode(lib, x, bits, bins, addend)
     return norm_from_bins(bins) if want_norm else None
