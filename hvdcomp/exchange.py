@@ -68,8 +68,10 @@ what it keeps longer.  Steps that are error feedback's residual x − C(x), decl
 (``Algorithm.worker_residual``, ``server_residual``), run fused with the compressor instead:
 x − C(x) written over x in the decoder's pass, and LIEC-SGD's and CSER's r_i kept in
 ``update_into`` with C(v) decoded onto it; the server's v = m + e, declared
-(``Algorithm.server_adds_mean_to``), is decoded onto e in one pass where the compressor can
-(:mod:`hvdcomp.exchange_rounds`; docs/design.md, "The fused residual").  An
+(``Algorithm.server_adds_mean_to``), is decoded onto e in one pass where the compressor can,
+and so is the worker's p_i = g_i + e_i added in the encoder's pass
+(``Algorithm.worker_adds_gradient_to``) (:mod:`hvdcomp.exchange_rounds`; docs/design.md, "The
+fused residual").  An
 algorithm that reads C(p_i) only inside ``worker_sent`` declares ``keeps_worker_sent = False``
 (MEM-SGD, DoubleSqueeze), and the two-phase round then decodes C(p_i) into the caller's
 ``update_into`` instead (when p_i is not held there): such a rank keeps nothing but its errors.
