@@ -26,7 +26,7 @@ def _load(spec_path: Path, check_values: bool = True):
     A SPEC that is no file but the name of a shipped example (``smoke-digits``) is that example."""
     from hvdcomp.shipped_files import resolve_spec
     from hvdcomp.sweep import load_spec
-    from hvdcomp.slurmjobs import sweep_paths
+    from hvdcomp.slurm_render import sweep_paths
     spec = load_spec(resolve_spec(spec_path), validator=None if check_values else False)
     return spec, sweep_paths
 
@@ -44,7 +44,7 @@ def command() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the scripts instead of writing them.")
 def render_cmd(spec: Path, output, dry_run: bool) -> None:
     """Write one sbatch script per sweep point to OUTPUT/scripts/."""
-    from hvdcomp.slurmjobs import render
+    from hvdcomp.slurm_render import render
     sweep, sweep_paths = _load(spec)
     paths = sweep_paths(sweep, output)
     scripts = render(sweep, paths, write=not dry_run)

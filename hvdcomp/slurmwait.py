@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .errors import UserError
-from .slurmjobs import PointStatus, SweepPaths, load_records, status
+from .slurm_render import SweepPaths
+from .slurmjobs import PointStatus, load_records, status
 from .slurmquery import TERMINAL_STATES, SlurmRefused
 from .sweep import SweepSpec
 

@@ -8,7 +8,7 @@ A spec has four tables (see docs/slurm.md for the full reference)::
                  ``exclude = [{...}]`` removing points and ``include = [{...}]`` adding points
     [cluster]    Slurm and launch settings; ``[cluster.env]`` holds exported variables
 
-This module only reads, validates and expands specs; :mod:`hvdcomp.slurmjobs` turns points into
+This module only reads, validates and expands specs; :mod:`hvdcomp.slurm_render` turns points into
 sbatch scripts. Every problem is a :class:`SpecError` that names the file, the line and the key
 (:mod:`hvdcomp.sweep_problems` locates them), because a typo in a 64-point sweep should fail
 before anything reaches the queue.

@@ -36,7 +36,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from hvdcomp.errors import UserError
-    from hvdcomp.slurmjobs import sweep_paths
+    from hvdcomp.slurm_render import sweep_paths
     from hvdcomp.sweep import load_spec, train_arguments
     try:
         spec = load_spec(args.spec)

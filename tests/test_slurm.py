@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hvdcomp import slurmjobs, slurmquery
+from hvdcomp import slurm_render, slurmjobs, slurmquery
 from hvdcomp.slurmwait import wait
 from hvdcomp.cli.main import cli
 from hvdcomp.sweep import load_spec
@@ -126,7 +126,7 @@ def test_smoke_sweep_runs_to_completed_and_collects(slurm_cluster, job_env, tmp_
     out = tmp_path / "sweep"
     runner = CliRunner()
     spec = load_spec(SMOKE)
-    paths = slurmjobs.SweepPaths(out)
+    paths = slurm_render.SweepPaths(out)
     try:
         result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out)])
         assert result.exit_code == 0, result.output
@@ -204,7 +204,7 @@ setup = ["if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi"]
 OMP_NUM_THREADS = 1
 """)
     out = tmp_path / "sweep"
-    spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
+    spec, paths = load_spec(spec_path), slurm_render.SweepPaths(out)
     runner = CliRunner()
     try:
         result = runner.invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
@@ -249,7 +249,7 @@ def test_the_job_exit_code_is_the_failed_ranks_not_sruns(slurm_cluster, job_env,
     spec_path.write_text(f'[sweep]\nname = "race"\n[train]\nranks = 2\nsteps = 1\n[cluster]\n'
                          f'time = "00:05:00"\ntasks-per-node = 2\nhvdcomp = "{rank}"\n')
     out = tmp_path / "sweep"
-    spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
+    spec, paths = load_spec(spec_path), slurm_render.SweepPaths(out)
     try:
         result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])
         assert result.exit_code == 0, result.output
@@ -263,7 +263,7 @@ def test_the_job_exit_code_is_the_failed_ranks_not_sruns(slurm_cluster, job_env,
 
 def test_held_jobs_are_skipped_then_cancelled(slurm_cluster, job_env, tmp_path: Path):
     out = tmp_path / "sweep"
-    spec, paths = load_spec(SMOKE), slurmjobs.SweepPaths(out)
+    spec, paths = load_spec(SMOKE), slurm_render.SweepPaths(out)
     runner = CliRunner()
     try:
         result = runner.invoke(cli, ["slurm", "submit", str(SMOKE), "--out", str(out),
@@ -337,7 +337,7 @@ def test_shipped_scripts_pass_sbatch_test_only(slurm_cluster, job_env, spec_path
     for GPU nodes this machine does not have, so the size of the request is overridden on the
     command line (which takes precedence over #SBATCH lines); everything else is as rendered."""
     spec = load_spec(spec_path)
-    scripts = slurmjobs.render(spec, slurmjobs.SweepPaths(tmp_path), write=True, workdir=REPO)
+    scripts = slurm_render.render(spec, slurm_render.SweepPaths(tmp_path), write=True, workdir=REPO)
     fit_here = [f"--partition={slurm_cluster}", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
                 "--cpus-per-task=1", "--gpus-per-node=0", "--mem=0"]
     for script in scripts:
@@ -367,7 +367,7 @@ def test_requeued_job_resumes_exactly(slurm_cluster, job_env, tmp_path: Path):
                          'source .venv/bin/activate; fi"]\n'
                          '[cluster.env]\nOMP_NUM_THREADS = 1\n')
     out = tmp_path / "sweep"
-    spec, paths = load_spec(spec_path), slurmjobs.SweepPaths(out)
+    spec, paths = load_spec(spec_path), slurm_render.SweepPaths(out)
     [point] = spec.points
     try:
         result = CliRunner().invoke(cli, ["slurm", "submit", str(spec_path), "--out", str(out)])

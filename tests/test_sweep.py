@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hvdcomp import slurmjobs
+from hvdcomp import slurm_render
 from hvdcomp.cli.main import cli
 from hvdcomp.sweep import (FALLBACK_TRAIN_OPTIONS, SpecError, load_spec, point_name,
                            train_arguments, train_options)
@@ -187,8 +187,8 @@ def test_train_arguments_are_sorted_and_flags_have_no_value(tmp_path: Path):
 
 def render_text(tmp_path: Path, text: str, point: int = 0) -> str:
     spec = load_spec(write_spec(tmp_path, text))
-    paths = slurmjobs.SweepPaths(tmp_path / "sweep")
-    return slurmjobs.render(spec, paths, write=False, workdir=tmp_path)[point].text
+    paths = slurm_render.SweepPaths(tmp_path / "sweep")
+    return slurm_render.render(spec, paths, write=False, workdir=tmp_path)[point].text
 
 
 def test_rendered_script_for_srun(tmp_path: Path):
@@ -274,7 +274,7 @@ def test_rendering_is_deterministic(tmp_path: Path):
 def test_shipped_specs_load_and_render(spec_path: Path, tmp_path: Path):
     spec = load_spec(spec_path)
     assert spec.points
-    scripts = slurmjobs.render(spec, slurmjobs.SweepPaths(tmp_path), write=True, workdir=REPO)
+    scripts = slurm_render.render(spec, slurm_render.SweepPaths(tmp_path), write=True, workdir=REPO)
     assert sorted(p.name for p in (tmp_path / "scripts").iterdir()) == sorted(
         f"{p.name}.sbatch" for p in spec.points)
     for script in scripts:
@@ -494,12 +494,12 @@ def test_points_with_equal_resources_form_one_job_array(tmp_path: Path):
     make two arrays; task i of an array runs the script of point i; %K caps each."""
     spec = load_spec(write_spec(tmp_path, MINIMAL.replace('time = "00:05:00"',
                                                           'time = "00:05:00"\nmax-concurrent = 2')))
-    paths = slurmjobs.SweepPaths(tmp_path / "sweep")
-    scripts = slurmjobs.render(spec, paths, write=True)
-    groups = slurmjobs._array_groups(scripts)
+    paths = slurm_render.SweepPaths(tmp_path / "sweep")
+    scripts = slurm_render.render(spec, paths, write=True)
+    groups = slurm_render.array_groups(scripts)
     assert [sorted(s.point.ranks for s in g) for g in groups] == [[2] * 5, [4] * 5]
     for group in groups:
-        text = slurmjobs.render_array(spec, paths, group, spec.cluster.max_concurrent)
+        text = slurm_render.render_array(spec, paths, group, spec.cluster.max_concurrent)
         assert "#SBATCH --array=0-4%2\n" in text
         assert f"#SBATCH --ntasks={group[0].point.ranks}\n" in text
         assert f"#SBATCH --output={paths.logs / '%A_%a.out'}\n" in text
