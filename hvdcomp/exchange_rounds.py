@@ -224,7 +224,7 @@ def _mean_added_in_pass(algo, up, key: str, payloads, seed: int, numel: int,
     step or the compressor cannot.  In the first round e is created as −0.0, the additive
     identity (−0.0 + m is m, +0.0 included), so that no round writes m into a buffer."""
     field = algo.server_adds_mean_to
-    if field is None or not numel or not adds_mean_in_pass(up):
+    if field is None or not numel or not adds_mean_in_pass(up, like):
         return None
     errors = getattr(algo, field)
     error = errors.get(key)

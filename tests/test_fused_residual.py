@@ -157,10 +157,25 @@ def test_only_sign_subtracts_in_its_decoders_pass():
     assert not subtracts_in_pass(from_spec("topk:ratio=0.1"))
 
 
-def test_only_sign_adds_the_mean_in_its_decoders_pass():
-    assert adds_mean_in_pass(from_spec("sign")) and adds_mean_in_pass(from_spec("chunksign"))
-    assert not any(adds_mean_in_pass(from_spec(spec))
-                   for spec in ("topk:ratio=0.1", "qsgd", "none", "blocksign"))
+@pytest.mark.parametrize("road_name", ROADS)
+def test_only_sign_adds_the_mean_in_its_decoders_pass_and_only_where_its_kernel_runs(road_name):
+    """Asked before the server's first e is made: true exactly where
+    ``decompress_mean_add_into`` adds (float32 on CPU with the C kernels), so no −0.0 tensor is
+    made in vain off that road (the pure-torch road, float64, a GPU: the meta device stands in
+    for one here)."""
+    cpu32 = torch.empty(8)
+    with road(road_name):
+        native = road_name == "native"
+        for spec in ("sign", "chunksign"):
+            compressor = from_spec(spec)
+            assert adds_mean_in_pass(compressor, cpu32) == native, spec
+            assert not adds_mean_in_pass(compressor, cpu32.double())
+            assert not adds_mean_in_pass(compressor, torch.empty(8, device="meta"))
+            payload = compressor.compress(torch.randn(8))
+            added = compressor.decompress_mean_add_into([payload], torch.zeros(8))
+            assert (added is not None) == native, spec
+        assert not any(adds_mean_in_pass(from_spec(spec), cpu32)
+                       for spec in ("topk:ratio=0.1", "qsgd", "none", "blocksign"))
 
 
 def _rounds(comm, name, up, down, fused):

@@ -130,6 +130,13 @@ class Compressor(abc.ABC):
         can): the exchange then decodes m into a buffer and the algorithm adds it."""
         return None
 
+    def adds_mean_into(self, out: torch.Tensor) -> bool:
+        """Whether :meth:`decompress_mean_add_into` adds onto a tensor of ``out``'s device and
+        dtype instead of returning None: asked before the exchange makes a tensor for it (the
+        server's first e, as −0.0).  False here; ``sign`` answers for float32 on CPU with the C
+        kernels."""
+        return False
+
     def roundtrip_into(self, x: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Like :meth:`roundtrip`, with C(x) written into ``out`` (1-D, same numel and dtype as
         ``x``); returns the payload.  A compressor that overrides :meth:`roundtrip` keeps its
