@@ -59,38 +59,23 @@ few ranks (load imbalance, bytes no longer flat in N): keep blocks well below bu
 or pass ``alignment=64`` and accept that blocks restart at chunk boundaries.
 
 Buffers (memory: a rank keeps its algorithm's state plus one bucket of scratch,
-tests/test_memory_bound.py): the worker's C(p_i) is written (``Compressor.roundtrip_into``) into
-one buffer the exchange keeps per bucket across rounds
-(:class:`hvdcomp.exchange_buffers.ReusedBuffers`) and handed to ``worker_sent``; that buffer is
-the algorithm's until ``worker_update`` of the same bucket and round: it may write over it
-(LIEC-SGD and CSER without ``update_into`` keep r_i = p_i − C(p_i) there) but must copy
-what it keeps longer.  Steps that are error feedback's residual x − C(x), declared
-(``Algorithm.worker_residual``, ``server_residual``), run fused with the compressor instead:
-x − C(x) written over x in the decoder's pass, and LIEC-SGD's and CSER's r_i kept in
-``update_into`` with C(v) decoded onto it; the server's v = m + e, declared
-(``Algorithm.server_adds_mean_to``), is decoded onto e in one pass where the compressor can,
-and so is the worker's p_i = g_i + e_i added in the encoder's pass
-(``Algorithm.worker_adds_gradient_to``) (:mod:`hvdcomp.exchange_rounds`; docs/design.md, "The
-fused residual").  An
-algorithm that reads C(p_i) only inside ``worker_sent`` declares ``keeps_worker_sent = False``
-(MEM-SGD, DoubleSqueeze), and the two-phase round then decodes C(p_i) into the caller's
-``update_into`` instead (when p_i is not held there): such a rank keeps nothing but its errors.
-The two-phase server needs no buffer of its own: the update tensor it returns (the caller's
-``update_into``, which the optimizer points at its reused bucket buffer, else fresh) is its
-scratch until the downlink arrives (when it decodes the mean into a buffer): the mean in its
-own chunk, then C(v) over the mean when the
-algorithm keeps v in its own state (LIEC-SGD and DoubleSqueeze write v over their server error),
-else in a second chunk-sized region (also the decoder's addend where it needs one); in a
-"compensated" round, where r_i occupies the update, those two regions are the exchange's
-scratch shared by all buckets instead.  The replicated rounds (allgather, allreduce) decode
-the mean into ``update_into`` too.
-``worker_message`` may return a tensor the algorithm owns and overwrite it in ``worker_sent``
-(MEM-SGD and DoubleSqueeze write p_i over their error), and ``server_message`` likewise in
-``server_sent``: payloads that view the message are copied before that.  The exchange does not
-read the mean again after ``server_message``, nor the received C(v) after ``worker_update``: the
-steps may add into them in place.  Large fresh CPU tensors come from ``compressors._wire.allocate``
-(numpy: transparent huge pages, fewer page faults).  The values are those of the plain formulas,
-bit for bit; only the memory and the passes change.
+tests/test_memory_bound.py).  The worker's C(p_i) is decoded into one buffer the exchange keeps
+per bucket across rounds (:class:`hvdcomp.exchange_buffers.ReusedBuffers`), or into the caller's
+``update_into`` when the algorithm declares ``keeps_worker_sent = False``, and handed to
+``worker_sent``: the algorithm may write over it until ``worker_update`` of the same bucket and
+round, and copies what it keeps longer.  The two-phase server works in two chunk-sized regions
+of the update it returns (the caller's ``update_into``, else fresh) until the downlink arrives.
+Steps an algorithm declares (``Algorithm.worker_residual``, ``server_residual``,
+``server_adds_mean_to``, ``worker_adds_gradient_to``) run fused with the compressor: error
+feedback's x − C(x) written over x in the decoder's pass, LIEC-SGD's r_i kept in
+``update_into``, the server's v = m + e and the worker's p_i = g_i + e_i in the decoder's and
+the encoder's pass (:mod:`hvdcomp.exchange_rounds`; docs/design.md, "The fused residual").
+``worker_message`` and ``server_message`` may return a tensor the algorithm owns and overwrite
+it in ``worker_sent`` / ``server_sent``: payloads that view it are copied first.  The exchange
+does not read the mean again after ``server_message``, nor the received C(v) after
+``worker_update``: the steps may add into them in place.  Large fresh CPU tensors come from
+``compressors._wire.allocate`` (numpy: transparent huge pages, fewer page faults).  The values
+are those of the plain formulas, bit for bit; only the memory and the passes change.
 
 Names: every collective is called ``<name_prefix>.<key>.<phase>`` (``name_prefix`` defaults to
 ``hvdcomp``), the same every round; ``start`` may be called in
