@@ -127,13 +127,6 @@ def subtracts_in_pass(compressor: Compressor) -> bool:
     return type(compressor).decompress_sub_into is not Compressor.decompress_sub_into
 
 
-def adds_mean_in_pass(compressor: Compressor, like: torch.Tensor) -> bool:
-    """Whether ``compressor`` adds the mean of N payloads onto a tensor of ``like``'s device and
-    dtype in its decoder's pass (``decompress_mean_add_into``: ``sign`` on CPU with the C
-    kernels; not on a GPU, nor on the pure-torch road)."""
-    return compressor.adds_mean_into(like)
-
-
 def _norm_args(bucket, unscaled) -> dict:
     """The keyword arguments a ``needs_bucket_norm`` compressor takes, those that are given."""
     given = {"bucket": bucket, "unscaled": unscaled}

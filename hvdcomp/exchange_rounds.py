@@ -27,7 +27,7 @@ import torch
 
 from .comm.base import Handle
 from .compressors._wire import allocate
-from .exchange_codec import (adds_mean_in_pass, chunk_bounds, decode_into, decode_mean_into,
+from .exchange_codec import (chunk_bounds, decode_into, decode_mean_into,
                              deferred_residual_chunks, own_payload,
                              payload_nbytes, residual_chunks, residual_into, subtracts_in_pass,
                              roundtrip_chunks_into, roundtrip_into, server_bucket_norm, split,
@@ -224,7 +224,7 @@ def _mean_added_in_pass(algo, up, key: str, payloads, seed: int, numel: int,
     step or the compressor cannot.  In the first round e is created as −0.0, the additive
     identity (−0.0 + m is m, +0.0 included), so that no round writes m into a buffer."""
     field = algo.server_adds_mean_to
-    if field is None or not numel or not adds_mean_in_pass(up, like):
+    if field is None or not numel or not up.decodes_onto(like):
         return None
     errors = getattr(algo, field)
     error = errors.get(key)
@@ -259,16 +259,19 @@ def receive_two_phase(ex, handle: ExchangeHandle) -> torch.Tensor:
     sizes = [payload_nbytes(algo.down, b - a, dtype) for a, b in bounds]
     payloads = split(gathered, sizes, key)
     if handle.context["compensated"]:
-        scratch = _scratch(ex, update)(bounds[0][1] - bounds[0][0])
+        # a decoder that adds in its own pass (sign on the C road) takes no scratch
+        scratch = (None if algo.down.decodes_onto(update)
+                   else _scratch(ex, update)(bounds[0][1] - bounds[0][0]))
         own = handle.context.pop("own_payloads")     # not None: r_i not formed yet
         for j, (p, (a, b)) in enumerate(zip(payloads, bounds)):
             if b == a:
                 continue
+            region = None if scratch is None else scratch[:b - a]
             if own is None:
-                algo.down.decompress_add_into(p, update[a:b], scratch[:b - a],
+                algo.down.decompress_add_into(p, update[a:b], region,
                                               ex.seed_for(key, "down", j))
             else:
-                algo.down.decompress_sub_add_into(own[j], p, update[a:b], scratch[:b - a],
+                algo.down.decompress_sub_add_into(own[j], p, update[a:b], region,
                                                   ex.seed_for(key, "up", j),
                                                   ex.seed_for(key, "down", j))
         return update

@@ -17,7 +17,7 @@ from hvdcomp.comm.simulator import simulate
 from hvdcomp.compressors import _native, from_spec
 from hvdcomp.exchange import Exchange, finish_in_order
 from hvdcomp.exchange_buffers import held_bytes
-from hvdcomp.exchange_codec import (adds_mean_in_pass, chunk_bounds, decode_mean_into,
+from hvdcomp.exchange_codec import (chunk_bounds, decode_mean_into,
                                     residual_chunks, residual_into, roundtrip_chunks_into,
                                     roundtrip_into, subtracts_in_pass, worker_bucket_norm)
 
@@ -158,23 +158,33 @@ def test_only_sign_subtracts_in_its_decoders_pass():
 
 
 @pytest.mark.parametrize("road_name", ROADS)
-def test_only_sign_adds_the_mean_in_its_decoders_pass_and_only_where_its_kernel_runs(road_name):
-    """Asked before the server's first e is made: true exactly where
-    ``decompress_mean_add_into`` adds (float32 on CPU with the C kernels), so no −0.0 tensor is
-    made in vain off that road (the pure-torch road, float64, a GPU: the meta device stands in
-    for one here)."""
+def test_only_sign_decodes_onto_a_tensor_in_its_own_pass_and_only_where_its_kernels_run(
+        road_name):
+    """``decodes_onto`` is asked before the server's first e is made and before the worker's
+    decode takes scratch: true exactly where the one-pass hooks run (float32 on CPU with the C
+    kernels), so no −0.0 tensor is made in vain elsewhere (the pure-torch road, float64, a GPU:
+    the meta device stands in for one here); and a hook given no scratch decodes into a fresh
+    one off that road, with the same values."""
     cpu32 = torch.empty(8)
     with road(road_name):
         native = road_name == "native"
         for spec in ("sign", "chunksign"):
             compressor = from_spec(spec)
-            assert adds_mean_in_pass(compressor, cpu32) == native, spec
-            assert not adds_mean_in_pass(compressor, cpu32.double())
-            assert not adds_mean_in_pass(compressor, torch.empty(8, device="meta"))
-            payload = compressor.compress(torch.randn(8))
-            added = compressor.decompress_mean_add_into([payload], torch.zeros(8))
+            assert compressor.decodes_onto(cpu32) == native, spec
+            assert not compressor.decodes_onto(cpu32.double())
+            assert not compressor.decodes_onto(torch.empty(8, device="meta"))
+            x, v = _vector(1000, 1), _vector(1000, 2)
+            own, payload = compressor.compress(x), compressor.compress(v)
+            added = compressor.decompress_mean_add_into([payload], torch.zeros(1000))
             assert (added is not None) == native, spec
-        assert not any(adds_mean_in_pass(from_spec(spec), cpu32)
+            expected = x - compressor.decompress(own, 1000) + compressor.decompress(payload, 1000)
+            out = x.clone()
+            compressor.decompress_sub_add_into(own, payload, out, None)
+            assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), spec
+            out = x.clone()
+            compressor.decompress_add_into(payload, out, None)
+            assert torch.equal(out, x + compressor.decompress(payload, 1000)), spec
+        assert not any(from_spec(spec).decodes_onto(cpu32)
                        for spec in ("topk:ratio=0.1", "qsgd", "none", "blocksign"))
 
 
@@ -247,8 +257,9 @@ def test_the_worker_adds_the_gradient_in_the_encoders_pass_after_the_first_round
 @pytest.mark.parametrize("n", [2, 3])
 def test_liec_keeps_r_i_in_the_callers_buffer_not_a_bucket_per_bucket(n):
     """The five steps keep r_i in one exchange buffer per bucket (the model, across rounds);
-    fused, r_i is in the caller's buffer and the scratch, shared by every bucket, is one chunk
-    (two where the server decodes the mean into a buffer)."""
+    fused, r_i is in the caller's buffer, and with the C kernels there is no scratch at all
+    (without them, scratch shared by every bucket: one chunk for the worker's decode, two where
+    the server decodes the mean into a buffer)."""
     fused = simulate(n, _rounds, "liec", "sign", "sign", True)
     steps = simulate(n, _rounds, "liec", "sign", "sign", False)
     model = 4 * sum(SIZES)
@@ -256,8 +267,9 @@ def test_liec_keeps_r_i_in_the_callers_buffer_not_a_bucket_per_bucket(n):
         errors = sum(t.numel() * 4 for t in state["server_error"].values())
         own = max(b - a for d in SIZES for a, b in [chunk_bounds(d, n)[rank]])
         largest_chunk = max(chunk_bounds(d, n)[0][1] for d in SIZES)
-        # the server takes two chunks of scratch only where it decodes m into a buffer: with
-        # the C kernels v = m + e is added onto e in the decoder's pass
-        server_scratch = 0 if _native.library() is not None else 2 * own
-        assert held == errors + 4 * max(server_scratch, largest_chunk), rank
+        # the server takes two chunks of scratch, and the worker's decode one, only off the C
+        # kernels: with them v = m + e and (g − C(g)) + C(v) are written in the decoder's pass
+        native = _native.library() is not None
+        server_scratch, worker_scratch = (0, 0) if native else (2 * own, largest_chunk)
+        assert held == errors + 4 * max(server_scratch, worker_scratch), rank
         assert held_steps >= errors + model, rank      # the "sent" buffers: the model

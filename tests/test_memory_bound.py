@@ -91,10 +91,10 @@ def test_with_the_callers_buffer_a_rank_keeps_only_what_the_algorithm_must(name,
     """Given ``update_into``, DoubleSqueeze and MEM-SGD (which read C(p_i) only in worker_sent)
     write their residual over their error (``sign``) or have C(p_i) decoded into the caller's
     buffer (top-k) and keep nothing but their errors; LIEC-SGD keeps r_i for the round in the
-    caller's buffer, and takes one chunk of the exchange's scratch, shared by all buckets (two
-    where its server decodes the mean into a buffer). The server adds the mean onto its
-    error (v) and writes the residual over v, so it keeps nothing of its own. The updates are
-    those of rounds without ``update_into``, bit for bit."""
+    caller's buffer, and takes scratch shared by all buckets only off the C kernels (one chunk
+    for its worker's decode, two where its server decodes the mean into a buffer). The server
+    adds the mean onto its error (v) and writes the residual over v, so it keeps nothing of its
+    own. The updates are those of rounds without ``update_into``, bit for bit."""
     bucket = 4 * D
     into = simulate(n, _rounds_into_the_callers_buffer, name, up, down, True)
     fresh = simulate(n, _rounds_into_the_callers_buffer, name, up, down, False)
@@ -102,10 +102,11 @@ def test_with_the_callers_buffer_a_rank_keeps_only_what_the_algorithm_must(name,
         assert all(torch.equal(a, b) for a, b in zip(updates, expected)), rank
         bounds = chunk_bounds(D, n)
         own = bounds[rank][1] - bounds[rank][0]
-        # LIEC-SGD's worker decodes C(v) with a chunk of scratch at hand; its server takes two
-        # (the mean and the addend) only where it cannot add m onto e in the decoder's pass
-        server = 0 if _native.library() is not None else 2 * own
-        scratch = 4 * max(server, bounds[0][1]) if name == "liec" else 0
+        # LIEC-SGD's worker takes a chunk of scratch to decode C(v), and its server two (the
+        # mean and the addend), only where sign cannot add in the decoder's pass
+        native = _native.library() is not None
+        server, worker = (0, 0) if native else (2 * own, bounds[0][1])
+        scratch = 4 * max(server, worker) if name == "liec" else 0
         assert held == state + scratch, (rank, held / bucket, state / bucket)
 
 

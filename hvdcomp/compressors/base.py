@@ -97,14 +97,16 @@ class Compressor(abc.ABC):
         return out.copy_(self.decompress(payload, out.numel(), out.dtype, seed).view_as(out))
 
     def decompress_add_into(self, payload: torch.Tensor, out: torch.Tensor,
-                            scratch: torch.Tensor, seed: int = 0,
+                            scratch: Optional[torch.Tensor], seed: int = 0,
                             scale: Optional[float] = None) -> torch.Tensor:
         """``out += decompress(payload)`` (the server's sum of N decoded chunks), then
         ``out *= scale`` when ``scale`` is given (the average, as Horovod scales: a product in
         ``out``'s dtype), and return ``out``.  ``scratch`` is a buffer like ``out`` (not
-        overlapping it) that this default decodes into first.  A compressor that decodes, adds
-        and scales in one pass overrides it; the sum and the product are the same float
-        operations either way."""
+        overlapping it; None: a fresh one) that this default decodes into first.  A compressor
+        that decodes, adds and scales in one pass overrides it; the sum and the product are the
+        same float operations either way."""
+        if scratch is None:
+            scratch = torch.empty_like(out)
         out.add_(self.decompress_into(payload, scratch, seed))
         # times the scale as hvdcomp.comm.base.scale_like_horovod does (Horovod's Average)
         return out if scale is None else out.mul_(scale)
@@ -130,11 +132,13 @@ class Compressor(abc.ABC):
         can): the exchange then decodes m into a buffer and the algorithm adds it."""
         return None
 
-    def adds_mean_into(self, out: torch.Tensor) -> bool:
-        """Whether :meth:`decompress_mean_add_into` adds onto a tensor of ``out``'s device and
-        dtype instead of returning None: asked before the exchange makes a tensor for it (the
-        server's first e, as −0.0).  False here; ``sign`` answers for float32 on CPU with the C
-        kernels."""
+    def decodes_onto(self, out: torch.Tensor) -> bool:
+        """Whether the one-pass hooks decode onto a tensor of ``out``'s device and dtype in their
+        own pass: :meth:`decompress_mean_add_into` adds instead of returning None, and
+        :meth:`decompress_add_into` and :meth:`decompress_sub_into` (and ``sign``'s
+        ``decompress_sub_add_into``) need no scratch.  Asked before the exchange makes a tensor
+        for them (the server's first e, as −0.0; the worker's scratch).  False here; ``sign``
+        answers for float32 on CPU with the C kernels."""
         return False
 
     def roundtrip_into(self, x: torch.Tensor, out: torch.Tensor, seed: int = 0) -> torch.Tensor:

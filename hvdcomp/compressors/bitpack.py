@@ -198,9 +198,10 @@ def add_two_signs(packed_a: torch.Tensor, scale_a: torch.Tensor, packed_b: torch
     return True
 
 
-def adds_mean_signs_into(out: torch.Tensor) -> bool:
-    """Whether :func:`add_mean_signs` can add onto a tensor of ``out``'s device and dtype:
-    float32 on CPU, with the C kernels built and switched on."""
+def decodes_onto(out: torch.Tensor) -> bool:
+    """Whether the C kernels (:func:`add_signs`, :func:`add_two_signs`, :func:`add_mean_signs`)
+    decode onto a tensor of ``out``'s device and dtype: float32 on CPU, with the kernels built
+    and switched on."""
     return out.dtype == torch.float32 and _native.usable(out) is not None
 
 
@@ -211,7 +212,7 @@ def add_mean_signs(packed: "list[torch.Tensor]", scales: "list[torch.Tensor]", n
     touching nothing, when they cannot.  The same float operations in the same order as
     decoding the first, :func:`add_signs` of the others (the product with the last) and adding
     the sum to ``out``."""
-    if not adds_mean_signs_into(out) or out.dim() != 1 or out.numel() != numel or not packed:
+    if not decodes_onto(out) or out.dim() != 1 or out.numel() != numel or not packed:
         return False
     lib = _native.usable(out, *packed)       # before the tables: none is built in vain on a GPU
     if lib is None:

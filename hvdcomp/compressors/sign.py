@@ -144,8 +144,8 @@ class ChunkSign(LayoutCompressor):
                 return out
         return super().decompress_sub_into(payload, out, scratch, seed)
 
-    def adds_mean_into(self, out):
-        return bitpack.adds_mean_signs_into(out)
+    def decodes_onto(self, out):
+        return bitpack.decodes_onto(out)
 
     def decompress_mean_add_into(self, payloads, out, seed=0):
         """``out += (C(p_0) + ... + C(p_{N−1})) · (1/N)`` on CPU with the C kernels, in one pass
