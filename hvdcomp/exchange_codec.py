@@ -154,23 +154,31 @@ def residual_into(compressor: Compressor, x: torch.Tensor, scratch: Callable[[in
 
 def residual_chunks(compressor: Compressor, x: torch.Tensor, bounds: Sequence[Tuple[int, int]],
                     scratch: Callable[[int], torch.Tensor], seeds: Sequence[int],
-                    addend: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                    addend: Optional[torch.Tensor] = None
+                    ) -> Tuple[List[torch.Tensor], Callable[[], None]]:
     """The worker's uplink with its residual in place: each chunk's payload, as
-    :func:`roundtrip_chunks_into` gives them, and ``x ← x − C(x)`` over the whole bucket
-    (``scratch`` as for :func:`residual_into`).  With ``addend``, ``x`` is first
-    ``torch.add(addend, x, out=x)`` (p = g + e): in the encoder's pass where the compressor
-    has one over the whole bucket (``residual_chunks_into``, ``sign``)."""
-    chunks = getattr(compressor, "residual_chunks_into", None)
-    if chunks is not None and x.numel():
-        payloads = chunks(x, bounds) if addend is None else chunks(x, bounds, addend)
+    :func:`roundtrip_chunks_into` gives them, and ``subtract()``, after which ``x ← x − C(x)``
+    holds over the whole bucket (``scratch`` as for :func:`residual_into`).  A compressor that
+    encodes the whole bucket in one pass (``chunk_payloads``, ``sign``) leaves the subtraction
+    to ``subtract``, so that the uplink may be launched first and the pass run while it
+    travels; for the others it is done on return.  With ``addend``, ``x`` is first
+    ``torch.add(addend, x, out=x)`` (p = g + e), in ``sign``'s encoder pass."""
+    if hasattr(compressor, "chunk_payloads") and x.numel():
+        payloads = (compressor.chunk_payloads(x, bounds) if addend is None
+                    else compressor.chunk_payloads(x, bounds, addend))
         for (a, b), payload in zip(bounds, payloads):
             _check_payload(compressor, x[a:b], payload)
-        return payloads
+
+        def subtract() -> None:       # the payloads are copies: x is the compressor's alone
+            for (a, b), payload in zip(bounds, payloads):
+                if a != b:
+                    compressor.decompress_sub_into(payload, x[a:b])
+        return payloads, subtract
     if addend is not None:
         torch.add(addend, x, out=x)
     bucket = worker_bucket_norm(compressor, x)       # of the whole bucket, before it changes
-    return [residual_into(compressor, x[a:b], scratch, seed, bucket)
-            for (a, b), seed in zip(bounds, seeds)]
+    return ([residual_into(compressor, x[a:b], scratch, seed, bucket)
+             for (a, b), seed in zip(bounds, seeds)], lambda: None)
 
 
 def deferred_residual_chunks(up: Compressor, down: Compressor, x: torch.Tensor,

@@ -68,6 +68,7 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     residual = _fused_worker_residual(algo, up, message, flat, update_into)
     deferred = (deferred_residual_chunks(up, algo.down, message, bounds)
                 if residual == "compensated" else None)
+    subtract = None
     if deferred is not None:
         # r_i = p_i − C(p_i) waits for the downlink: receive_two_phase writes
         # (p_i − C(p_i)) + C(v) over p_i in one pass, where two would write r_i, then add
@@ -75,8 +76,8 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     elif residual:
         # p_i ← p_i − C(p_i) in the compressor's pass (Algorithm.worker_residual): the error
         # is in place in the algorithm's storage ("kept") or in update_into ("compensated")
-        payloads = residual_chunks(up, message, bounds, _scratch(ex, message), seeds,
-                                   addend=None if error is None else flat)
+        payloads, subtract = residual_chunks(up, message, bounds, _scratch(ex, message), seeds,
+                                             addend=None if error is None else flat)
     else:
         # C(p_i), chunk by chunk, decoded straight into one buffer (no torch.cat)
         sent = _worker_sent_buffer(ex, key, message, update_into)
@@ -87,6 +88,8 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
         algo.worker_sent(key, message, sent)
     ex.ledger.count("uplink", up=sum(s for j, s in enumerate(splits) if j != ex.rank))
     pending = {"uplink": ex.comm.alltoall_async(packed, splits, ex.name(key, "up"))}
+    if subtract is not None:
+        subtract()     # p_i ← p_i − C(p_i) while the uplink travels (its payloads are copies)
     return ExchangeHandle(key, ex.round, "two_phase", flat.shape, flat.dtype, pending,
                           bounds=bounds, compensated=residual == "compensated",
                           own_payloads=deferred)

@@ -74,7 +74,10 @@ def test_worker_chunks_residual_equals_roundtrip_then_subtract(spec, road_name):
             expected_payloads = [p.clone() for p in
                                  roundtrip_chunks_into(compressor, x, bounds, decoded, seeds)]
             expected = torch.sub(x, decoded)
-            payloads = residual_chunks(compressor, x, bounds, _scratch_of(numel), seeds)
+            payloads, subtract = residual_chunks(compressor, x, bounds, _scratch_of(numel),
+                                                 seeds)
+            assert all(torch.equal(a, b) for a, b in zip(payloads, expected_payloads))
+            subtract()               # sign: after the uplink is launched, in the exchange
             assert all(torch.equal(a, b) for a, b in zip(payloads, expected_payloads))
             assert torch.equal(x.view(torch.int32), expected.view(torch.int32))
 
@@ -95,11 +98,14 @@ def test_the_gradient_added_in_the_encoders_pass_is_add_then_residual_bit_for_bi
             error[3::31], gradient[3::31] = -0.0, -0.0   # and of −0.0
             bounds, seeds = chunk_bounds(numel, n), list(range(n))
             expected = torch.add(gradient, error)
-            expected_payloads = [p.clone() for p in residual_chunks(
-                compressor, expected, bounds, _scratch_of(numel), seeds)]
+            expected_payloads, subtract = residual_chunks(
+                compressor, expected, bounds, _scratch_of(numel), seeds)
+            expected_payloads = [p.clone() for p in expected_payloads]
+            subtract()
             out = error.clone()
-            payloads = residual_chunks(compressor, out, bounds, _scratch_of(numel), seeds,
-                                       addend=gradient)
+            payloads, subtract = residual_chunks(compressor, out, bounds, _scratch_of(numel),
+                                                 seeds, addend=gradient)
+            subtract()
             assert all(torch.equal(a, b) for a, b in zip(payloads, expected_payloads)), numel
             assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), numel
 

@@ -100,7 +100,7 @@ class Algorithm(TrainingMethod):
     #: the gradient once the bucket's entry exists, ``torch.add(g, e, out=e)``, returning it:
     #: p_i = g_i + e_i written over e_i (MEM-SGD, DoubleSqueeze; with ``worker_residual``
     #: "kept").  Declared so that the two-phase exchange may add g_i in the encoder's pass
-    #: (``sign``'s ``residual_chunks_into``) instead of a pass of its own.  None: the step runs
+    #: (``sign``'s ``chunk_payloads``) instead of a pass of its own.  None: the step runs
     #: as written.
     worker_adds_gradient_to: Optional[str] = None
 

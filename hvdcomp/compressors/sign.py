@@ -235,17 +235,6 @@ class Sign(ChunkSign):
                 self.decompress_into(payload, out[start:stop])
         return payloads
 
-    def residual_chunks_into(self, x: torch.Tensor, bounds, addend: Optional[torch.Tensor] = None):
-        """The payloads of :meth:`roundtrip_chunks_into`, with ``x − C(x)`` written over ``x``
-        instead of C(x) into a buffer (:meth:`decompress_sub_into`: one pass per chunk on the C
-        road).  With ``addend``, ``x`` is first ``addend + x``, added in the encoder's pass
-        (:meth:`chunk_payloads`)."""
-        payloads = self.chunk_payloads(x, bounds, addend)
-        for (start, stop), payload in zip(bounds, payloads):
-            if start != stop:
-                self.decompress_sub_into(payload, x[start:stop])
-        return payloads
-
     def chunk_payloads(self, x: torch.Tensor, bounds, addend: Optional[torch.Tensor] = None):
         """One payload per chunk of ``x``, all with the bucket's scale: the bits and the L1 norm
         of the whole bucket from one pass, then each chunk's bytes copied out.  With ``addend``
