@@ -164,8 +164,7 @@ def residual_chunks(compressor: Compressor, x: torch.Tensor, bounds: Sequence[Tu
     travels; for the others it is done on return.  With ``addend``, ``x`` is first
     ``torch.add(addend, x, out=x)`` (p = g + e), in ``sign``'s encoder pass."""
     if hasattr(compressor, "chunk_payloads") and x.numel():
-        payloads = (compressor.chunk_payloads(x, bounds) if addend is None
-                    else compressor.chunk_payloads(x, bounds, addend))
+        payloads = compressor.chunk_payloads(x, bounds, addend)
         for (a, b), payload in zip(bounds, payloads):
             _check_payload(compressor, x[a:b], payload)
 

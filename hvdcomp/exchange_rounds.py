@@ -63,7 +63,7 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
     seeds = [ex.seed_for(key, "up", j) for j in range(len(bounds))]
     # p_i = g_i + e_i, added in the encoder's pass over e_i where the algorithm and the
     # compressor allow (Algorithm.worker_adds_gradient_to), else by worker_message
-    error = _error_to_add_gradient_to(algo, up, key, flat)
+    error = _error_to_add_gradient_to(algo, up, key, flat, update_into)
     message = error if error is not None else algo.worker_message(key, flat)
     residual = _fused_worker_residual(algo, up, message, flat, update_into)
     deferred = (deferred_residual_chunks(up, algo.down, message, bounds)
@@ -95,18 +95,16 @@ def start_two_phase(ex, key: str, flat: torch.Tensor,
                           own_payloads=deferred)
 
 
-def _error_to_add_gradient_to(algo, up, key: str, flat: torch.Tensor) -> Optional[torch.Tensor]:
+def _error_to_add_gradient_to(algo, up, key: str, flat: torch.Tensor,
+                              update_into: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The algorithm's e_i (``worker_adds_gradient_to``), p_i not yet written over it, when
-    this round adds g_i in the encoder's pass: the residual is "kept" and fused
+    this round adds g_i in the encoder's pass: when the residual on e_i is fused as "kept"
     (:func:`_fused_worker_residual`), which is where the addition happens
-    (:func:`hvdcomp.exchange_codec.residual_chunks`).  None where the algorithm declares no
-    such step, ``up`` cannot fuse the residual, or e_i does not exist yet (the first round:
-    ``worker_message`` creates it as g_i's copy)."""
+    (:func:`hvdcomp.exchange_codec.residual_chunks`).  None otherwise, and while e_i does not
+    exist yet (the first round: ``worker_message`` creates it as g_i's copy)."""
     field = algo.worker_adds_gradient_to
-    if field is None or algo.worker_residual != "kept" or not subtracts_in_pass(up):
-        return None
-    error = getattr(algo, field).get(key)
-    if error is None or _same_storage(error, flat):
+    error = getattr(algo, field).get(key) if field is not None else None
+    if error is None or _fused_worker_residual(algo, up, error, flat, update_into) != "kept":
         return None
     return error
 

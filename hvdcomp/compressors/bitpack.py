@@ -212,7 +212,7 @@ def add_mean_signs(packed: "list[torch.Tensor]", scales: "list[torch.Tensor]", n
     touching nothing, when they cannot.  The same float operations in the same order as
     decoding the first, :func:`add_signs` of the others (the product with the last) and adding
     the sum to ``out``."""
-    if not decodes_onto(out) or out.dim() != 1 or out.numel() != numel or not packed:
+    if out.dtype != torch.float32 or out.dim() != 1 or out.numel() != numel or not packed:
         return False
     lib = _native.usable(out, *packed)       # before the tables: none is built in vain on a GPU
     if lib is None:
